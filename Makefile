@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs everything, then runs limner offline on the tiny models
+#   make test   installs everything, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned so pip takes this machine's local CPU wheel; on a CUDA machine PyPI serves the CUDA
+# build of the same release. Override with e.g. `make test TORCH='torch==2.9.1'`.
+TORCH ?= torch==2.13.0
+PLUGINS := plugins/clip
+DEMO_OUT ?= out
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" $(addprefix -e ,$(PLUGINS))
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/limner models
+	HF_HUB_OFFLINE=1 $(BIN)/limner embed examples --model limner/tiny-clip --npy $(DEMO_OUT)/embeddings.npy
+	HF_HUB_OFFLINE=1 $(BIN)/limner embed --text "a red fox" "a lighthouse at dusk" --model limner/tiny-clip --json | cut -c1-120
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/clip_e2e.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""limner: serve image models from Python, extended by plugins.
+
+Host code asks the registry for a model by key and calls its capability::
+
+    import limner
+
+    model = limner.get("openai/clip-vit-base-patch32")
+    vector = await model.embed_image("cat.jpg")
+
+Plugins are found through the ``limner`` entry-point group; see docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
+from ._blocking import BlockingImageEmbedder, BlockingImageGenerator, default_pool
+from ._capabilities import ImageEmbeddingCapable, ImageInput, TextToImageCapable
+from ._embedder import ImageEmbedder
+from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
+from ._generator import ImageGenerator
+from ._hookspecs import hookimpl, hookspec
+from ._images import DEFAULT_LIMITS, ImageLimits, InputKind, decode_image, fetch_image_bytes
+from ._memory import Clock, MemoryProbe, MonotonicClock, SystemMemory
+from ._pool import KeyStats, Placement, Pool, ThreadPlacement, current_pool
+from ._registry import Model, ModelEntry, PluginRecord, Registry, default_registry, get
+from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
+from ._weights import hf_cache_dir, materialize_in_hf_cache, tiny_revision
+from .errors import (
+    BlockingCallInEventLoop,
+    Cancelled,
+    FetchError,
+    InvalidInput,
+    LimnerError,
+    MemoryExhausted,
+    ModelError,
+    ModelLoadError,
+    PluginError,
+    PoolBusy,
+    UnknownModelError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Backend",
+    "BlockingCallInEventLoop",
+    "BlockingImageEmbedder",
+    "BlockingImageGenerator",
+    "Cancelled",
+    "Capability",
+    "Clock",
+    "FetchError",
+    "GenerationChunk",
+    "GenerationResult",
+    "ImageEmbedder",
+    "ImageEmbeddingBackend",
+    "ImageEmbeddingCapable",
+    "ImageGenerationConfig",
+    "ImageGenerator",
+    "ImageInput",
+    "ImageLimits",
+    "InputKind",
+    "InvalidInput",
+    "KeyStats",
+    "LimnerError",
+    "MemoryExhausted",
+    "MemoryProbe",
+    "Model",
+    "ModelEntry",
+    "ModelError",
+    "ModelInfo",
+    "ModelLoadError",
+    "ModelSettings",
+    "ModelSpec",
+    "MonotonicClock",
+    "Placement",
+    "PluginError",
+    "PluginRecord",
+    "Pool",
+    "PoolBusy",
+    "Progress",
+    "Registry",
+    "StepCallback",
+    "SystemMemory",
+    "TextToImageBackend",
+    "TextToImageCapable",
+    "ThreadPlacement",
+    "UnknownModelError",
+    "__version__",
+    "current_pool",
+    "decode_image",
+    "default_pool",
+    "default_registry",
+    "errors",
+    "fetch_image_bytes",
+    "get",
+    "hf_cache_dir",
+    "hookimpl",
+    "hookspec",
+    "materialize_in_hf_cache",
+    "tiny_revision",
+]

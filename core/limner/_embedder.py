@@ -1,0 +1,168 @@
+"""The async front of an image-embedding model: inputs in, vectors out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import numpy.typing as npt
+
+from ._backends import ImageEmbeddingBackend
+from ._blocking import BlockingImageEmbedder, in_default_pool
+from ._capabilities import ImageInput
+from ._images import (
+    DEFAULT_LIMITS,
+    ImageLimits,
+    InputKind,
+    decode_image,
+    fetch_image_bytes,
+    input_kind,
+)
+from ._pool import Pool, RequestKind, current_pool
+from ._spec import ModelSpec
+from .errors import InvalidInput, LimnerError
+
+__all__ = ["ImageEmbedder"]
+
+Vector = npt.NDArray[np.float32]
+
+
+class ImageEmbedder:
+    """Implements :class:`~limner.ImageEmbeddingCapable` over a plugin's backend.
+
+    Decoding and preprocessing run per input in worker threads before any batching, so one
+    bad image fails only its own call. The work then goes to a pool: the one given to
+    ``using``, else the innermost ``async with Pool()``, else the process-wide default pool,
+    which loads the weights on first use.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        backend: ImageEmbeddingBackend,
+        *,
+        limits: ImageLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.limits = limits
+        self._pool: Pool | None = None
+
+    def __repr__(self) -> str:
+        return f"<ImageEmbedder {self.spec.key} dim={self.embedding_dimension}>"
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def embedding_dimension(self) -> int:
+        dimension = self.spec.info.embedding_dimension
+        if dimension is None:
+            raise LimnerError(f"plugin for {self.key} did not declare an embedding_dimension")
+        return dimension
+
+    @property
+    def supports_text(self) -> bool:
+        return self.backend.supports_text
+
+    def blocking(self) -> BlockingImageEmbedder:
+        """The same model behind plain blocking calls, for synchronous host code."""
+        return BlockingImageEmbedder(self)
+
+    # -- the capability -------------------------------------------------------------------
+
+    async def embed_image(self, path: str | os.PathLike[str]) -> Vector:
+        return (await self._embed([path], expect=InputKind.PATH))[0]
+
+    async def embed_image_url(self, url: str) -> Vector:
+        return (await self._embed([url], expect=InputKind.URL))[0]
+
+    async def embed_image_base64(self, data: str | bytes) -> Vector:
+        if isinstance(data, bytes):
+            data = data.decode("ascii", errors="replace")
+        expect = InputKind.DATA_URL if data.startswith("data:") else InputKind.BASE64
+        return (await self._embed([data], expect=expect))[0]
+
+    async def batch_embed_images(self, paths: Sequence[str | os.PathLike[str]]) -> Vector:
+        return await self._embed(list(paths), expect=InputKind.PATH)
+
+    async def embed_images(self, inputs: Sequence[ImageInput]) -> Vector:
+        return await self._embed(list(inputs), expect=None)
+
+    async def embed_text(self, texts: str | Sequence[str]) -> Vector:
+        """Embed text into the same space as the images: ``(d,)`` for a string, else ``(n, d)``."""
+        if not self.backend.supports_text:
+            raise InvalidInput(f"model {self.key} does not embed text; pick a CLIP-style model")
+        single = isinstance(texts, str)
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        for index, text in enumerate(batch):
+            if not isinstance(text, str):
+                raise InvalidInput("text must be a string", input=text, index=index)
+        if not batch:
+            return np.zeros((0, self.embedding_dimension), dtype=np.float32)
+        vectors = await self._dispatch("text", batch)
+        return vectors[0] if single else vectors
+
+    def using(self, pool: Pool) -> ImageEmbedder:
+        """The same model, served by ``pool`` instead of the current or default pool."""
+        bound = ImageEmbedder(self.spec, self.backend, limits=self.limits)
+        bound._pool = pool
+        return bound
+
+    # -- the machinery --------------------------------------------------------------------
+
+    async def _embed(self, inputs: list[Any], *, expect: InputKind | None) -> Vector:
+        if not inputs:
+            return np.zeros((0, self.embedding_dimension), dtype=np.float32)
+        prepared: list[Any] = [None] * len(inputs)
+        errors: list[InvalidInput | None] = [None] * len(inputs)
+        # Decode every input concurrently, bounded by anyio's default thread limiter.
+        async with anyio.create_task_group() as group:
+            for index, source in enumerate(inputs):
+                group.start_soon(self._prepare_one, index, source, expect, prepared, errors)
+        for index, error in enumerate(errors):
+            if error is not None:
+                raise error.at_index(index) if len(inputs) > 1 else error
+        return await self._dispatch("image", prepared)
+
+    async def _prepare_one(
+        self,
+        index: int,
+        source: Any,
+        expect: InputKind | None,
+        out: list[Any],
+        errors: list[InvalidInput | None],
+    ) -> None:
+        try:
+            kind = input_kind(source)
+            if expect is not None and kind is not expect:
+                raise InvalidInput(f"expected {expect.value}, got {kind.value}", input=source)
+            data: Any = source
+            name: str | None = None
+            if kind is InputKind.URL:
+                data = await fetch_image_bytes(source, limits=self.limits)
+                kind, name = InputKind.BYTES, source
+            out[index] = await anyio.to_thread.run_sync(self._decode_and_prepare, data, kind, name)
+        except InvalidInput as error:
+            errors[index] = error
+
+    def _decode_and_prepare(self, data: Any, kind: InputKind, name: str | None) -> Any:
+        image = decode_image(
+            data, kind=kind, limits=self.limits, draft_size=self.backend.image_size, name=name
+        )
+        return self.backend.prepare(image)
+
+    async def _dispatch(self, kind: RequestKind, items: list[Any]) -> Vector:
+        pool = self._pool or current_pool()
+        if pool is not None:
+            return await pool.embed(self.spec, self.backend, kind, items)
+
+        async def run(default: Pool) -> Vector:
+            return await default.embed(self.spec, self.backend, kind, items)
+
+        return await in_default_pool(run)

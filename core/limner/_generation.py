@@ -1,0 +1,57 @@
+"""The text-to-image data types: the config a caller sends and the chunks it streams back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = ["GenerationChunk", "GenerationResult", "ImageGenerationConfig", "Progress"]
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageGenerationConfig:
+    """What to generate. ``None`` fields take the model's defaults; ``seed=None`` draws one,
+    and the seed used is always reported back in the result."""
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    negative_prompt: str | None = None
+    max_sequence_length: int | None = None
+    output_format: OutputFormat = "png"
+    preview: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress:
+    """One denoising step finished. ``preview`` is a small RGB image when asked for."""
+
+    step: int
+    total: int
+    elapsed: float
+    preview: Image | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    """The last chunk of a generation: the images and everything needed to make them again."""
+
+    model: str
+    prompt: str
+    images: tuple[Image, ...]
+    seed: int
+    config: ImageGenerationConfig
+    timings: Mapping[str, float] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+GenerationChunk = Progress | GenerationResult

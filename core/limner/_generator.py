@@ -1,0 +1,87 @@
+"""The async front of a text-to-image model: a prompt in, a stream of chunks out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from ._backends import TextToImageBackend
+from ._blocking import BlockingImageGenerator, iterate_in_default_pool
+from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig
+from ._pool import Pool, current_pool
+from ._spec import ModelSpec
+from .errors import InvalidInput, ModelError
+
+__all__ = ["ImageGenerator"]
+
+
+class ImageGenerator:
+    """Implements :class:`~limner.TextToImageCapable` over a plugin's backend.
+
+    The config is validated before any weights load; generation runs in a pool worker
+    thread and streams ``Progress`` chunks, then one ``GenerationResult``. Stop iterating
+    (or cancel the consumer) and the run stops at its next step.
+    """
+
+    def __init__(self, spec: ModelSpec, backend: TextToImageBackend) -> None:
+        self.spec = spec
+        self.backend = backend
+        self._pool: Pool | None = None
+
+    def __repr__(self) -> str:
+        return f"<ImageGenerator {self.spec.key}>"
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    def using(self, pool: Pool) -> ImageGenerator:
+        """The same model, served by ``pool`` instead of the current or default pool."""
+        bound = ImageGenerator(self.spec, self.backend)
+        bound._pool = pool
+        return bound
+
+    def blocking(self) -> BlockingImageGenerator:
+        """The same model behind a plain blocking call, for synchronous host code."""
+        return BlockingImageGenerator(self)
+
+    def resolve_config(self, config: ImageGenerationConfig | None = None) -> ImageGenerationConfig:
+        """The config with the model's defaults filled in and a seed drawn; validated."""
+        return self.backend.resolve_config(config or ImageGenerationConfig())
+
+    async def generate_image(
+        self, prompt: str, config: ImageGenerationConfig | None = None
+    ) -> AsyncIterator[GenerationChunk]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInput("prompt must be a non-empty string", field="prompt")
+        resolved = self.resolve_config(config)
+        pool = self._pool or current_pool()
+        if pool is not None:
+            stream = pool.generate(self.spec, self.backend, prompt, resolved)
+        else:
+            stream = iterate_in_default_pool(
+                lambda default: default.generate(self.spec, self.backend, prompt, resolved)
+            )
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def generate(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig | None = None,
+        on_progress: Callable[[GenerationChunk], None] | None = None,
+    ) -> GenerationResult:
+        """Run a whole generation and return its result; ``on_progress`` sees every chunk."""
+        result: GenerationResult | None = None
+        async for chunk in self.generate_image(prompt, config):
+            if on_progress is not None:
+                on_progress(chunk)
+            if isinstance(chunk, GenerationResult):
+                result = chunk
+        if result is None:
+            raise ModelError(f"{self.key} ended its stream without a result")
+        return result

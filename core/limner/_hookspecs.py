@@ -1,0 +1,28 @@
+"""The hooks a limner plugin can implement. Each is documented in docs/plugins.md."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+from ._spec import ModelSpec
+
+__all__ = ["PROJECT_NAME", "RegisterModel", "hookimpl", "hookspec"]
+
+PROJECT_NAME = "limner"
+"""The pluggy project name and the entry-point group plugins are found under."""
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+RegisterModel = Callable[[ModelSpec], None]
+
+
+@hookspec
+def limner_register_models(register: RegisterModel) -> None:
+    """Call ``register(spec)`` once for each model key the plugin serves.
+
+    Runs when the registry first needs the list of models. Keep it cheap: build
+    :class:`~limner.ModelSpec` objects, import nothing heavy (no torch).
+    """

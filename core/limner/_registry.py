@@ -1,0 +1,443 @@
+"""Finds models through entry points and builds their fronts lazily, once per key."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import _hookspecs
+from ._backends import Backend, ImageEmbeddingBackend, TextToImageBackend
+from ._embedder import ImageEmbedder
+from ._generator import ImageGenerator
+from ._hookspecs import PROJECT_NAME
+from ._images import DEFAULT_LIMITS, ImageLimits
+from ._spec import BackendFactory, Capability, ModelSettings, ModelSpec
+from ._weights import models_dir_override
+from .errors import InvalidInput, LimnerError, PluginError, UnknownModelError
+
+__all__ = [
+    "Model",
+    "ModelEntry",
+    "PluginRecord",
+    "Registry",
+    "default_registry",
+    "get",
+]
+
+Model = ImageEmbedder | ImageGenerator
+"""What ``Registry.get`` returns: the async front matching the key's capability."""
+
+HOST = "host"
+"""Plugin name recorded for specs a host application registers itself."""
+
+
+@dataclass(frozen=True)
+class PluginRecord:
+    """One plugin the registry saw: where it came from, what it serves, or why it broke."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    keys: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.distribution:
+            return f"{self.distribution} {self.version}" if self.version else self.distribution
+        return self.name
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model key and the plugin that serves it."""
+
+    spec: ModelSpec
+    plugin: PluginRecord = field(compare=False)
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+
+@dataclass
+class _PluginFilter:
+    """``LIMNER_PLUGINS``: ``"a,b"`` allows only a and b, ``"-c"`` denies c, ``""`` loads none."""
+
+    allow: frozenset[str] | None
+    deny: frozenset[str]
+
+    @classmethod
+    def parse(cls, value: str | None) -> _PluginFilter:
+        if value is None:
+            return cls(allow=None, deny=frozenset())
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        deny = frozenset(name[1:] for name in names if name.startswith("-"))
+        allow = frozenset(name for name in names if not name.startswith("-"))
+        if not names:
+            return cls(allow=frozenset(), deny=frozenset())
+        return cls(allow=allow or None, deny=deny)
+
+    def allows(self, *names: str | None) -> bool:
+        given = {name for name in names if name}
+        if given & self.deny:
+            return False
+        return self.allow is None or bool(given & self.allow)
+
+
+class Registry:
+    """The models installed plugins serve, by key.
+
+    Entry points in the ``limner`` group are read once, on first need. ``get`` builds a model's
+    front on the first request for its key (no weights are loaded until the model is used)
+    and caches it; later calls are a dict lookup.
+    """
+
+    def __init__(
+        self,
+        *,
+        entry_points: bool = True,
+        plugins: str | None = None,
+        limits: ImageLimits = DEFAULT_LIMITS,
+    ) -> None:
+        self._use_entry_points = entry_points
+        self._filter = _PluginFilter.parse(
+            plugins if plugins is not None else os.environ.get("LIMNER_PLUGINS")
+        )
+        self._limits = limits
+        self._manager = pluggy.PluginManager(PROJECT_NAME)
+        self._manager.add_hookspecs(_hookspecs)
+        self._lock = threading.RLock()  # guards discovery and the tables below; never held on I/O
+        self._discovered = False
+        self._entries: dict[str, ModelEntry] = {}
+        self._aliases: dict[str, str] = {}
+        self._conflicts: dict[str, tuple[PluginRecord, PluginRecord]] = {}
+        self._plugins: list[PluginRecord] = []
+        self._settings: dict[str, dict[str, Any]] = {}
+        self._models: dict[str, Model] = {}
+        self._build_locks: dict[str, threading.Lock] = {}
+
+    # -- registration ---------------------------------------------------------------------
+
+    def register(self, spec: ModelSpec, *, replace: bool = False) -> None:
+        """Register a model key from host code (tests, apps with their own models)."""
+        self._discover()
+        with self._lock:
+            record = self._host_record()
+            if replace:
+                self._forget(spec.key)
+            self._add_specs(record, [spec], raise_on_conflict=True)
+            self._plugins = [
+                PluginRecord(HOST, keys=(*p.keys, spec.key)) if p.name == HOST else p
+                for p in self._plugins
+            ]
+
+    def register_plugin(self, plugin: object, *, name: str | None = None) -> None:
+        """Register a plugin object (a module or class with hook implementations) directly."""
+        self._discover()
+        plugin_name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        self._load_plugin(plugin, PluginRecord(plugin_name))
+
+    def configure(
+        self,
+        key: str,
+        *,
+        local_dir: str | os.PathLike[str] | None = None,
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Set how one key loads: a local weights directory, a pinned revision, device, dtype.
+
+        Must be called before the key's model is first built by ``get``.
+        """
+        resolved = self._resolve_name(key)
+        with self._lock:
+            if resolved in self._models:
+                raise LimnerError(
+                    f"{resolved} is already built; configure it before the first get()"
+                )
+            current = self._settings.setdefault(resolved, {})
+            if local_dir is not None:
+                current["local_dir"] = os.fspath(local_dir)
+            for name, value in (("revision", revision), ("device", device), ("dtype", dtype)):
+                if value is not None:
+                    current[name] = value
+            if options is not None:
+                current["options"] = {**current.get("options", {}), **options}
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def entries(self) -> list[ModelEntry]:
+        """Every registered key, sorted; builds nothing and imports no model code."""
+        self._discover()
+        with self._lock:
+            return [self._entries[key] for key in sorted(self._entries)]
+
+    def plugins(self) -> list[PluginRecord]:
+        """Every plugin seen, the broken ones with their error."""
+        self._discover()
+        with self._lock:
+            return list(self._plugins)
+
+    def conflicts(self) -> dict[str, tuple[PluginRecord, PluginRecord]]:
+        """Keys claimed by two plugins; neither plugin serves such a key until one goes."""
+        self._discover()
+        with self._lock:
+            return dict(self._conflicts)
+
+    def spec(self, key: str) -> ModelSpec:
+        """The spec for a key or alias, without building anything."""
+        return self._entries[self._resolve_name(key)].spec
+
+    def settings(self, key: str) -> ModelSettings:
+        """How the key would load here, after overrides and ``LIMNER_MODELS_DIR``."""
+        spec = self.spec(key)
+        with self._lock:
+            chosen = dict(self._settings.get(spec.key, {}))
+        local = chosen.get("local_dir") or models_dir_override(spec.key)
+        return ModelSettings(
+            weights=os.fspath(local) if local else spec.info.source_repo or spec.key,
+            revision=None if local else chosen.get("revision", spec.info.revision),
+            local_dir=bool(local),
+            device=chosen.get("device") or os.environ.get("LIMNER_DEVICE") or "auto",
+            dtype=chosen.get("dtype") or os.environ.get("LIMNER_DTYPE") or "auto",
+            options={**spec.info.default_settings, **chosen.get("options", {})},
+        )
+
+    def get(self, key: str) -> Model:
+        """The model for a key or alias, built (without weights) on first request."""
+        model = self._models.get(key)
+        if model is not None:
+            return model
+        return self._build(key)
+
+    def embedder(self, key: str) -> ImageEmbedder:
+        """Like ``get``, for a key that must be an image-embedding model."""
+        model = self.get(key)
+        if not isinstance(model, ImageEmbedder):
+            raise InvalidInput(f"{model.key} is not an image-embedding model")
+        return model
+
+    def generator(self, key: str) -> ImageGenerator:
+        """Like ``get``, for a key that must be a text-to-image model."""
+        model = self.get(key)
+        if not isinstance(model, ImageGenerator):
+            raise InvalidInput(f"{model.key} is not a text-to-image model")
+        return model
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _build(self, name: str) -> Model:
+        key = self._resolve_name(name)
+        with self._lock:
+            build_lock = self._build_locks.setdefault(key, threading.Lock())
+        with build_lock:  # per key: a cold key never blocks lookups of other keys
+            model = self._models.get(key)
+            if model is None:
+                entry = self._entries[key]
+                backend = self._make_backend(entry, self.settings(key))
+                model = self._wrap(entry.spec, backend)
+                self._models[key] = model
+        if name != key:
+            self._models[name] = model
+        return model
+
+    def _make_backend(self, entry: ModelEntry, settings: ModelSettings) -> Backend:
+        spec = entry.spec
+        factory = spec.factory
+        if isinstance(factory, str):
+            factory = _import_factory(factory, entry)
+        try:
+            backend = factory(spec, settings)
+        except LimnerError:
+            raise
+        except Exception as error:
+            raise PluginError(
+                f"{entry.plugin.label} failed to build {spec.key}: {error!r}"
+            ) from error
+        return backend
+
+    def _wrap(self, spec: ModelSpec, backend: Backend) -> Model:
+        if spec.capability is Capability.IMAGE_EMBEDDING:
+            if not isinstance(backend, ImageEmbeddingBackend):
+                raise PluginError(
+                    f"the factory of {spec.key} returned {type(backend).__name__}, "
+                    "not an ImageEmbeddingBackend"
+                )
+            return ImageEmbedder(spec, backend, limits=self._limits)
+        if not isinstance(backend, TextToImageBackend):
+            raise PluginError(
+                f"the factory of {spec.key} returned {type(backend).__name__}, "
+                "not a TextToImageBackend"
+            )
+        return ImageGenerator(spec, backend)
+
+    def _resolve_name(self, name: str) -> str:
+        self._discover()
+        with self._lock:
+            key = self._aliases.get(name, name)
+            if key in self._entries:
+                return key
+            if key in self._conflicts:
+                first, second = self._conflicts[key]
+                raise PluginError(
+                    f"model key {key!r} is claimed by both {first.label} and {second.label}; "
+                    f"uninstall one, or deny one with LIMNER_PLUGINS=-{second.name}"
+                )
+            known = sorted({*self._entries, *self._aliases})
+            plugins = [p.label for p in self._plugins if p.name != HOST]
+        suggestions = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        if not suggestions:
+            lowered = name.lower()
+            suggestions = [k for k in known if lowered in k.lower()][:3]
+        raise UnknownModelError(name, suggestions=suggestions, plugins=plugins)
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        with self._lock:
+            if self._discovered:
+                return
+            self._discovered = True
+            if self._use_entry_points:
+                for entry_point in importlib.metadata.entry_points(group=PROJECT_NAME):
+                    self._load_entry_point(entry_point)
+
+    def _load_entry_point(self, entry_point: importlib.metadata.EntryPoint) -> None:
+        dist = entry_point.dist
+        record = PluginRecord(
+            entry_point.name,
+            distribution=dist.name if dist else None,
+            version=dist.version if dist else None,
+        )
+        if not self._filter.allows(record.name, record.distribution):
+            return
+        try:
+            plugin = entry_point.load()
+        except Exception as error:
+            self._plugins.append(_broken(record, f"import failed: {error!r}"))
+            return
+        self._load_plugin(plugin, record)
+
+    def _load_plugin(self, plugin: object, record: PluginRecord) -> None:
+        with self._lock:
+            try:
+                self._manager.register(plugin, name=record.name)
+            except ValueError as error:
+                self._plugins.append(_broken(record, f"cannot register: {error}"))
+                return
+            specs: list[ModelSpec] = []
+            try:
+                for impl in self._manager.hook.limner_register_models.get_hookimpls():
+                    if impl.plugin is plugin:
+                        impl.function(**_hook_kwargs(impl.argnames, specs.append))
+                _check_unique(specs)
+            except Exception as error:
+                self._manager.unregister(plugin)
+                self._plugins.append(_broken(record, f"limner_register_models failed: {error!r}"))
+                return
+            keys = self._add_specs(record, specs, raise_on_conflict=False)
+            self._plugins.append(
+                PluginRecord(record.name, record.distribution, record.version, tuple(keys))
+            )
+
+    def _add_specs(
+        self, record: PluginRecord, specs: Iterable[ModelSpec], *, raise_on_conflict: bool
+    ) -> list[str]:
+        added = []
+        for spec in specs:
+            names = (spec.key, *spec.aliases)
+            if spec.key in self._conflicts:
+                continue  # already contested by two plugins; a third changes nothing
+            clash = next((n for n in names if n in self._entries or n in self._aliases), None)
+            if clash is not None:
+                owner = self._entries[self._aliases.get(clash, clash)].plugin
+                if raise_on_conflict:
+                    raise PluginError(
+                        f"model key or alias {clash!r} is already served by {owner.label}; "
+                        "pass replace=True to override it"
+                    )
+                self._conflicts[spec.key] = (owner, record)
+                if clash == spec.key:
+                    self._forget(spec.key)
+                continue
+            self._entries[spec.key] = ModelEntry(spec, record)
+            for alias in spec.aliases:
+                self._aliases[alias] = spec.key
+            added.append(spec.key)
+        return added
+
+    def _forget(self, key: str) -> None:
+        self._entries.pop(key, None)
+        self._models.pop(key, None)
+        for alias in [a for a, k in self._aliases.items() if k == key]:
+            del self._aliases[alias]
+            self._models.pop(alias, None)
+
+    def _host_record(self) -> PluginRecord:
+        for record in self._plugins:
+            if record.name == HOST:
+                return record
+        record = PluginRecord(HOST)
+        self._plugins.append(record)
+        return record
+
+
+def _broken(record: PluginRecord, error: str) -> PluginRecord:
+    return PluginRecord(record.name, record.distribution, record.version, error=error)
+
+
+def _hook_kwargs(argnames: tuple[str, ...], register: Any) -> dict[str, Any]:
+    available = {"register": register}
+    return {name: available[name] for name in argnames}
+
+
+def _check_unique(specs: list[ModelSpec]) -> None:
+    seen: set[str] = set()
+    for spec in specs:
+        for name in (spec.key, *spec.aliases):
+            if name in seen:
+                raise PluginError(f"registered {name!r} twice")
+            seen.add(name)
+
+
+def _import_factory(path: str, entry: ModelEntry) -> BackendFactory:
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory: BackendFactory = getattr(module, attribute)
+    except Exception as error:
+        raise PluginError(
+            f"{entry.plugin.label} could not import the factory {path!r} for "
+            f"{entry.spec.key}: {error!r}"
+        ) from error
+    return factory
+
+
+_default: Registry | None = None
+_default_lock = threading.Lock()
+
+
+def default_registry() -> Registry:
+    """The process-wide registry, created on first use."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Registry()
+    return _default
+
+
+def get(key: str) -> Model:
+    """``default_registry().get(key)``."""
+    return default_registry().get(key)

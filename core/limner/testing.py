@@ -1,0 +1,301 @@
+"""Test doubles for host applications and plugin authors.
+
+``FakeEmbeddingBackend`` and ``FakeTextToImageBackend`` are real backends with no weights:
+deterministic outputs, counters, and knobs to make loading or a batch fail, block or run out
+of memory. ``FakeMemory`` and ``FakeClock`` replace the pool's memory readings and time, so
+pool behaviour is tested without sleeping or owning gigabytes::
+
+    registry = limner.Registry(entry_points=False)
+    registry.register(fake_embedding_spec("fake/embedder", dimension=8))
+    memory, clock = FakeMemory(total_mb=1000), FakeClock()
+    async with limner.Pool(memory=memory, clock=clock) as pool:
+        vector = await registry.embedder("fake/embedder").embed_image("cat.jpg")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ._backends import ImageEmbeddingBackend, StepCallback, TextToImageBackend
+from ._generation import GenerationResult, ImageGenerationConfig, Progress
+from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
+from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+__all__ = [
+    "FakeClock",
+    "FakeEmbeddingBackend",
+    "FakeMemory",
+    "FakeTextToImageBackend",
+    "fake_embedding_spec",
+    "fake_generation_spec",
+]
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.time = start
+
+    def now(self) -> float:
+        return self.time
+
+    def advance(self, seconds: float) -> None:
+        self.time += seconds
+
+
+class FakeMemory:
+    """Injected memory readings: ``used_mb`` moves as fake backends load and unload."""
+
+    def __init__(self, *, total_mb: float, used_mb: float = 0.0) -> None:
+        self.total = total_mb
+        self.used = used_mb
+        self._lock = threading.Lock()
+
+    def total_mb(self, device: str) -> float:
+        return self.total
+
+    def used_mb(self, device: str) -> float:
+        return self.used
+
+    def allocate(self, mb: float) -> None:
+        with self._lock:
+            self.used += mb
+
+    def free(self, mb: float) -> None:
+        with self._lock:
+            self.used -= mb
+
+_THUMBNAIL = 8
+
+
+class FakeEmbeddingBackend(ImageEmbeddingBackend):
+    """Embeds an 8x8 thumbnail through a fixed random projection: same image, same vector.
+
+    Options (``ModelSettings.options`` or ``default_settings``): ``load_seconds`` sleeps in
+    ``load``; ``fail_loads`` makes that many loads raise; ``fail_on_batch_size`` makes a
+    batch of that size raise; ``batch_seconds`` sleeps per batch; ``oom_above`` raises
+    ``MemoryError`` for batches larger than that; ``gate`` (a ``threading.Event``) holds every
+    batch and load until set; ``memory`` (a :class:`FakeMemory`) is charged the spec's
+    ``memory_mb`` while loaded.
+    """
+
+    image_size = _THUMBNAIL
+
+    def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
+        super().__init__(spec, settings)
+        self.loads = 0
+        self.unloads = 0
+        self.batch_sizes: list[int] = []
+        self._lock = threading.Lock()
+        dimension = spec.info.embedding_dimension or 8
+        generator = np.random.default_rng(0)
+        self._projection = generator.standard_normal(
+            (_THUMBNAIL * _THUMBNAIL * 3, dimension)
+        ).astype(np.float32)
+        self._text_projection = generator.standard_normal((256, dimension)).astype(np.float32)
+        self.loaded = False
+
+    def _option(self, name: str, default: Any) -> Any:
+        return self.settings.options.get(name, default)
+
+    def _wait_for_gate(self) -> None:
+        gate = self._option("gate", None)
+        if gate is not None and not gate.wait(timeout=30):
+            raise RuntimeError("gate never opened")
+
+    def load(self) -> None:
+        time.sleep(float(self._option("load_seconds", 0.0)))
+        self._wait_for_gate()
+        with self._lock:
+            self.loads += 1
+            if self.loads <= int(self._option("fail_loads", 0)):
+                raise RuntimeError(f"injected load failure #{self.loads}")
+            self.loaded = True
+        memory = self._option("memory", None)
+        if memory is not None:
+            memory.allocate(self.spec.info.memory_mb)
+
+    def unload(self) -> None:
+        with self._lock:
+            self.unloads += 1
+            was_loaded, self.loaded = self.loaded, False
+        memory = self._option("memory", None)
+        if memory is not None and was_loaded:
+            memory.free(self.spec.info.memory_mb)
+
+    def memory_mb(self) -> float | None:
+        return self.spec.info.memory_mb
+
+    def prepare(self, image: Image) -> npt.NDArray[np.float32]:
+        thumbnail = image.resize((_THUMBNAIL, _THUMBNAIL))
+        return np.asarray(thumbnail, dtype=np.float32).reshape(-1) / 255.0
+
+    def embed_prepared(self, items: Sequence[Any]) -> npt.NDArray[np.float32]:
+        if not self.loaded:
+            raise RuntimeError("embed_prepared called before load")
+        self._wait_for_gate()
+        with self._lock:
+            self.batch_sizes.append(len(items))
+        if len(items) == int(self._option("fail_on_batch_size", 0)):
+            raise RuntimeError(f"injected failure on a batch of {len(items)}")
+        oom_above = self._option("oom_above", None)
+        if oom_above is not None and len(items) > int(oom_above):
+            raise MemoryError(f"injected out of memory on a batch of {len(items)}")
+        time.sleep(float(self._option("batch_seconds", 0.0)))
+        vectors = np.stack(list(items)) @ self._projection
+        return _normalise(vectors)
+
+    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        counts = np.zeros((len(texts), 256), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for byte in text.encode("utf-8"):
+                counts[row, byte] += 1.0
+        return _normalise(counts @ self._text_projection)
+
+
+def _normalise(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def fake_embedding_spec(
+    key: str = "fake/embedder",
+    *,
+    dimension: int = 8,
+    memory_mb: float = 100.0,
+    max_batch_size: int = 32,
+    aliases: Sequence[str] = (),
+    options: dict[str, Any] | None = None,
+) -> ModelSpec:
+    """A spec served by :class:`FakeEmbeddingBackend`."""
+    return ModelSpec(
+        key=key,
+        capability=Capability.IMAGE_EMBEDDING,
+        factory=FakeEmbeddingBackend,
+        aliases=tuple(aliases),
+        info=ModelInfo(
+            embedding_dimension=dimension,
+            memory_mb=memory_mb,
+            max_batch_size=max_batch_size,
+            default_settings=options or {},
+            description="fake embedder for tests: no weights, deterministic vectors",
+            tiny=True,
+        ),
+    )
+
+
+class FakeTextToImageBackend(TextToImageBackend):
+    """Generates flat-colour images whose colour derives from prompt and seed, step by step.
+
+    Options: ``step_seconds`` sleeps per step; ``gate`` holds each step until set;
+    ``fail_at_step`` raises at that step; ``memory`` as for :class:`FakeEmbeddingBackend`.
+    ``steps_run`` counts the steps actually executed, across all generations.
+    """
+
+    def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
+        super().__init__(spec, settings)
+        self.loads = 0
+        self.steps_run = 0
+        self.loaded = False
+        self._lock = threading.Lock()
+
+    def _option(self, name: str, default: Any) -> Any:
+        return self.settings.options.get(name, default)
+
+    def load(self) -> None:
+        with self._lock:
+            self.loads += 1
+            self.loaded = True
+        memory = self._option("memory", None)
+        if memory is not None:
+            memory.allocate(self.spec.info.memory_mb)
+
+    def unload(self) -> None:
+        with self._lock:
+            was_loaded, self.loaded = self.loaded, False
+        memory = self._option("memory", None)
+        if memory is not None and was_loaded:
+            memory.free(self.spec.info.memory_mb)
+
+    def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
+        width = config.width or 16
+        height = config.height or 16
+        for name, value in (("width", width), ("height", height)):
+            if value % 8 or not 8 <= value <= 256:
+                raise InvalidInput(f"{name} must be a multiple of 8 in 8..256", field=name)
+        steps = config.steps or 4
+        if not 1 <= steps <= 50:
+            raise InvalidInput("steps must be in 1..50", field="steps")
+        seed = config.seed if config.seed is not None else random.randrange(2**32)
+        return dataclasses.replace(config, width=width, height=height, steps=steps, seed=seed)
+
+    def generate(
+        self, prompt: str, config: ImageGenerationConfig, *, on_step: StepCallback
+    ) -> GenerationResult:
+        from PIL import Image
+
+        if not self.loaded:
+            raise RuntimeError("generate called before load")
+        assert config.steps is not None
+        assert config.seed is not None
+        assert config.width is not None
+        assert config.height is not None
+        started = time.perf_counter()
+        gate = self._option("gate", None)
+        for step in range(1, config.steps + 1):
+            if gate is not None and not gate.wait(timeout=30):
+                raise RuntimeError("gate never opened")
+            time.sleep(float(self._option("step_seconds", 0.0)))
+            if step == int(self._option("fail_at_step", 0)):
+                raise RuntimeError(f"injected failure at step {step}")
+            with self._lock:
+                self.steps_run += 1
+            on_step(Progress(step=step, total=config.steps, elapsed=time.perf_counter() - started))
+        digest = hashlib.sha256(f"{prompt}|{config.seed}".encode()).digest()
+        images = tuple(
+            Image.new("RGB", (config.width, config.height), tuple(digest[3 * i : 3 * i + 3]))
+            for i in range(config.num_images)
+        )
+        return GenerationResult(
+            model=self.spec.key,
+            prompt=prompt,
+            images=images,
+            seed=config.seed,
+            config=config,
+            timings={"generate": time.perf_counter() - started},
+        )
+
+
+def fake_generation_spec(
+    key: str = "fake/generator",
+    *,
+    memory_mb: float = 100.0,
+    aliases: Sequence[str] = (),
+    options: dict[str, Any] | None = None,
+) -> ModelSpec:
+    """A spec served by :class:`FakeTextToImageBackend`."""
+    return ModelSpec(
+        key=key,
+        capability=Capability.TEXT_TO_IMAGE,
+        factory=FakeTextToImageBackend,
+        aliases=tuple(aliases),
+        info=ModelInfo(
+            memory_mb=memory_mb,
+            default_settings=options or {},
+            description="fake generator for tests: flat-colour images, no weights",
+            tiny=True,
+        ),
+    )

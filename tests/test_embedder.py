@@ -1,0 +1,145 @@
+"""The async embedding front and its blocking facade, over the fake backend."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import limner
+from limner import BlockingCallInEventLoop, InvalidInput, ModelError, ModelLoadError, Registry
+from limner.testing import FakeEmbeddingBackend, fake_embedding_spec
+
+
+def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 24)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def registry() -> Registry:
+    registry = Registry(entry_points=False)
+    registry.register(fake_embedding_spec("fake/embedder", dimension=8, aliases=("fake",)))
+    return registry
+
+
+@pytest.fixture
+def red_path(tmp_path: Path) -> Path:
+    path = tmp_path / "red.png"
+    path.write_bytes(png_bytes((255, 0, 0)))
+    return path
+
+
+@pytest.mark.anyio
+async def test_every_method_gives_unit_vectors(registry: Registry, red_path: Path) -> None:
+    model = registry.embedder("fake")
+    encoded = base64.b64encode(red_path.read_bytes()).decode()
+    single = await model.embed_image(red_path)
+    assert single.shape == (8,) and single.dtype == np.float32
+    assert np.isclose(np.linalg.norm(single), 1.0, atol=1e-5)
+    assert np.allclose(await model.embed_image(str(red_path)), single)
+    assert np.allclose(await model.embed_image_base64(encoded), single)
+    assert np.allclose(await model.embed_image_base64(f"data:image/png;base64,{encoded}"), single)
+    batch = await model.batch_embed_images([red_path, red_path])
+    assert batch.shape == (2, 8)
+    mixed = await model.embed_images(
+        [red_path, red_path.read_bytes(), Image.open(red_path), png_bytes((0, 0, 255))]
+    )
+    assert mixed.shape == (4, 8)
+    assert np.allclose(mixed[:3], single, atol=1e-6)
+    assert not np.allclose(mixed[3], single)  # a blue image is somewhere else
+
+
+@pytest.mark.anyio
+async def test_empty_batch_is_an_empty_array(registry: Registry) -> None:
+    model = registry.embedder("fake")
+    result = await model.embed_images([])
+    assert result.shape == (0, 8)
+    assert isinstance(model.backend, FakeEmbeddingBackend)
+    assert model.backend.loads == 0  # nothing to do, nothing loaded
+
+
+@pytest.mark.anyio
+async def test_weights_load_once_on_first_use(registry: Registry, red_path: Path) -> None:
+    model = registry.embedder("fake")
+    assert isinstance(model.backend, FakeEmbeddingBackend)
+    assert model.backend.loads == 0
+    await model.embed_image(red_path)  # served by the process-wide default pool
+    await model.embed_image(red_path)
+    assert model.backend.loads == 1
+
+
+@pytest.mark.anyio
+async def test_bad_input_in_a_batch_is_located(registry: Registry, red_path: Path) -> None:
+    model = registry.embedder("fake")
+    with pytest.raises(InvalidInput) as caught:
+        await model.embed_images([red_path, b"not an image", red_path])
+    assert caught.value.index == 1
+    assert str(caught.value).startswith("input #1")
+
+
+@pytest.mark.anyio
+async def test_explicit_methods_check_the_input_kind(registry: Registry, red_path: Path) -> None:
+    model = registry.embedder("fake")
+    with pytest.raises(InvalidInput, match="expected URL"):
+        await model.embed_image_url(str(red_path))
+    with pytest.raises(InvalidInput, match="expected path"):
+        await model.embed_image("https://example.invalid/cat.jpg")
+
+
+@pytest.mark.anyio
+async def test_text_embedding(registry: Registry) -> None:
+    model = registry.embedder("fake")
+    one = await model.embed_text("a red square")
+    many = await model.embed_text(["a red square", "a blue circle"])
+    assert one.shape == (8,) and many.shape == (2, 8)
+    assert np.allclose(many[0], one)
+    with pytest.raises(InvalidInput, match="text must be a string"):
+        await model.embed_text(["ok", 3])  # type: ignore[list-item]
+
+
+@pytest.mark.anyio
+async def test_load_failure_is_typed_and_retried(red_path: Path) -> None:
+    registry = Registry(entry_points=False)
+    registry.register(fake_embedding_spec("fake/flaky", options={"fail_loads": 1}))
+    model = registry.embedder("fake/flaky")
+    async with limner.Pool(load_retry_backoff=(0.0, 0.0)):
+        with pytest.raises(ModelLoadError, match="injected load failure #1"):
+            await model.embed_image(red_path)
+        vector = await model.embed_image(red_path)  # the next request loads again
+    assert vector.shape == (8,)
+
+
+@pytest.mark.anyio
+async def test_batch_failure_is_a_model_error(red_path: Path) -> None:
+    registry = Registry(entry_points=False)
+    registry.register(fake_embedding_spec("fake/fails-on-2", options={"fail_on_batch_size": 2}))
+    model = registry.embedder("fake/fails-on-2")
+    with pytest.raises(ModelError) as caught:
+        await model.batch_embed_images([red_path, red_path])
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert (await model.embed_image(red_path)).shape == (8,)  # the model still serves
+
+
+def test_blocking_facade_from_sync_code(registry: Registry, red_path: Path) -> None:
+    model = registry.embedder("fake").blocking()
+    vector = model.embed_image(red_path)
+    assert vector.shape == (8,)
+    assert model.batch_embed_images([red_path, red_path]).shape == (2, 8)
+    assert model.embed_text("hello").shape == (8,)
+
+
+@pytest.mark.anyio
+async def test_blocking_facade_refuses_a_running_loop(registry: Registry, red_path: Path) -> None:
+    model = registry.embedder("fake").blocking()
+    with pytest.raises(BlockingCallInEventLoop, match="await the async API"):
+        model.embed_image(red_path)
+
+
+def test_capability_protocol_is_satisfied(registry: Registry) -> None:
+    assert isinstance(registry.get("fake"), limner.ImageEmbeddingCapable)
