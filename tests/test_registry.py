@@ -141,7 +141,7 @@ def test_programmatic_duplicate_is_refused_unless_replaced() -> None:
     with pytest.raises(PluginError, match="already served by host"):
         registry.register(fake_embedding_spec("fake/one", dimension=4))
     registry.register(fake_embedding_spec("fake/one", dimension=4), replace=True)
-    assert registry.get("fake/one").embedding_dimension == 4
+    assert registry.embedder("fake/one").embedding_dimension == 4
 
 
 def test_broken_plugins_are_recorded_and_isolated(site: Path) -> None:
@@ -150,7 +150,9 @@ def test_broken_plugins_are_recorded_and_isolated(site: Path) -> None:
     (site / "broken_import_plugin.py").write_text("import not_a_module_anywhere\n")
     dist_info = site / "broken_import-1.0.dist-info"
     dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-import\nVersion: 1.0\n")
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: broken-import\nVersion: 1.0\n"
+    )
     (dist_info / "entry_points.txt").write_text("[limner]\nbroken = broken_import_plugin\n")
     registry = Registry(plugins="good-vision,hook-raises,broken-import")
     errors = {p.distribution: p.error for p in registry.plugins()}
@@ -268,7 +270,11 @@ def test_settings_follow_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     )
     registry.register(spec)
     settings = registry.settings("org/model")
-    assert (settings.weights, settings.revision, settings.local_dir) == ("org/model", "abc123", False)
+    assert (settings.weights, settings.revision, settings.local_dir) == (
+        "org/model",
+        "abc123",
+        False,
+    )
     assert (settings.device, settings.dtype) == ("auto", "auto")
 
     models_dir = tmp_path / "models"

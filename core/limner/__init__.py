@@ -23,7 +23,16 @@ from ._hookspecs import hookimpl, hookspec
 from ._images import DEFAULT_LIMITS, ImageLimits, InputKind, decode_image, fetch_image_bytes
 from ._memory import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from ._pool import KeyStats, Placement, Pool, ThreadPlacement, current_pool
-from ._registry import Model, ModelEntry, PluginRecord, Registry, default_registry, get
+from ._registry import (
+    Model,
+    ModelEntry,
+    PluginRecord,
+    Registry,
+    default_registry,
+    embedder,
+    generator,
+    get,
+)
 from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
 from ._weights import hf_cache_dir, materialize_in_hf_cache, tiny_revision
 from .errors import (
@@ -93,8 +102,10 @@ __all__ = [
     "decode_image",
     "default_pool",
     "default_registry",
+    "embedder",
     "errors",
     "fetch_image_bytes",
+    "generator",
     "get",
     "hf_cache_dir",
     "hookimpl",

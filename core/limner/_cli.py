@@ -251,6 +251,172 @@ def embed(
         raise _Failed()
 
 
+@cli.command()
+@click.argument("prompt")
+@_model_options
+@click.option(
+    "-o",
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Output file (.png carries the prompt, seed and settings); -N is added for several.",
+)
+@click.option("--width", type=int, help="Image width in pixels (default: the model's).")
+@click.option("--height", type=int, help="Image height in pixels (default: the model's).")
+@click.option("--steps", type=int, help="Denoising steps (default: the model's).")
+@click.option("--seed", type=int, help="Random seed (default: drawn, and printed).")
+@click.option("--guidance", type=float, help="Guidance scale (default: the model's).")
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--negative-prompt", help="What to avoid, for models that support it.")
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a TTY)."
+)
+def generate(
+    prompt: str,
+    model_key: str,
+    device: str | None,
+    dtype: str | None,
+    out_path: Path,
+    width: int | None,
+    height: int | None,
+    steps: int | None,
+    seed: int | None,
+    guidance: float | None,
+    num_images: int,
+    negative_prompt: str | None,
+    progress: bool | None,
+) -> None:
+    """Generate images from PROMPT with a text-to-image model and save them."""
+    from tqdm import tqdm
+
+    from ._generation import GenerationResult, ImageGenerationConfig, Progress
+
+    registry = default_registry()
+    _configure(registry, model_key, device, dtype)
+    model = registry.generator(model_key)
+    config = model.resolve_config(
+        ImageGenerationConfig(
+            width=width,
+            height=height,
+            steps=steps,
+            seed=seed,
+            guidance=guidance,
+            num_images=num_images,
+            negative_prompt=negative_prompt,
+        )
+    )
+    show_progress = progress if progress is not None else sys.stderr.isatty()
+
+    async def run() -> GenerationResult:
+        result: GenerationResult | None = None
+        with tqdm(
+            total=config.steps,
+            unit="step",
+            desc=model.key,
+            file=sys.stderr,
+            disable=not show_progress,
+        ) as bar:
+            async for chunk in model.generate_image(prompt, config):
+                if isinstance(chunk, Progress):
+                    bar.update(chunk.step - bar.n)
+                else:
+                    result = chunk
+        if result is None:
+            raise LimnerError(f"{model.key} finished without a result")
+        return result
+
+    result = anyio.run(run)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for index in range(len(result.images)):
+        target = out_path
+        if len(result.images) > 1:
+            target = out_path.with_name(f"{out_path.stem}-{index + 1}{out_path.suffix}")
+        result.save(target, index=index)
+        click.echo(str(target))
+    seconds = result.timings.get("generate")
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    click.echo(f"seed {result.seed}{took}", err=True)
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    """``"a, b"`` as ``("a", "b")``; None when the option was not given."""
+    if value is None:
+        return None
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+@cli.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind. Only this machine can connect by default; 0.0.0.0 opens it to the "
+    "network (set an API key).",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--models", "models", help="Comma-separated keys or aliases to serve (default: all).")
+@click.option("--preload", help="Comma-separated keys to load at startup; /readyz waits for them.")
+@click.option(
+    "--api-key",
+    envvar="LIMNER_API_KEY",
+    show_envvar=True,
+    help="Require 'Authorization: Bearer KEY' on every route but /healthz and /readyz. Prefer "
+    "the environment variable: a command line is visible to other users.",
+)
+@click.option(
+    "--allow-private-urls",
+    is_flag=True,
+    help="Let URL inputs reach private, loopback and link-local addresses (off: SSRF guard).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="Allow browsers on this origin to call the API (repeatable; default: no CORS).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
+def serve(
+    host: str,
+    port: int,
+    models: str | None,
+    preload: str | None,
+    api_key: str | None,
+    allow_private_urls: bool,
+    cors_origins: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Serve the models over HTTP: OpenAI-compatible embeddings and image generation.
+
+    Routes: /v1/models, /v1/embeddings, /v1/images/generations (stream: true for progress
+    events), /v1/pool, /metrics, /healthz, /readyz; the OpenAPI schema at /openapi.json.
+    """
+    try:
+        import uvicorn
+
+        from .server import ServerSettings, create_app
+    except ImportError as error:
+        raise click.ClickException(
+            f"the server needs its extra: pip install 'limner[server]' ({error})"
+        ) from None
+    settings = ServerSettings(
+        models=_names(models),
+        preload=_names(preload) or (),
+        api_key=api_key or None,
+        allow_private_urls=allow_private_urls,
+        cors_origins=cors_origins,
+    )
+    app = create_app(settings=settings)
+    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"Warning: serving on {host} without an API key (--api-key).", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+
 def _configure(registry: Registry, key: str, device: str | None, dtype: str | None) -> None:
     if device is not None or dtype is not None:
         registry.configure(key, device=device, dtype=dtype)

@@ -31,6 +31,11 @@ __all__ = ["ImageEmbedder"]
 Vector = npt.NDArray[np.float32]
 
 
+def _first(vectors: Vector) -> Vector:
+    row: Vector = vectors[0]
+    return row
+
+
 class ImageEmbedder:
     """Implements :class:`~limner.ImageEmbeddingCapable` over a plugin's backend.
 
@@ -77,16 +82,16 @@ class ImageEmbedder:
     # -- the capability -------------------------------------------------------------------
 
     async def embed_image(self, path: str | os.PathLike[str]) -> Vector:
-        return (await self._embed([path], expect=InputKind.PATH))[0]
+        return _first(await self._embed([path], expect=InputKind.PATH))
 
     async def embed_image_url(self, url: str) -> Vector:
-        return (await self._embed([url], expect=InputKind.URL))[0]
+        return _first(await self._embed([url], expect=InputKind.URL))
 
     async def embed_image_base64(self, data: str | bytes) -> Vector:
         if isinstance(data, bytes):
             data = data.decode("ascii", errors="replace")
         expect = InputKind.DATA_URL if data.startswith("data:") else InputKind.BASE64
-        return (await self._embed([data], expect=expect))[0]
+        return _first(await self._embed([data], expect=expect))
 
     async def batch_embed_images(self, paths: Sequence[str | os.PathLike[str]]) -> Vector:
         return await self._embed(list(paths), expect=InputKind.PATH)
@@ -106,7 +111,7 @@ class ImageEmbedder:
         if not batch:
             return np.zeros((0, self.embedding_dimension), dtype=np.float32)
         vectors = await self._dispatch("text", batch)
-        return vectors[0] if single else vectors
+        return _first(vectors) if single else vectors
 
     def using(self, pool: Pool) -> ImageEmbedder:
         """The same model, served by ``pool`` instead of the current or default pool."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -52,6 +56,32 @@ class GenerationResult:
     config: ImageGenerationConfig
     timings: Mapping[str, float] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def text_metadata(self) -> dict[str, str]:
+        """What to store beside an image so it can be made again: prompt, seed, model, config."""
+        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if v is not None}
+        return {
+            "prompt": self.prompt,
+            "seed": str(self.seed),
+            "model": self.model,
+            "limner": json.dumps({**settings, **self.metadata}, sort_keys=True, default=str),
+        }
+
+    def save(self, path: str | os.PathLike[str], *, index: int = 0) -> Path:
+        """Write image ``index``; the format follows the suffix. PNGs carry
+        :meth:`text_metadata` in their text chunks."""
+        from PIL.PngImagePlugin import PngInfo
+
+        target = Path(path)
+        image = self.images[index]
+        if target.suffix.lower() == ".png":
+            info = PngInfo()
+            for key, value in self.text_metadata().items():
+                info.add_itxt(key, value)
+            image.save(target, pnginfo=info)
+        else:
+            image.save(target)
+        return target
 
 
 GenerationChunk = Progress | GenerationResult

@@ -272,6 +272,7 @@ class Pool:
         self._token: contextvars.Token[Pool | None] | None = None
         self._closing = False
         self._admission = anyio.Lock()  # serialises memory decisions, never held during a load
+        self._progress = anyio.Event()  # set whenever a batch or generation finishes
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -295,9 +296,10 @@ class Pool:
             _current.reset(self._token)
             self._token = None
         self._closing = True
-        with anyio.move_on_after(self.drain_timeout), anyio.CancelScope(shield=True):
-            while any(s.queue.items or s.in_flight or s.generations for s in self._states.values()):
-                await anyio.sleep(0.01)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.drain_timeout):
+            while self._has_work():
+                self._progress = anyio.Event()
+                await self._progress.wait()
         for state in self._states.values():
             while state.queue.items:
                 state.queue.items.popleft().finish(error=Cancelled("the pool shut down"))
@@ -312,6 +314,12 @@ class Pool:
                         await self._unload(state, reason="pool shut down")
                     if getattr(state.backend, "_limner_pool", None) is self:
                         del state.backend._limner_pool  # type: ignore[attr-defined]
+
+    def _has_work(self) -> bool:
+        return any(
+            s.in_flight or s.generations or any(not r.cancelled for r in s.queue.items)
+            for s in self._states.values()
+        )
 
     @property
     def running(self) -> bool:
@@ -428,7 +436,7 @@ class Pool:
             if state.state == "loading":
                 assert state.load_done is not None
                 await state.load_done.wait()
-                if state.load_error is not None and state.state == "cold":
+                if state.load_error is not None:
                     raise state.load_error
                 continue
             if state.load_error is not None and self.clock.now() < state.retry_at:
@@ -621,7 +629,12 @@ class Pool:
         try:
             try:
                 vectors = await self._call_with_oom_retry(function, items)
-            except Exception as error:
+            except BaseException as error:
+                if not isinstance(error, Exception):  # cancelled: never leave a caller hanging
+                    for request in batch:
+                        if not request.done.is_set():
+                            request.finish(error=Cancelled("the pool shut down mid-batch"))
+                    raise
                 died = _is_out_of_memory(error)
                 failure = ModelError(
                     f"{state.spec.key} failed on a batch of {len(items)}: {error!r}"
@@ -648,6 +661,7 @@ class Pool:
         finally:
             state.in_flight -= len(batch)
             state.last_used = self.clock.now()
+            self._progress.set()
 
     async def _call_with_oom_retry(
         self, function: Callable[[list[Any]], Vector], items: list[Any]
@@ -706,6 +720,7 @@ class Pool:
                     finally:
                         state.generations -= 1
                         state.last_used = self.clock.now()
+                        self._progress.set()
                 await send.send(result)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass  # the consumer went away; nothing left to tell it

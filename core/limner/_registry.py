@@ -29,6 +29,8 @@ __all__ = [
     "PluginRecord",
     "Registry",
     "default_registry",
+    "embedder",
+    "generator",
     "get",
 ]
 
@@ -441,3 +443,13 @@ def default_registry() -> Registry:
 def get(key: str) -> Model:
     """``default_registry().get(key)``."""
     return default_registry().get(key)
+
+
+def embedder(key: str) -> ImageEmbedder:
+    """``default_registry().embedder(key)``: typed for image-embedding models."""
+    return default_registry().embedder(key)
+
+
+def generator(key: str) -> ImageGenerator:
+    """``default_registry().generator(key)``: typed for text-to-image models."""
+    return default_registry().generator(key)

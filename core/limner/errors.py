@@ -35,10 +35,7 @@ def describe_input(value: object, *, limit: int = _MAX_INPUT_CHARS) -> str:
     """
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"<{len(value)} bytes>"
-    if isinstance(value, str):
-        text = value
-    else:
-        text = repr(value)
+    text = value if isinstance(value, str) else repr(value)
     if len(text) > limit:
         return f"{text[: limit - 20]}...({len(text)} chars)"
     return text
@@ -84,7 +81,7 @@ class InvalidInput(LimnerError, ValueError):
         self,
         message: str,
         *,
-        input: object = None,  # noqa: A002 - the name callers expect
+        input: object = None,
         index: int | None = None,
         field: str | None = None,
     ):

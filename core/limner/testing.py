@@ -78,6 +78,7 @@ class FakeMemory:
         with self._lock:
             self.used -= mb
 
+
 _THUMBNAIL = 8
 
 
@@ -168,7 +169,8 @@ class FakeEmbeddingBackend(ImageEmbeddingBackend):
 
 def _normalise(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    normalised: npt.NDArray[np.float32] = (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    return normalised
 
 
 def fake_embedding_spec(

@@ -1,0 +1,62 @@
+"""Generation results: saving images with the metadata needed to make them again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from limner import GenerationResult, ImageGenerationConfig, Pool, Registry
+from limner.testing import FakeClock, FakeMemory, fake_generation_spec
+
+pytestmark = pytest.mark.anyio
+
+
+async def make_result(seed: int = 5) -> GenerationResult:
+    registry = Registry(entry_points=False)
+    registry.register(fake_generation_spec("fake/gen"))
+    async with Pool(memory=FakeMemory(total_mb=1000), clock=FakeClock()):
+        return await registry.generator("fake/gen").generate(
+            "a lighthouse", ImageGenerationConfig(steps=2, seed=seed, num_images=2)
+        )
+
+
+async def test_png_carries_prompt_seed_model_and_settings(tmp_path: Path) -> None:
+    result = await make_result(seed=5)
+    target = result.save(tmp_path / "out.png", index=1)
+    with Image.open(target) as image:
+        text = dict(image.text)
+        assert image.size == (16, 16)
+        assert image.getpixel((0, 0)) == result.images[1].getpixel((0, 0))
+    assert text["prompt"] == "a lighthouse"
+    assert text["seed"] == "5"
+    assert text["model"] == "fake/gen"
+    settings = json.loads(text["limner"])
+    assert settings["steps"] == 2
+    assert settings["num_images"] == 2
+    assert settings["width"] == 16
+
+
+async def test_other_formats_follow_the_suffix(tmp_path: Path) -> None:
+    result = await make_result()
+    with Image.open(result.save(tmp_path / "out.jpg")) as image:
+        assert image.format == "JPEG"
+
+
+async def test_same_seed_same_image_different_seed_different() -> None:
+    first, again, other = await make_result(1), await make_result(1), await make_result(2)
+    assert first.images[0].tobytes() == again.images[0].tobytes()
+    assert first.images[0].tobytes() != other.images[0].tobytes()
+
+
+async def test_a_drawn_seed_is_reported() -> None:
+    registry = Registry(entry_points=False)
+    registry.register(fake_generation_spec("fake/gen"))
+    model = registry.generator("fake/gen")
+    resolved = model.resolve_config()
+    assert resolved.seed is not None
+    async with Pool(memory=FakeMemory(total_mb=1000), clock=FakeClock()):
+        result = await model.generate("x", resolved)
+    assert result.seed == resolved.seed
