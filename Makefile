@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Pinned so pip takes this machine's local CPU wheel; on a CUDA machine PyPI serves the CUDA
 # build of the same release. Override with e.g. `make test TORCH='torch==2.9.1'`.
 TORCH ?= torch==2.13.0
-PLUGINS := plugins/clip
+PLUGINS := plugins/clip plugins/flux plugins/sd35
 DEMO_OUT ?= out
 
 .PHONY: install demo test lint format bench clean
@@ -24,6 +24,8 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/limner models
 	HF_HUB_OFFLINE=1 $(BIN)/limner embed examples --model limner/tiny-clip --npy $(DEMO_OUT)/embeddings.npy
 	HF_HUB_OFFLINE=1 $(BIN)/limner embed --text "a red fox" "a lighthouse at dusk" --model limner/tiny-clip --json | cut -c1-120
+	HF_HUB_OFFLINE=1 $(BIN)/limner generate "a lighthouse at dusk" --model limner/tiny-flux --seed 7 --out $(DEMO_OUT)/tiny-flux.png
+	HF_HUB_OFFLINE=1 $(BIN)/limner generate "a lighthouse at dusk" --model limner/tiny-sd35 --seed 7 --out $(DEMO_OUT)/tiny-sd35.png
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
@@ -32,6 +34,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	for plugin in $(PLUGINS); do $(BIN)/mypy $$plugin/tests || exit 1; done
 
 format: install
 	$(BIN)/ruff check --fix .
@@ -39,6 +42,7 @@ format: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/clip_e2e.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pool_load.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache

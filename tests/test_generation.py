@@ -60,3 +60,18 @@ async def test_a_drawn_seed_is_reported() -> None:
     async with Pool(memory=FakeMemory(total_mb=1000), clock=FakeClock()):
         result = await model.generate("x", resolved)
     assert result.seed == resolved.seed
+
+
+def test_each_saved_image_records_its_own_seed(tmp_path: Path) -> None:
+    images = (Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue"))
+    result = GenerationResult(
+        model="fake/gen",
+        prompt="two",
+        images=images,
+        seed=10,
+        config=ImageGenerationConfig(seed=10, num_images=2),
+        metadata={"seeds": [10, 11]},
+    )
+    with Image.open(result.save(tmp_path / "second.png", index=1)) as image:
+        assert image.text["seed"] == "11"
+    assert result.seed_of(0) == 10

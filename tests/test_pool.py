@@ -449,7 +449,12 @@ async def test_graceful_shutdown_drains_in_flight_work() -> None:
 
             for index in range(10):
                 group.start_soon(request, index)
-            await wait_until(lambda: "fake/a" in pool.stats())
+
+            def all_submitted() -> bool:  # decoding done: every request queued, running or done
+                stats = pool.stats()["fake/a"]
+                return stats.queue_depth + stats.in_flight + len(results) == 10
+
+            await wait_until(all_submitted)
         assert len(results) == 10  # all finished before the pool closed
     assert fake_backend(model).unloads == 1
     with pytest.raises(limner.LimnerError, match="not running"):

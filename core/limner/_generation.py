@@ -57,12 +57,21 @@ class GenerationResult:
     timings: Mapping[str, float] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
-    def text_metadata(self) -> dict[str, str]:
-        """What to store beside an image so it can be made again: prompt, seed, model, config."""
+    def seed_of(self, index: int) -> int:
+        """The seed that makes image ``index`` alone: plugins that seed each image of a batch
+        separately list them in ``metadata["seeds"]``."""
+        seeds = self.metadata.get("seeds")
+        if isinstance(seeds, (list, tuple)) and index < len(seeds):
+            return int(seeds[index])
+        return self.seed
+
+    def text_metadata(self, index: int = 0) -> dict[str, str]:
+        """What to store beside image ``index`` so it can be made again: prompt, its seed,
+        model, config."""
         settings = {k: v for k, v in dataclasses.asdict(self.config).items() if v is not None}
         return {
             "prompt": self.prompt,
-            "seed": str(self.seed),
+            "seed": str(self.seed_of(index)),
             "model": self.model,
             "limner": json.dumps({**settings, **self.metadata}, sort_keys=True, default=str),
         }
@@ -76,7 +85,7 @@ class GenerationResult:
         image = self.images[index]
         if target.suffix.lower() == ".png":
             info = PngInfo()
-            for key, value in self.text_metadata().items():
+            for key, value in self.text_metadata(index).items():
                 info.add_itxt(key, value)
             image.save(target, pnginfo=info)
         else:
