@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from limner import GenerationResult, ImageGenerationConfig, Pool, Registry
 from limner.testing import FakeClock, FakeMemory, fake_generation_spec
@@ -27,6 +27,7 @@ async def test_png_carries_prompt_seed_model_and_settings(tmp_path: Path) -> Non
     result = await make_result(seed=5)
     target = result.save(tmp_path / "out.png", index=1)
     with Image.open(target) as image:
+        assert isinstance(image, PngImagePlugin.PngImageFile)
         text = dict(image.text)
         assert image.size == (16, 16)
         assert image.getpixel((0, 0)) == result.images[1].getpixel((0, 0))
@@ -73,5 +74,6 @@ def test_each_saved_image_records_its_own_seed(tmp_path: Path) -> None:
         metadata={"seeds": [10, 11]},
     )
     with Image.open(result.save(tmp_path / "second.png", index=1)) as image:
+        assert isinstance(image, PngImagePlugin.PngImageFile)
         assert image.text["seed"] == "11"
     assert result.seed_of(0) == 10

@@ -559,7 +559,7 @@ async def test_a_consumer_that_stops_stops_the_steps_and_frees_the_worker() -> N
             assert isinstance(chunk, Progress)
             if chunk.step == 3:
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         await wait_until(lambda: pool.stats()["fake/gen"].in_flight == 0)
         assert backend.steps_run <= 5  # stopped within a couple of steps, not 50
         result = await model.generate("again", ImageGenerationConfig(steps=2, seed=1))

@@ -113,6 +113,18 @@ class ImageEmbedder:
         vectors = await self._dispatch("text", batch)
         return _first(vectors) if single else vectors
 
+    async def load(self) -> None:
+        """Load the weights now, through the same pool requests would use."""
+        pool = self._pool or current_pool()
+        if pool is not None:
+            await pool.load(self.spec, self.backend)
+            return
+
+        async def run(default: Pool) -> None:
+            await default.load(self.spec, self.backend)
+
+        await in_default_pool(run)
+
     def using(self, pool: Pool) -> ImageEmbedder:
         """The same model, served by ``pool`` instead of the current or default pool."""
         bound = ImageEmbedder(self.spec, self.backend, limits=self.limits)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from ._backends import TextToImageBackend
-from ._blocking import BlockingImageGenerator, iterate_in_default_pool
+from ._blocking import BlockingImageGenerator, in_default_pool, iterate_in_default_pool
 from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig
 from ._pool import Pool, current_pool
 from ._spec import ModelSpec
@@ -34,6 +34,18 @@ class ImageGenerator:
     def key(self) -> str:
         return self.spec.key
 
+    async def load(self) -> None:
+        """Load the weights now, through the same pool requests would use."""
+        pool = self._pool or current_pool()
+        if pool is not None:
+            await pool.load(self.spec, self.backend)
+            return
+
+        async def run(default: Pool) -> None:
+            await default.load(self.spec, self.backend)
+
+        await in_default_pool(run)
+
     def using(self, pool: Pool) -> ImageGenerator:
         """The same model, served by ``pool`` instead of the current or default pool."""
         bound = ImageGenerator(self.spec, self.backend)
@@ -50,7 +62,7 @@ class ImageGenerator:
 
     async def generate_image(
         self, prompt: str, config: ImageGenerationConfig | None = None
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("prompt must be a non-empty string", field="prompt")
         resolved = self.resolve_config(config)

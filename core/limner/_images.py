@@ -493,7 +493,12 @@ async def _follow(
         if not current.host:
             raise FetchError(f"URL has no host{where}", input=url)
         if check_url is not None:
-            await check_url(current)
+            try:
+                await check_url(current)
+            except InvalidInput as refused:
+                if refused.input is None:  # name the caller's URL, as every other error does
+                    raise FetchError(f"{refused.reason}{where}", input=url) from refused
+                raise
         try:
             request = client.build_request("GET", current, headers={"Accept": _ACCEPT})
             response = await client.send(request, stream=True, follow_redirects=False)

@@ -380,6 +380,10 @@ class Pool:
         finally:
             cancel.set()
 
+    async def load(self, spec: ModelSpec, backend: Backend) -> None:
+        """Cold-start a model now (preloading), so its first request finds it warm."""
+        await self._ensure_ready(self._state(spec, backend))
+
     def stats(self) -> dict[str, KeyStats]:
         """A frozen snapshot per key."""
         snapshot: dict[str, KeyStats] = {}

@@ -1,0 +1,135 @@
+"""The pool under load: a real-size ViT-B/32 (random weights) on this machine's CPU.
+
+Three measurements, side by side in one process, on the same loaded weights:
+
+1. Throughput: ``--requests`` concurrent single-image requests through the pool, against the
+   same requests run one by one as direct backend calls (decode, preprocess, embed).
+2. Latency at concurrency 1: p50 of one request through the pool against p50 of the same
+   direct call.
+3. Event-loop lag while saturated: how late a 1 ms ticker wakes up, p99, while (1) runs.
+
+    python benchmarks/pool_load.py --requests 32 --repeats 5
+
+Goals on the project's 2-core machine: >= 2.5x throughput, <= 1.05x p50, <= 5 ms lag p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import numpy as np
+from clip_e2e import write_images, write_model  # benchmarks/ is on sys.path when run
+
+import limner
+import limner_clip
+from limner import Pool, Registry, decode_image
+
+KEY = "openai/clip-vit-base-patch32"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def direct_call(backend: limner.ImageEmbeddingBackend, path: Path) -> np.ndarray:
+    """One request without a pool: decode, preprocess, embed, in the calling thread."""
+    image = decode_image(path, draft_size=backend.image_size)
+    return backend.embed_prepared([backend.prepare(image)])
+
+
+async def run(args: argparse.Namespace, paths: list[Path], model_dir: Path) -> None:
+    registry = Registry(entry_points=False)
+    registry.register_plugin(limner_clip)
+    registry.configure(KEY, local_dir=model_dir)
+    async with Pool() as pool:
+        model = registry.embedder(KEY).using(pool)
+        backend = model.backend
+        await model.embed_image(paths[0])  # cold start, outside every timing
+        stats = pool.stats()[KEY]
+        print(
+            f"model: {KEY} architecture, RANDOM weights, {stats.device}, "
+            f"{stats.workers} worker(s), {stats.memory_mb:.0f} MB, loaded in "
+            f"{stats.load_seconds:.1f} s"
+        )
+
+        sequential, concurrent, lags = [], [], []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            for path in paths:
+                direct_call(backend, path)
+            sequential.append(time.perf_counter() - started)
+
+            done = anyio.Event()
+
+            async def ticker(done: anyio.Event) -> None:
+                while not done.is_set():
+                    before = time.perf_counter()
+                    await anyio.sleep(0.001)
+                    lags.append(time.perf_counter() - before - 0.001)
+
+            async def one(path: Path) -> None:
+                await model.embed_image(path)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(ticker, done)
+                started = time.perf_counter()
+                async with anyio.create_task_group() as requests:
+                    for path in paths:
+                        requests.start_soon(one, path)
+                concurrent.append(time.perf_counter() - started)
+                done.set()
+
+        direct_latency, pool_latency = [], []
+        for index in range(args.latency_samples):
+            path = paths[index % len(paths)]
+            started = time.perf_counter()
+            direct_call(backend, path)
+            direct_latency.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await model.embed_image(path)
+            pool_latency.append(time.perf_counter() - started)
+        stats = pool.stats()[KEY]
+
+    n = len(paths)
+    seq, con = statistics.median(sequential), statistics.median(concurrent)
+    print(f"throughput, {n} single-image requests (median of {args.repeats}):")
+    print(f"  one by one, direct calls:  {n / seq:7.1f} img/s")
+    print(
+        f"  concurrent, through pool:  {n / con:7.1f} img/s   ratio {seq / con:.2f}x "
+        f"(goal >= 2.5x); mean batch {stats.mean_batch_size:.1f}"
+    )
+    p50_direct, p50_pool = percentile(direct_latency, 50), percentile(pool_latency, 50)
+    print(f"latency at concurrency 1, p50 of {args.latency_samples}:")
+    print(f"  direct call: {p50_direct * 1000:6.1f} ms")
+    print(
+        f"  via pool:    {p50_pool * 1000:6.1f} ms   ratio {p50_pool / p50_direct:.3f}x "
+        f"(goal <= 1.05x)"
+    )
+    print(
+        f"event-loop lag while saturated: p50 {percentile(lags, 50) * 1000:.2f} ms, "
+        f"p99 {percentile(lags, 99) * 1000:.2f} ms, max {max(lags) * 1000:.2f} ms "
+        f"over {len(lags)} ticks (goal p99 <= 5 ms)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--latency-samples", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as temp:
+        root = Path(temp)
+        paths = write_images(root, args.requests)
+        model_dir = root / "vit-b-32-random"
+        write_model(model_dir)
+        anyio.run(run, args, paths, model_dir)
+
+
+if __name__ == "__main__":
+    main()

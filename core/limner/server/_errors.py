@@ -1,0 +1,191 @@
+"""Every failure as an OpenAI-style error body, so OpenAI clients report it as they would theirs.
+
+One table maps limner's typed errors to HTTP statuses; the same mapping serves JSON responses
+and the ``error`` events of a stream. Nothing about a request's input ever becomes a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from limner.errors import (
+    Cancelled,
+    FetchError,
+    InvalidInput,
+    LimnerError,
+    MemoryExhausted,
+    ModelError,
+    ModelLoadError,
+    PluginError,
+    PoolBusy,
+    UnknownModelError,
+)
+
+__all__ = ["APIError", "ClientGone", "error_body", "install_error_handlers", "to_api_error"]
+
+log = logging.getLogger("limner.server")
+
+# The config fields a backend names in InvalidInput, as the request fields a client sent.
+_CONFIG_TO_REQUEST = {"width": "size", "height": "size", "num_images": "n", "guidance": "guidance"}
+
+
+class APIError(Exception):
+    """An error answer: status, OpenAI error fields, and any extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; nobody is left to answer."""
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def input_param(
+    error: InvalidInput, *, field: str | None = "input", indexed: bool = False
+) -> str | None:
+    """The request field an input error points at: ``input[3]`` for an item of a list."""
+    if error.field is not None:
+        return _CONFIG_TO_REQUEST.get(error.field, error.field)
+    if indexed and error.index is not None:
+        return f"{field}[{error.index}]"
+    return field
+
+
+def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
+    """The answer for an exception raised while serving a request."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, UnknownModelError):
+        return APIError(404, str(error), param="model", code="model_not_found")
+    if isinstance(error, FetchError):
+        return APIError(400, str(error), param=param, code="fetch_failed")
+    if isinstance(error, InvalidInput):
+        return APIError(400, str(error), param=param, code="invalid_input")
+    if isinstance(error, PoolBusy):
+        seconds = max(1, math.ceil(error.retry_after))
+        return APIError(
+            429,
+            str(error),
+            type="rate_limit_error",
+            code="pool_busy",
+            headers={"Retry-After": str(seconds)},
+        )
+    if isinstance(error, MemoryExhausted):
+        return APIError(503, str(error), type="server_error", code="memory_exhausted")
+    if isinstance(error, ModelLoadError):
+        return APIError(503, str(error), type="server_error", code="model_load_failed")
+    if isinstance(error, Cancelled):
+        return APIError(503, str(error), type="server_error", code="cancelled")
+    if isinstance(error, ModelError):
+        return APIError(500, str(error), type="server_error", code="model_error")
+    if isinstance(error, PluginError):
+        return APIError(500, str(error), type="server_error", code="plugin_error")
+    if isinstance(error, LimnerError):
+        return APIError(500, str(error), type="server_error", code="limner_error")
+    log.error("unexpected error while serving a request", exc_info=error)
+    return APIError(500, "internal server error", type="server_error", code="internal_error")
+
+
+# Union members pydantic names in an error's location: ("body", "input", "list[str]", 0);
+# the others ("constrained-str", "function-after[...]") are not identifiers, as fields are.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def _location(loc: Sequence[int | str]) -> str | None:
+    """``("body", "input", "list[str]", 0)`` as ``input[0]``; None for the body as a whole."""
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
+    text = ""
+    for part in parts:
+        if isinstance(part, str) and (part in _TYPE_TAGS or not part.isidentifier()):
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or None
+
+
+def _validation_error(error: RequestValidationError) -> APIError:
+    problems = error.errors()
+    if not problems:
+        return APIError(400, "invalid request", code="invalid_request")
+    # A union reports every member's complaint; the deepest one is about what was sent
+    # (``input[1]`` of a list, not "input should be a string").
+    first = max(problems, key=lambda p: len((_location(p.get("loc", ())) or "").split("[")))
+    param = _location(first.get("loc", ()))
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        message = "the body is not valid JSON"
+        param = None
+    elif kind == "missing":
+        message = f"missing required field {param!r}" if param else "missing body"
+    else:
+        message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "")
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problem(s))"
+    return APIError(400, message, param=param, code="invalid_request")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception the app can raise to an OpenAI-shaped answer."""
+
+    async def on_api_error(request: Request, error: Exception) -> JSONResponse:
+        return to_api_error(error).response()
+
+    async def on_client_gone(request: Request, error: Exception) -> Response:
+        return Response(status_code=499)  # never delivered; counted in the metrics as 499
+
+    async def on_validation(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        return _validation_error(error).response()
+
+    async def on_http(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return APIError(
+            error.status_code,
+            str(error.detail),
+            type=kind,
+            code=code,
+            headers=dict(error.headers or {}),
+        ).response()
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(ClientGone, on_client_gone)
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(LimnerError, on_api_error)
+    app.add_exception_handler(Exception, on_api_error)

@@ -1,0 +1,160 @@
+"""Request and response bodies, in the OpenAI shapes, with limner's extras.
+
+Requests refuse unknown fields, so a misspelt option is a 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "EmbeddingData",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
+    "ErrorDetail",
+    "ErrorResponse",
+    "GeneratedImage",
+    "ImageRequest",
+    "ImageResponse",
+    "ModelCard",
+    "ModelList",
+    "PoolModel",
+    "PoolResponse",
+    "ProgressEvent",
+    "Usage",
+]
+
+_MAX_SEED = 2**63 - 1
+
+_Item = Annotated[str, Field(min_length=1)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmbeddingRequest(_Request):
+    model: str = Field(min_length=1, max_length=256, description="Model key or alias.")
+    input: _Item | Annotated[list[_Item], Field(min_length=1)] = Field(
+        description=(
+            "One item or a list. Each item is an image (a data: URL, an http(s) URL, or base64 "
+            "of an image file) or, for models that embed text (CLIP), text."
+        ),
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float",
+        description="base64: each vector as little-endian float32 bytes, base64-encoded.",
+    )
+    dimensions: int | None = Field(
+        default=None, ge=1, description="Must equal the model's dimension when given."
+    )
+    user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ImageRequest(_Request):
+    prompt: str = Field(min_length=1, max_length=10_000)
+    model: str = Field(min_length=1, max_length=256, description="Model key or alias.")
+    n: int = Field(default=1, ge=1, le=10, description="Number of images.")
+    size: str | None = Field(
+        default=None,
+        pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
+        description="WIDTHxHEIGHT in pixels; omitted or auto takes the model's default.",
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json", description="Only b64_json: this server returns images inline."
+    )
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    stream: bool = Field(default=False, description="Server-sent events: progress, then images.")
+    seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
+    steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    negative_prompt: str | None = Field(default=None, max_length=10_000)
+    user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str
+    revised_prompt: None = None
+
+
+class ImageResponse(BaseModel):
+    created: int
+    data: list[GeneratedImage]
+    seed: int
+    model: str
+    size: str
+
+
+class ProgressEvent(BaseModel):
+    step: int
+    total: int
+    elapsed: float
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    capability: Literal["image-embedding", "text-to-image"]
+    embedding_dimension: int | None
+    tiny: bool
+    aliases: list[str]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class PoolModel(BaseModel):
+    key: str
+    state: Literal["cold", "loading", "ready"]
+    workers: int
+    queue_depth: int
+    in_flight: int
+    batches: int
+    mean_batch_size: float
+    loads: int
+    load_seconds: float
+    evictions: int
+    memory_mb: float
+    device: str | None
+    last_used: float | None
+
+
+class PoolResponse(BaseModel):
+    object: Literal["pool"] = "pool"
+    ready: bool
+    models: list[PoolModel]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

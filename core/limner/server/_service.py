@@ -1,0 +1,170 @@
+"""The per-app runtime: the pool, the fetch client, and the models bound to the pool."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from limner._embedder import ImageEmbedder
+from limner._generator import ImageGenerator
+from limner._pool import Pool
+from limner._registry import Model, ModelEntry, Registry
+from limner._spec import Capability
+from limner.errors import InvalidInput, UnknownModelError
+
+from ._errors import APIError
+from ._guard import URLGuard
+from ._settings import ServerSettings
+
+__all__ = ["Service"]
+
+log = logging.getLogger("limner.server")
+
+
+@dataclass
+class Service:
+    """What the routes share. ``pool`` exists only while the app's lifespan runs."""
+
+    registry: Registry
+    settings: ServerSettings
+    served: frozenset[str] | None
+    """Canonical keys of the allow-list; None serves every key."""
+    preload: tuple[str, ...]
+    created: int = field(default_factory=lambda: int(time.time()))
+    guard: URLGuard = field(init=False)
+    pool: Pool | None = None
+    client: httpx.AsyncClient | None = None
+    fetch_slots: anyio.CapacityLimiter | None = None
+    ready: bool = False
+    preload_errors: dict[str, str] = field(default_factory=dict)
+    _bound: dict[str, Model] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.guard = URLGuard(
+            allow_private=self.settings.allow_private_urls,
+            trusted_hosts=self.settings.trusted_hosts,
+            fetch_hosts=self.settings.fetch_hosts,
+        )
+
+    @classmethod
+    def create(cls, registry: Registry, settings: ServerSettings) -> Service:
+        """Resolve the allow-list and preloads now, so a typo fails at startup, not later."""
+        served = None
+        if settings.models is not None:
+            served = frozenset(registry.spec(name).key for name in settings.models)
+        preload = tuple(dict.fromkeys(registry.spec(name).key for name in settings.preload))
+        for key in preload:
+            if served is not None and key not in served:
+                raise InvalidInput(
+                    f"{key} is preloaded but not among the models served", field="preload"
+                )
+        return cls(registry=registry, settings=settings, served=served, preload=preload)
+
+    # -- lifespan ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Start the pool and the fetch client, preload in the background, stop both after."""
+        timeout = httpx.Timeout(self.settings.image_limits.fetch_timeout)
+        # trust_env=False: no proxy from the environment, so the guard sees the real target.
+        client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        async with Pool(**self.settings.pool_arguments(self.preload)) as pool, client:
+            self.pool, self.client = pool, client
+            self.fetch_slots = anyio.CapacityLimiter(self.settings.max_concurrent_fetches)
+            self._bound.clear()
+            self.preload_errors.clear()
+            try:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._preload_all)
+                    yield
+                    group.cancel_scope.cancel()
+            finally:
+                self.ready = False
+                self.pool = self.client = None
+                self._bound.clear()
+
+    async def _preload_all(self) -> None:
+        for key in self.preload:
+            try:
+                model = await self.model(key)
+                assert self.pool is not None
+                # The pool loads on first use; this is that first use without a request.
+                await self.pool.load(model.spec, model.backend)
+            except Exception as error:
+                self.preload_errors[key] = str(error)
+                log.error("preloading %s failed: %s", key, error)
+        self.ready = not self.preload_errors
+        if self.ready and self.preload:
+            log.info("preloaded %s", ", ".join(self.preload))
+
+    # -- models -----------------------------------------------------------------------------
+
+    def entries(self) -> list[ModelEntry]:
+        entries = self.registry.entries()
+        return [e for e in entries if self.served is None or e.key in self.served]
+
+    def resolve(self, name: str) -> str:
+        """The canonical key for a served key or alias; 404 (with suggestions) otherwise."""
+        try:
+            key = self.registry.spec(name).key
+        except UnknownModelError:
+            if self.served is None:
+                raise
+            key = None
+        if self.served is not None and key not in self.served:
+            names = sorted(
+                {n for e in self.entries() for n in (e.key, *e.spec.aliases)}, key=str.lower
+            )
+            suggestions = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+            raise APIError(
+                404,
+                f"Unknown model {name!r}."
+                + (f" Did you mean: {', '.join(suggestions)}?" if suggestions else "")
+                + " GET /v1/models lists the models this server serves.",
+                param="model",
+                code="model_not_found",
+            )
+        assert key is not None
+        return key
+
+    async def model(self, name: str) -> Model:
+        """The model for a key or alias, bound to this server's pool; 404 when not served."""
+        if self.pool is None:
+            raise APIError(503, "the server is shutting down", type="server_error")
+        key = self.resolve(name)
+        bound = self._bound.get(key)
+        if bound is None:
+            # Building a front may import the plugin's heavy modules: never on the loop.
+            model = await anyio.to_thread.run_sync(self.registry.get, key)
+            bound = self._bound.setdefault(key, model.using(self.pool))
+        return bound
+
+    async def embedder(self, name: str) -> ImageEmbedder:
+        model = await self.model(name)
+        if not isinstance(model, ImageEmbedder):
+            raise APIError(
+                400,
+                f"{model.key} is a text-to-image model; use POST /v1/images/generations",
+                param="model",
+                code="wrong_capability",
+            )
+        return model
+
+    async def generator(self, name: str) -> ImageGenerator:
+        model = await self.model(name)
+        if not isinstance(model, ImageGenerator):
+            raise APIError(
+                400,
+                f"{model.key} is an {Capability.IMAGE_EMBEDDING} model; use POST /v1/embeddings",
+                param="model",
+                code="wrong_capability",
+            )
+        return model

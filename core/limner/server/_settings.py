@@ -1,0 +1,118 @@
+"""What one HTTP server serves and how much it lets a client ask for."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from limner._images import ImageLimits
+from limner._pool import Pool
+from limner.errors import InvalidInput
+
+__all__ = ["DEFAULT_SERVER_IMAGE_LIMITS", "ServerSettings"]
+
+_MIB = 1024 * 1024
+
+DEFAULT_SERVER_IMAGE_LIMITS = ImageLimits(
+    max_bytes=20 * _MIB, max_pixels=40_000_000, fetch_timeout=10.0, max_redirects=3
+)
+"""Tighter than the library's defaults: a server's inputs come from strangers on a network."""
+
+
+def _names(value: Sequence[str] | None, field_name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # "a,b" by mistake would otherwise become ("a", ",", "b")
+        raise InvalidInput("must be a sequence of names, not one string", field=field_name)
+    names = tuple(value)
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidInput(f"{name!r} is not a name", field=field_name)
+    return names
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """Everything ``create_app`` needs besides the registry; validated on construction.
+
+    Secure by default: no URL input may reach a private, loopback or link-local address, no
+    cross-origin browser access, and bounded bodies, fetches and request times.
+    """
+
+    models: Sequence[str] | None = None
+    """Keys or aliases served; ``None`` serves every key in the registry."""
+    preload: Sequence[str] = ()
+    """Keys loaded at startup; ``/readyz`` answers 200 once they all are. They are kept
+    loaded (never evicted for idleness) unless ``pool_options`` sets their keep-alive."""
+    api_key: str | None = field(default=None, repr=False)
+    """When set, every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer``."""
+    allow_private_urls: bool = False
+    """Let URL inputs reach private, loopback, link-local and other non-public addresses."""
+    trusted_hosts: Sequence[str] = ()
+    """Host names (or IP literals) URL inputs may reach whatever they resolve to: an internal
+    image store, say. Each redirect hop is checked on its own host."""
+    fetch_hosts: Sequence[str] | None = None
+    """When set, URL inputs (and their redirects) may only name these hosts; ``()`` turns URL
+    inputs off."""
+    max_body_bytes: int = 32 * _MIB
+    """Largest request body accepted, counted while it is read (413 past it)."""
+    request_timeout: float = 300.0
+    """Seconds one request (a whole generation stream included) may take before a 504."""
+    image_limits: ImageLimits = DEFAULT_SERVER_IMAGE_LIMITS
+    """Bounds on each image input: encoded bytes, pixels, fetch time, redirects."""
+    max_inputs: int = 2048
+    """Most items in one embeddings request."""
+    max_concurrent_fetches: int = 16
+    """URL inputs fetched at once, across all requests."""
+    cors_origins: Sequence[str] = ()
+    """Origins allowed cross-origin browser access; empty turns CORS off."""
+    pool_options: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the server's :class:`~limner.Pool` (``max_queue``, ...)."""
+
+    def __post_init__(self) -> None:
+        models = _names(self.models, "models")
+        if models is not None and not models:
+            raise InvalidInput("must name at least one model, or be None for all", field="models")
+        object.__setattr__(self, "models", models)
+        for name in ("preload", "trusted_hosts", "cors_origins"):
+            object.__setattr__(self, name, _names(getattr(self, name), name) or ())
+        fetch_hosts = _names(self.fetch_hosts, "fetch_hosts")
+        object.__setattr__(
+            self,
+            "fetch_hosts",
+            None if fetch_hosts is None else tuple(h.lower() for h in fetch_hosts),
+        )
+        object.__setattr__(self, "trusted_hosts", tuple(h.lower() for h in self.trusted_hosts))
+        if self.api_key is not None and not self.api_key.strip():
+            raise InvalidInput("must not be empty; use None for no key", field="api_key")
+        for name in ("max_body_bytes", "max_inputs", "max_concurrent_fetches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput(f"must be a positive integer, got {value!r}", field=name)
+        if not (self.request_timeout > 0 and math.isfinite(self.request_timeout)):
+            raise InvalidInput(
+                f"must be a positive number of seconds, got {self.request_timeout!r}",
+                field="request_timeout",
+            )
+        if not isinstance(self.image_limits, ImageLimits):
+            raise InvalidInput("must be an ImageLimits", field="image_limits")
+        options = dict(self.pool_options)
+        try:
+            inspect.signature(Pool).bind(**options)
+        except TypeError as error:
+            raise InvalidInput(f"not options of Pool: {error}", field="pool_options") from None
+        object.__setattr__(self, "pool_options", MappingProxyType(options))
+
+    def pool_arguments(self, preloaded: Sequence[str]) -> dict[str, Any]:
+        """The pool's keyword arguments: ``pool_options``, with preloaded keys kept alive."""
+        options = dict(self.pool_options)
+        keep = dict(options.get("keep_alive_per_key") or {})
+        for key in preloaded:
+            keep.setdefault(key, math.inf)
+        if keep:
+            options["keep_alive_per_key"] = keep
+        return options

@@ -1,0 +1,269 @@
+"""POST /v1/embeddings on the tiny CLIP and fakes: every input kind, both encodings, errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+
+from limner.testing import FakeMemory, fake_embedding_spec
+
+if TYPE_CHECKING:
+    from tests.server.conftest import ErrorOf, LocalServer, Served, ServerFactory, WaitFor
+
+
+TINY_CLIP = "limner/tiny-clip"
+
+
+def png(colour: tuple[int, int, int] = (200, 30, 40), size: tuple[int, int] = (40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + b64(data)
+
+
+def embed(served: Served, model: str, items: Any, **extra: Any) -> httpx.Response:
+    with served.client() as client:
+        return client.post("/v1/embeddings", json={"model": model, "input": items, **extra})
+
+
+def vectors(response: httpx.Response) -> npt.NDArray[np.float32]:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list"
+    assert body["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+    assert [row["index"] for row in body["data"]] == list(range(len(body["data"])))
+    assert {row["object"] for row in body["data"]} == {"embedding"}
+    return np.array([row["embedding"] for row in body["data"]], dtype=np.float32)
+
+
+def test_text_embeds_on_clip_as_unit_vectors(main: Served) -> None:
+    response = embed(main, TINY_CLIP, "a red fox")
+    assert response.json()["model"] == TINY_CLIP
+    [vector] = vectors(response)
+    assert vector.shape == (64,)
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-3)
+    batch = vectors(embed(main, TINY_CLIP, ["a red fox", "a blue whale", "a red fox"]))
+    assert np.allclose(batch[0], vector, atol=1e-5)
+    assert np.allclose(batch[0], batch[2], atol=1e-5)
+    assert not np.allclose(batch[0], batch[1], atol=1e-3)
+
+
+def test_an_image_gives_the_same_vector_as_data_url_base64_and_url(
+    main: Served, http_server: LocalServer
+) -> None:
+    image = png()
+    url = http_server.route("/server-tests/red.png", body=image, content_type="image/png")
+    response = embed(main, TINY_CLIP, [data_url(image), b64(image), url])
+    rows = vectors(response)
+    assert rows.shape == (3, 64)
+    assert np.allclose(rows[0], rows[1], atol=1e-5)
+    assert np.allclose(rows[0], rows[2], atol=1e-5)
+    other = vectors(embed(main, TINY_CLIP, data_url(png(colour=(10, 200, 90)))))
+    assert not np.allclose(rows[0], other[0], atol=1e-3)
+
+
+def test_mixed_texts_and_images_keep_their_order(main: Served) -> None:
+    image = data_url(png())
+    alone_text = vectors(embed(main, TINY_CLIP, "a lighthouse"))[0]
+    alone_image = vectors(embed(main, TINY_CLIP, image))[0]
+    mixed = vectors(embed(main, TINY_CLIP, ["a lighthouse", image, "a lighthouse", image]))
+    for index, expected in enumerate([alone_text, alone_image, alone_text, alone_image]):
+        assert np.allclose(mixed[index], expected, atol=1e-5), index
+
+
+def test_base64_encoding_is_little_endian_float32(main: Served) -> None:
+    floats = vectors(embed(main, TINY_CLIP, ["a cat", "a dog"]))
+    response = embed(main, TINY_CLIP, ["a cat", "a dog"], encoding_format="base64")
+    assert response.status_code == 200
+    encoded = [row["embedding"] for row in response.json()["data"]]
+    assert all(isinstance(text, str) for text in encoded)
+    decoded = np.stack([np.frombuffer(base64.b64decode(text), dtype="<f4") for text in encoded])
+    assert decoded.shape == (2, 64)
+    assert np.array_equal(decoded, floats)
+
+
+def test_a_server_file_path_is_never_read(main: Served, error_of: ErrorOf, tmp_path: Any) -> None:
+    path = tmp_path / "secret.png"
+    path.write_bytes(png())
+    # On a text model the path is just text: the same vector as that text, not the image's.
+    as_text = vectors(embed(main, TINY_CLIP, str(path)))[0]
+    image = vectors(embed(main, TINY_CLIP, data_url(png())))[0]
+    assert not np.allclose(as_text, image, atol=1e-3)
+    # On an image-only model it is neither an image nor usable text.
+    refused = embed(main, "fake/images-only", ["data:image/png;base64," + b64(png()), str(path)])
+    assert refused.status_code == 400
+    error = error_of(refused)
+    assert error["param"] == "input[1]"
+    assert "neither an image" in error["message"]
+
+
+def test_text_that_merely_looks_like_other_inputs_stays_text(main: Served) -> None:
+    lookalikes = [
+        "data: 3 apples, 2 pears",  # not a data URL: a data URL's header has no spaces
+        b64(b"plain words, long enough to pass for base64"),  # base64, but not of an image
+        "/etc/hostname",  # a path is text too
+    ]
+    rows = vectors(embed(main, TINY_CLIP, lookalikes))  # as images, each would be a 400
+    for index, text in enumerate(lookalikes):
+        alone = vectors(embed(main, TINY_CLIP, text))[0]
+        # The same text: equal up to bf16 noise from padding to the batch's longest text.
+        assert float(rows[index] @ alone) > 0.999
+
+
+def test_text_on_an_image_only_model_is_400_naming_the_item(
+    main: Served, error_of: ErrorOf
+) -> None:
+    single = embed(main, "fake/images-only", "a photo of a cat")
+    assert single.status_code == 400
+    assert error_of(single)["param"] == "input"
+    assert "fake/images-only" in error_of(single)["message"]
+    listed = embed(main, "fake/images-only", [data_url(png()), data_url(png()), "hello"])
+    assert error_of(listed)["param"] == "input[2]"
+    assert vectors(embed(main, "fake/images-only", data_url(png()))).shape == (1, 8)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("file:///etc/passwd", "unsupported URL scheme 'file'"),
+        ("ftp://127.0.0.1/x.png", "unsupported URL scheme 'ftp'"),
+        ("data:text/plain;base64,aGVsbG8=", "not image/*"),
+        ("data:image/png,notbase64", "not base64"),
+        ("data:image/png;base64,!!!!", "not valid base64"),
+        (
+            "data:image/png;base64," + b64(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40),
+            "corrupt",
+        ),
+        (b64(b"\x89PNG\r\n\x1a\n" + bytes(range(64))), "corrupt"),
+    ],
+)
+def test_bad_image_inputs_are_400_with_their_index(
+    main: Served, error_of: ErrorOf, item: str, message: str
+) -> None:
+    response = embed(main, TINY_CLIP, ["fine text", item])
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "input[1]"
+    assert error["type"] == "invalid_request_error"
+    assert message in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "x"}, "model"),
+        ({"model": TINY_CLIP}, "input"),
+        ({"model": TINY_CLIP, "input": []}, "input"),
+        ({"model": TINY_CLIP, "input": [1, 2, 3]}, "input[0]"),
+        ({"model": TINY_CLIP, "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": TINY_CLIP, "input": "x", "dimensions": 32}, "dimensions"),
+        ({"model": TINY_CLIP, "input": "x", "temperature": 1}, "temperature"),
+        ({"model": TINY_CLIP, "input": ["x"] * 65}, "input"),
+        ({"model": "fake/generator", "input": "x"}, "model"),
+        ({"model": TINY_CLIP, "input": ["ok", ""]}, "input[1]"),
+    ],
+)
+def test_bad_requests_are_400_naming_the_field(
+    main: Served, error_of: ErrorOf, body: dict[str, Any], param: str
+) -> None:
+    with main.client() as client:
+        response = client.post("/v1/embeddings", json=body)
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_a_non_object_body_are_400(main: Served, error_of: ErrorOf) -> None:
+    with main.client() as client:
+        broken = client.post(
+            "/v1/embeddings", content=b'{"model": ', headers={"Content-Type": "application/json"}
+        )
+        listed = client.post("/v1/embeddings", json=["not", "an", "object"])
+        text = client.post(
+            "/v1/embeddings", content=b"model=x", headers={"Content-Type": "text/plain"}
+        )
+    assert broken.status_code == 400
+    assert "not valid JSON" in error_of(broken)["message"]
+    assert listed.status_code == 400
+    assert text.status_code == 400
+    error_of(text)
+
+
+def test_unknown_model_is_404_with_suggestions(main: Served, error_of: ErrorOf) -> None:
+    response = embed(main, "limner/tiny-clipp", "x")
+    assert response.status_code == 404
+    error = error_of(response)
+    assert error["code"] == "model_not_found"
+    assert "limner/tiny-clip" in error["message"]
+
+
+def test_bodies_over_max_body_bytes_are_413_declared_or_streamed(
+    make_server: ServerFactory, error_of: ErrorOf
+) -> None:
+    served = make_server(fake_embedding_spec("fake/embedder"), max_body_bytes=2000)
+    big = {"model": "fake/embedder", "input": "x" * 3000}
+    with served.client() as client:
+        declared = client.post("/v1/embeddings", json=big)
+
+        def chunks() -> Any:
+            for _ in range(10):
+                yield b" " * 500  # whitespace: valid JSON padding, never parsed
+
+        streamed = client.post(
+            "/v1/embeddings", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        small = client.post("/v1/embeddings", json={"model": "fake/embedder", "input": "fits"})
+    for response in (declared, streamed):
+        assert response.status_code == 413
+        assert error_of(response)["code"] == "body_too_large"
+    assert "Content-Length" not in streamed.request.headers  # really sent chunked
+    assert small.status_code == 200
+
+
+def test_memory_exhausted_is_503(make_server: ServerFactory, error_of: ErrorOf) -> None:
+    served = make_server(
+        fake_embedding_spec("fake/huge", memory_mb=5000),
+        pool_options={"memory": FakeMemory(total_mb=1000)},
+    )
+    response = embed(served, "fake/huge", "x")
+    assert response.status_code == 503
+    error = error_of(response)
+    assert error["code"] == "memory_exhausted"
+    assert error["type"] == "server_error"
+    assert "Need 5000 MB" in error["message"]
+
+
+def test_a_request_over_request_timeout_is_504_and_frees_the_pool(
+    make_server: ServerFactory, error_of: ErrorOf, wait_for: WaitFor
+) -> None:
+    gate = threading.Event()  # holds every batch while clear
+    gate.set()
+    served = make_server(
+        fake_embedding_spec("fake/held", options={"gate": gate}), request_timeout=0.5
+    )
+    assert embed(served, "fake/held", data_url(png())).status_code == 200  # loaded
+    gate.clear()
+    try:
+        response = embed(served, "fake/held", data_url(png()))
+    finally:
+        gate.set()
+    assert response.status_code == 504
+    assert error_of(response)["code"] == "request_timeout"
+    wait_for(lambda: served.pool("fake/held")["in_flight"] == 0, what="the batch to finish")
+    assert embed(served, "fake/held", data_url(png())).status_code == 200

@@ -1,0 +1,298 @@
+"""API keys, CORS, and the guard that keeps URL inputs off private addresses."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import pytest
+
+from limner.errors import FetchError
+from limner.server._guard import URLGuard, forbidden_reason
+from limner.testing import fake_embedding_spec
+
+if TYPE_CHECKING:
+    from tests.server.conftest import ErrorOf, LocalServer, Served, ServerFactory
+
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture
+def keyed(make_server: ServerFactory) -> Served:
+    return make_server(fake_embedding_spec("fake/embedder"), api_key=KEY)
+
+
+@pytest.fixture
+def guarded(make_server: ServerFactory) -> Served:
+    """Default settings: the address guard on, nothing trusted."""
+    return make_server(fake_embedding_spec("fake/embedder"))
+
+
+def embed(served: Served, item: str) -> httpx.Response:
+    with served.client() as client:
+        return client.post("/v1/embeddings", json={"model": "fake/embedder", "input": item})
+
+
+# -- API key ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "missing API key"),
+        ({"Authorization": "Bearer wrong-key"}, "invalid API key"),
+        ({"Authorization": f"Bearer {KEY}x"}, "invalid API key"),
+        ({"Authorization": f"Basic {KEY}"}, "invalid API key"),
+        ({"Authorization": KEY}, "invalid API key"),
+    ],
+)
+def test_routes_refuse_a_missing_or_wrong_key(
+    keyed: Served, error_of: ErrorOf, headers: dict[str, str], message: str
+) -> None:
+    with keyed.client(headers=headers) as client:
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/embeddings"),
+            ("POST", "/v1/images/generations"),
+            ("GET", "/v1/pool"),
+            ("GET", "/metrics"),
+            ("GET", "/openapi.json"),
+            ("GET", "/v2/unknown"),
+        ):
+            response = client.request(method, path, json={"model": "fake/embedder", "input": "x"})
+            assert response.status_code == 401, path
+            assert response.headers["www-authenticate"] == "Bearer"
+            error = error_of(response)
+            assert error["code"] == "invalid_api_key"
+            assert message in error["message"]
+
+
+def test_the_right_key_works_and_probes_need_none(keyed: Served) -> None:
+    with keyed.client(headers={"Authorization": f"Bearer {KEY}"}) as client:
+        assert client.get("/v1/models").status_code == 200
+        assert embed_with(client, "hello").status_code == 200
+        schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    with keyed.client() as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def embed_with(client: httpx.Client, item: str) -> httpx.Response:
+    return client.post("/v1/embeddings", json={"model": "fake/embedder", "input": item})
+
+
+# -- CORS -------------------------------------------------------------------------------------
+
+PREFLIGHT = {
+    "Origin": "https://app.example",
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization,content-type",
+}
+
+
+def test_cors_is_off_by_default(guarded: Served) -> None:
+    with guarded.client() as client:
+        preflight = client.options("/v1/embeddings", headers=PREFLIGHT)
+        simple = client.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert "access-control-allow-origin" not in preflight.headers
+    assert "access-control-allow-origin" not in simple.headers
+
+
+def test_cors_allows_only_the_configured_origins(make_server: ServerFactory) -> None:
+    served = make_server(
+        fake_embedding_spec("fake/embedder"), cors_origins=["https://app.example"], api_key=KEY
+    )
+    with served.client() as client:
+        allowed = client.options("/v1/embeddings", headers=PREFLIGHT)
+        other = client.options(
+            "/v1/embeddings", headers={**PREFLIGHT, "Origin": "https://evil.example"}
+        )
+        real = client.get(
+            "/v1/models",
+            headers={"Origin": "https://app.example", "Authorization": f"Bearer {KEY}"},
+        )
+    assert allowed.status_code == 200  # a preflight needs no key: browsers send none
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-origin" not in other.headers
+    assert real.headers["access-control-allow-origin"] == "https://app.example"
+
+
+# -- URL inputs: the address guard end to end -------------------------------------------------
+
+
+def test_a_loopback_url_is_refused_by_default_without_a_request(
+    guarded: Served, error_of: ErrorOf, http_server: LocalServer
+) -> None:
+    url = http_server.route("/guard/loopback.png", body=b"never served", content_type="image/png")
+    for target in (url, url.replace("127.0.0.1", "localhost")):
+        response = embed(guarded, target)
+        assert response.status_code == 400
+        error = error_of(response)
+        assert (error["param"], error["code"]) == ("input", "fetch_failed")
+        assert "loopback address" in error["message"]
+    assert http_server.hits_for("/guard/") == []
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://10.1.2.3/cat.png", "private"),
+        ("http://192.168.1.10:8080/cat.png", "private"),
+        ("http://172.16.0.1/cat.png", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[::1]/cat.png", "loopback"),
+        ("http://[::ffff:10.0.0.1]/cat.png", "private"),
+        ("http://0.0.0.0/cat.png", "unspecified"),
+        ("http://224.0.0.1/cat.png", "multicast"),
+        ("http://100.64.0.1/cat.png", "not globally routable"),
+    ],
+)
+def test_private_literals_are_refused_before_any_connection(
+    guarded: Served, error_of: ErrorOf, url: str, reason: str
+) -> None:
+    started = time.monotonic()
+    response = embed(guarded, url)
+    assert response.status_code == 400
+    assert f"is a {reason} address" in error_of(response)["message"]
+    assert time.monotonic() - started < 2  # refused, not timed out connecting
+
+
+def test_file_urls_are_refused(guarded: Served, error_of: ErrorOf) -> None:
+    response = embed(guarded, "file:///etc/passwd")
+    assert response.status_code == 400
+    assert "unsupported URL scheme 'file'" in error_of(response)["message"]
+
+
+def test_a_redirect_from_a_trusted_host_into_loopback_is_refused(
+    make_server: ServerFactory, error_of: ErrorOf, http_server: LocalServer
+) -> None:
+    # 127.0.0.1 is trusted by name; the redirect names localhost, which is checked on its own.
+    served = make_server(fake_embedding_spec("fake/embedder"), trusted_hosts=["127.0.0.1"])
+    image = http_server.route("/guard/target.png", body=_png(), content_type="image/png").replace(
+        "127.0.0.1", "localhost"
+    )
+    hop = http_server.route("/guard/hop", status=302, location=image)
+    direct = embed(served, http_server.url("/image.png"))
+    assert direct.status_code == 200  # the trusted host itself is fetched
+    response = embed(served, hop)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "fetch_failed"
+    assert "localhost" in error["message"] and "loopback" in error["message"]
+    assert http_server.hits_for("/guard/hop") == ["/guard/hop"]
+    assert http_server.hits_for("/guard/target") == []  # never requested
+
+
+def test_fetch_hosts_empty_turns_url_inputs_off(
+    make_server: ServerFactory, error_of: ErrorOf, http_server: LocalServer
+) -> None:
+    served = make_server(
+        fake_embedding_spec("fake/embedder"), fetch_hosts=[], allow_private_urls=True
+    )
+    response = embed(served, http_server.url("/image.png"))
+    assert response.status_code == 400
+    assert "does not fetch URL inputs" in error_of(response)["message"]
+
+
+def test_allow_private_urls_lets_loopback_through(
+    make_server: ServerFactory, http_server: LocalServer
+) -> None:
+    served = make_server(fake_embedding_spec("fake/embedder"), allow_private_urls=True)
+    assert embed(served, http_server.url("/image.png")).status_code == 200
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# -- the guard itself, with a scripted resolver -----------------------------------------------
+
+
+class Resolver:
+    """Answers from a table; records every lookup. No DNS traffic leaves the machine."""
+
+    def __init__(self, table: dict[str, Sequence[str]]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> Sequence[str]:
+        self.asked.append(host)
+        if host not in self.table:
+            raise OSError(f"{host}: name does not resolve")
+        return self.table[host]
+
+
+def check(guard: URLGuard, url: str) -> None:
+    anyio.run(guard, httpx.URL(url))
+
+
+def test_guard_passes_public_names_and_refuses_any_private_answer() -> None:
+    resolver = Resolver(
+        {
+            "images.example": ["93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c"],
+            "mixed.example": ["93.184.215.14", "10.0.0.7"],
+            "rebind.example": ["::ffff:127.0.0.1"],
+        }
+    )
+    guard = URLGuard(resolver=resolver)
+    check(guard, "https://images.example/cat.png")
+    with pytest.raises(FetchError, match=r"mixed.example \(10.0.0.7\) is a private address"):
+        check(guard, "http://mixed.example/cat.png")
+    with pytest.raises(FetchError, match="loopback"):
+        check(guard, "http://rebind.example/")
+    with pytest.raises(FetchError, match=r"could not resolve 'nowhere\.example'"):
+        check(guard, "http://nowhere.example/")
+    assert resolver.asked == [
+        "images.example",
+        "mixed.example",
+        "rebind.example",
+        "nowhere.example",
+    ]
+
+
+def test_guard_literals_skip_the_resolver_and_settings_relax_it() -> None:
+    def never(*args: Any) -> Any:
+        raise AssertionError("the resolver must not be asked")
+
+    strict = URLGuard(resolver=never)
+    with pytest.raises(FetchError, match="private"):
+        check(strict, "http://192.168.0.1/")
+    check(URLGuard(allow_private=True, resolver=never), "http://192.168.0.1/")
+    check(URLGuard(trusted_hosts=["Store.Internal"], resolver=never), "http://store.internal/")
+    limited = URLGuard(fetch_hosts=["cdn.example"], resolver=Resolver({"cdn.example": ["1.1.1.1"]}))
+    check(limited, "https://cdn.example/a.png")
+    with pytest.raises(FetchError, match="not one this server fetches from"):
+        check(limited, "https://other.example/a.png")
+    with pytest.raises(FetchError, match="only http and https"):
+        check(strict, "ftp://1.1.1.1/a.png")
+
+
+def test_forbidden_reason_covers_the_special_ranges() -> None:
+    import ipaddress
+
+    cases = {
+        "8.8.8.8": None,
+        "2606:4700:4700::1111": None,
+        "127.0.0.2": "loopback",
+        "10.255.0.1": "private",
+        "fd00::1": "private",
+        "fe80::1": "link-local",
+        "ff02::1": "multicast",
+        "240.0.0.1": "reserved",
+        "198.18.0.1": "private",  # benchmarking range
+        "2002:7f00:1::": "loopback",  # 6to4 of 127.0.0.1
+    }
+    for text, reason in cases.items():
+        assert forbidden_reason(ipaddress.ip_address(text)) == reason, text
