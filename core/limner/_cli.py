@@ -34,6 +34,10 @@ class _Failed(Exception):
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``limner`` script: errors on stderr, no traceback unless --debug."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if not sys.stderr.isatty():
+        # Weight-loading bars from transformers and huggingface_hub only clutter logs; our own
+        # bars follow --progress. Must be set before those libraries are imported.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         cli.main(args=argv, prog_name="limner", standalone_mode=False)
     except click.exceptions.Exit as done:

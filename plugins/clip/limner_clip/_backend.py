@@ -1,0 +1,583 @@
+"""CLIP served through transformers' ``CLIPModel``: images and texts into one vector space.
+
+Preprocessing is split the way limner's embedder wants it: ``prepare`` does the geometric
+part (resize and centre crop, one PIL call per image, no weights) in the decode threads, and
+``embed_prepared`` does the arithmetic part (normalisation) for the whole batch in torch,
+right before the vision tower. Torch and transformers are imported only in ``load``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+import limner
+from limner import (
+    ImageEmbeddingBackend,
+    InvalidInput,
+    ModelError,
+    ModelLoadError,
+    ModelSettings,
+    ModelSpec,
+)
+
+from ._memory import MIB, working_mb
+from ._tiny import TINY_KEY, TINY_REVISION, ensure_tiny_clip
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ClipBackend",
+    "cpu_has_fast_bf16",
+    "cpuinfo_has_bf16",
+    "parse_device",
+    "parse_dtype",
+    "resize_crop_box",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+#: OpenAI CLIP's normalisation, used when a repo has no preprocessor_config.json.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_IMAGE_SIZE = 224
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+_TRUE = {"1", "on", "yes", "true"}
+
+Vectors = npt.NDArray[np.float32]
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def parse_device(value: str) -> str | None:
+    """Validate a device setting without importing torch; ``None`` means auto."""
+    device = value.strip().lower()
+    if device == "auto":
+        return None
+    if not _DEVICE.match(device):
+        raise InvalidInput(
+            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}",
+            field="device",
+        )
+    return device
+
+
+def parse_dtype(value: str) -> str | None:
+    """Validate a dtype setting without importing torch; ``None`` means auto."""
+    dtype = value.strip().lower()
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise InvalidInput(
+            "dtype must be 'auto', 'float32' (fp32), 'bfloat16' (bf16) or 'float16' (fp16), "
+            f"got {value!r}",
+            field="dtype",
+        )
+    return _DTYPES[dtype]
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX), so the CLIP
+    towers run 2-4x faster in bf16 than in fp32. Other CPUs emulate bf16: slower than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no cheap way to tell, fp32 is the safe choice
+        return False
+    return cpuinfo_has_bf16(text)
+
+
+def cpuinfo_has_bf16(cpuinfo: str) -> bool:
+    """Whether a /proc/cpuinfo text lists a native bf16 instruction set."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    """The torch device for a parsed setting: CUDA when there is one, else the CPU."""
+    import torch
+
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device {requested!r} was asked for, but torch sees no CUDA device; "
+                "set device to 'cpu' or 'auto', or install a CUDA build of torch"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {requested!r} was asked for, but there are only "
+                f"{torch.cuda.device_count()} CUDA devices"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {requested!r} was asked for, but MPS is not available")
+    return device
+
+
+def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """The weights' dtype: as asked, else fp16 on accelerators, bf16 on CPUs that do it
+    natively, fp32 elsewhere."""
+    import torch
+
+    if requested is not None:
+        dtype: torch.dtype = getattr(torch, requested)
+        return dtype
+    if device.type in ("cuda", "mps"):
+        return torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def resize_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The box of the source image that survives "shortest side to ``size``, then centre crop
+    ``size`` x ``size``", in source pixels.
+
+    Resizing just this box to ``size`` x ``size`` samples the same source coordinates with
+    the same filter as resizing the whole image and cropping, in one resize of fewer pixels.
+    Pillow orders its two 1-D passes by the sizes involved, so the two ways can round their
+    intermediate image differently: a few grey levels here and there. The rounding of sizes
+    copies ``CLIPImageProcessor``: the longer side is floored, the crop offset floored.
+    """
+    if width <= height:
+        new_width, new_height = size, int(size * height / width)
+    else:
+        new_width, new_height = int(size * width / height), size
+    left = (new_width - size) // 2
+    top = (new_height - size) // 2
+    x_scale = width / new_width
+    y_scale = height / new_height
+    return (left * x_scale, top * y_scale, (left + size) * x_scale, (top + size) * y_scale)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(flag.strip().lower() in _TRUE for flag in flags) or bool(constants.HF_HUB_OFFLINE)
+
+
+# -- the backend ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """Everything inference reads; replaced as a whole, never mutated, so concurrent batches
+    from several threads share it safely."""
+
+    model: CLIPModel
+    device: torch.device
+    dtype: torch.dtype
+    scale: torch.Tensor  # (1, 3, 1, 1) float32: 1 / (255 * std)
+    shift: torch.Tensor  # (1, 3, 1, 1) float32: -mean / std
+    max_text_length: int
+    working_mb: float
+    #: On the CPU one forward pass already uses every core; two at once (the pool runs two
+    #: workers) only fight over them, about 20% slower in total, so they take turns.
+    forward_lock: threading.Lock | None
+
+
+class ClipBackend(ImageEmbeddingBackend):
+    """OpenAI CLIP (and any ``CLIPModel`` checkpoint): image and text embeddings."""
+
+    def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
+        super().__init__(spec, settings)
+        self._device_setting = parse_device(settings.device)
+        self._dtype_setting = parse_dtype(settings.dtype)
+        size = settings.options.get(
+            "image_size", spec.info.default_settings.get("image_size", DEFAULT_IMAGE_SIZE)
+        )
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise InvalidInput(
+                f"image_size must be a positive integer, got {size!r}", field="image_size"
+            )
+        self.image_size: int = size
+        self._loaded: _Loaded | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._tokenizer_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<ClipBackend {self.spec.key} weights={self.settings.weights!r}>"
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        import torch
+        from transformers import CLIPConfig, CLIPModel
+
+        device = resolve_device(self._device_setting)
+        dtype = resolve_dtype(self._dtype_setting, device)
+        source = self._locate()
+        try:
+            # The config and preprocessing first: a mismatch fails before reading the weights.
+            config = CLIPConfig.from_pretrained(source.path, **source.kwargs)
+            max_text_length, working = self._check_config(config, dtype.itemsize)
+            mean, std = self._normalisation(source)
+            kwargs = {**source.kwargs, **_dtype_kwarg(dtype)}
+            model = CLIPModel.from_pretrained(source.path, config=config, **kwargs)
+        except ModelLoadError:
+            raise
+        except Exception as error:
+            raise ModelLoadError(
+                f"could not load {self.spec.key} from {self._where()}: {error}"
+            ) from error
+        _to_inference(model, device, dtype)
+        self._loaded = _Loaded(
+            model=model,
+            device=device,
+            dtype=dtype,
+            scale=torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1),
+            shift=torch.tensor(
+                [-m / s for m, s in zip(mean, std, strict=True)], device=device
+            ).view(1, 3, 1, 1),
+            max_text_length=max_text_length,
+            working_mb=working,
+            forward_lock=threading.Lock() if device.type == "cpu" else None,
+        )
+
+    def unload(self) -> None:
+        loaded, self._loaded = self._loaded, None
+        with self._tokenizer_lock:
+            self._tokenizer = None
+        if loaded is not None and loaded.device.type == "cuda":
+            import torch
+
+            del loaded
+            torch.cuda.empty_cache()
+
+    @property
+    def device(self) -> str | None:
+        """The device the weights are on (what ``auto`` chose), ``None`` before ``load``."""
+        loaded = self._loaded
+        return None if loaded is None else str(loaded.device)
+
+    @property
+    def dtype(self) -> str | None:
+        """The weights' dtype, e.g. ``"bfloat16"``, ``None`` before ``load``."""
+        loaded = self._loaded
+        return None if loaded is None else str(loaded.dtype).removeprefix("torch.")
+
+    def memory_mb(self) -> float | None:
+        """The weights as loaded (parameters and buffers, measured) plus the working memory
+        of one full batch, estimated from the config in the loaded dtype: what the pool
+        should reserve for this worker."""
+        loaded = self._loaded
+        if loaded is None:
+            return None
+        tensors = [*loaded.model.parameters(), *loaded.model.buffers()]
+        weights = sum(t.numel() * t.element_size() for t in tensors) / MIB
+        return weights + loaded.working_mb
+
+    def memory_device(self) -> str:
+        """``"cpu"`` or ``"cuda:N"``: resolves ``auto`` (imports torch) without loading."""
+        device = resolve_device(self._device_setting)
+        if device.type == "cuda":
+            import torch
+
+            index = torch.cuda.current_device() if device.index is None else device.index
+            return f"cuda:{index}"
+        return "cpu"  # the CPU, and MPS's unified memory, are system RAM
+
+    def _where(self) -> str:
+        if self.settings.local_dir:
+            return self.settings.weights
+        revision = f"@{self.settings.revision}" if self.settings.revision else ""
+        return f"the Hugging Face repo {self.settings.weights}{revision}"
+
+    def _locate(self) -> _Source:
+        """Where ``from_pretrained`` reads from, failing early with advice when a repo is
+        neither cached nor downloadable."""
+        settings = self.settings
+        path = Path(settings.weights).expanduser()
+        if settings.local_dir or path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(
+                    f"{path} holds no config.json; point the local dir of {self.spec.key} at a "
+                    "directory written by save_pretrained (or downloaded with `hf download`)"
+                )
+            return _Source(str(path), {})
+        from huggingface_hub import try_to_load_from_cache
+
+        cache = limner.hf_cache_dir()
+        tiny = settings.weights == TINY_KEY
+        if tiny and settings.revision == TINY_REVISION:
+            ensure_tiny_clip(cache)
+        kwargs: dict[str, Any] = {"revision": settings.revision, "cache_dir": str(cache)}
+        try:
+            cached = try_to_load_from_cache(
+                settings.weights, "config.json", cache_dir=cache, revision=settings.revision
+            )
+        except ValueError as error:  # not a valid repo id
+            raise ModelLoadError(
+                f"{settings.weights!r} is neither a directory nor a Hugging Face repo id: {error}"
+            ) from error
+        if isinstance(cached, str):
+            kwargs["local_files_only"] = True  # every file is cached: no network round trips
+        elif tiny:
+            raise ModelLoadError(
+                f"{self.spec.key} at revision {settings.revision} is not in the Hugging Face "
+                f"cache ({cache}) and does not exist on the hub; limner writes only revision "
+                f"{TINY_REVISION}, so leave the revision unset"
+            )
+        elif _offline():
+            repo, revision = settings.weights, settings.revision
+            at, pinned = (f"@{revision}", f" --revision {revision}") if revision else ("", "")
+            raise ModelLoadError(
+                f"{repo}{at} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is "
+                f"set; download it with `hf download {repo}{pinned}` or point "
+                f"LIMNER_MODELS_DIR at a directory holding a copy as {self.spec.key}/"
+            )
+        return _Source(settings.weights, kwargs)
+
+    def _check_config(self, config: CLIPConfig, activation_bytes: int) -> tuple[int, float]:
+        """Check the weights take the image size ``prepare`` produces; their text length and
+        the working memory of a full batch."""
+        vision, text = config.vision_config, config.text_config
+        expected, patch, hidden, heads, max_text_length = (
+            self._int_field(part, name)
+            for part, name in (
+                (vision, "image_size"),
+                (vision, "patch_size"),
+                (vision, "hidden_size"),
+                (vision, "num_attention_heads"),
+                (text, "max_position_embeddings"),
+            )
+        )
+        if expected != self.image_size:
+            raise ModelLoadError(
+                f"{self._where()} takes {expected} px images, but {self.spec.key} is set up "
+                f"for {self.image_size} px; set the option image_size={expected}"
+            )
+        dimension = self.spec.info.embedding_dimension
+        if dimension is not None and self._int_field(config, "projection_dim") != dimension:
+            raise ModelLoadError(
+                f"{self._where()} makes {config.projection_dim}-d embeddings, but "
+                f"{self.spec.key} serves {dimension}-d ones; use the key of that model"
+            )
+        working = working_mb(
+            image_size=expected,
+            patch_size=patch,
+            hidden_size=hidden,
+            heads=heads,
+            batch=self.spec.info.max_batch_size,
+            activation_bytes=activation_bytes,
+        )
+        return max_text_length, working
+
+    def _int_field(self, config: object, name: str) -> int:
+        value = getattr(config, name, None)
+        if not isinstance(value, int):
+            raise ModelLoadError(
+                f"{self._where()} does not hold a CLIP config: {name} is {value!r}"
+            )
+        return value
+
+    def _normalisation(self, source: _Source) -> tuple[Sequence[float], Sequence[float]]:
+        """Mean and std from the repo's preprocessor_config.json (CLIP's if it has none),
+        after checking it asks for the resize and crop ``prepare`` does."""
+        from transformers.utils.hub import cached_file
+
+        path = cached_file(
+            source.path,
+            "preprocessor_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **source.kwargs,
+        )
+        if path is None:
+            return CLIP_MEAN, CLIP_STD
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        problem = _preprocessing_mismatch(config, self.image_size)
+        if problem:
+            raise ModelLoadError(
+                f"{self._where()} asks for a preprocessing limner's CLIP backend does not do "
+                f"({problem}); it resizes the shorter side to {self.image_size} px and centre "
+                f"crops {self.image_size} x {self.image_size}"
+            )
+        mean, std = config.get("image_mean", CLIP_MEAN), config.get("image_std", CLIP_STD)
+        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+            raise ModelLoadError(
+                f"{self._where()} has a preprocessor_config.json with image_mean={mean!r} and "
+                f"image_std={std!r}; expected three values each, std positive"
+            )
+        return mean, std
+
+    def _require_loaded(self) -> _Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            raise ModelError(f"{self.spec.key} is not loaded; call load() first")
+        return loaded
+
+    # -- images -------------------------------------------------------------------------------
+
+    def prepare(self, image: Image.Image) -> npt.NDArray[np.uint8]:
+        """Shortest side to ``image_size`` and centre crop, as one bicubic resize: a
+        ``(S, S, 3)`` uint8 array. Pure, so decode threads run it concurrently."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        size = self.image_size
+        box = resize_crop_box(image.width, image.height, size)
+        resized = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        return np.asarray(resized, dtype=np.uint8)
+
+    def embed_prepared(self, items: Sequence[Any]) -> Vectors:
+        limit = self.spec.info.max_batch_size
+        if len(items) > limit:  # bound the working memory whatever the caller sends
+            chunks = [items[i : i + limit] for i in range(0, len(items), limit)]
+            return np.concatenate([self.embed_prepared(chunk) for chunk in chunks])
+        import torch
+
+        loaded = self._require_loaded()
+        batch = np.stack(items)
+        size = self.image_size
+        if batch.shape[1:] != (size, size, 3) or batch.dtype != np.uint8:
+            raise ModelError(
+                f"{self.spec.key} expects prepared ({size}, {size}, 3) uint8 images, "
+                f"got a batch of {batch.shape} {batch.dtype}"
+            )
+        with _turn(loaded.forward_lock), torch.inference_mode():
+            pixels = torch.from_numpy(batch).to(loaded.device, non_blocking=True)
+            pixels = pixels.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last
+            # (x / 255 - mean) / std in one fused op, in fp32 so the only rounding to a
+            # 16-bit dtype happens once, on the result.
+            pixels = torch.addcmul(loaded.shift, pixels.float(), loaded.scale).to(loaded.dtype)
+            features = _features(loaded.model.get_image_features(pixel_values=pixels))
+            return _normalised(features)
+
+    # -- texts --------------------------------------------------------------------------------
+
+    def embed_texts(self, texts: Sequence[str]) -> Vectors:
+        limit = self.spec.info.max_batch_size
+        if len(texts) > limit:
+            chunks = [texts[i : i + limit] for i in range(0, len(texts), limit)]
+            return np.concatenate([self.embed_texts(chunk) for chunk in chunks])
+        import torch
+
+        loaded = self._require_loaded()
+        tokenizer = self._get_tokenizer()
+        with self._tokenizer_lock:  # a fast tokenizer's padding state is not thread-safe
+            tokens = tokenizer(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=loaded.max_text_length,
+                return_tensors="pt",
+            )
+        with _turn(loaded.forward_lock), torch.inference_mode():
+            features = loaded.model.get_text_features(
+                input_ids=tokens["input_ids"].to(loaded.device),
+                attention_mask=tokens["attention_mask"].to(loaded.device),
+            )
+            return _normalised(_features(features))
+
+    def _get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on the first text: image-only users never pay for it."""
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                source = self._locate()
+                try:
+                    self._tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
+                except Exception as error:
+                    raise ModelLoadError(
+                        f"could not load the tokenizer of {self.spec.key} from "
+                        f"{self._where()}: {error}"
+                    ) from error
+            return self._tokenizer
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: str
+    kwargs: dict[str, Any]
+
+
+def _turn(lock: threading.Lock | None) -> contextlib.AbstractContextManager[object]:
+    return lock if lock is not None else contextlib.nullcontext()
+
+
+def _preprocessing_mismatch(config: dict[str, Any], size: int) -> str | None:
+    """What in a preprocessor_config.json differs from CLIP's resize-and-crop at ``size``."""
+    resize = config.get("size")
+    if isinstance(resize, dict):
+        if set(resize) != {"shortest_edge"}:
+            return f"size={resize!r}"
+        resize = resize["shortest_edge"]
+    if resize is not None and resize != size:
+        return f"size={config['size']!r}"
+    crop = config.get("crop_size")
+    if isinstance(crop, dict):
+        crop = crop.get("height") if crop.get("height") == crop.get("width") else crop
+    if crop is not None and crop != size:
+        return f"crop_size={config['crop_size']!r}"
+    for flag in ("do_resize", "do_center_crop"):
+        if config.get(flag) is False:
+            return f"{flag}=false"
+    return None
+
+
+def _to_inference(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to the device and dtype (a no-op where from_pretrained already did) for serving."""
+    model.to(device=device, dtype=dtype)
+    model.eval()
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    """transformers 4.56 renamed ``torch_dtype`` to ``dtype``; older releases reject it."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _features(output: Any) -> torch.Tensor:
+    """transformers 5 returns a model output whose ``pooler_output`` holds the projected
+    features; transformers 4 returns the tensor itself."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("pooler_output", "image_embeds", "text_embeds"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise ModelError(f"unexpected output from CLIPModel: {type(output).__name__}")
+
+
+def _normalised(features: torch.Tensor) -> Vectors:
+    import torch
+
+    vectors = torch.nn.functional.normalize(features.float(), dim=-1)
+    result: Vectors = vectors.cpu().numpy()
+    return result

@@ -1,0 +1,88 @@
+"""The plugin declares its keys cheaply: no torch on import, the right facts per key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import limner
+import limner_clip
+from limner import Capability
+
+EXPECTED = {
+    # key: (alias, dimension, input size)
+    "openai/clip-vit-base-patch32": ("clip-vit-b-32", 512, 224),
+    "openai/clip-vit-base-patch16": ("clip-vit-b-16", 512, 224),
+    "openai/clip-vit-large-patch14": ("clip-vit-l-14", 768, 224),
+    "openai/clip-vit-large-patch14-336": ("clip-vit-l-14-336", 768, 336),
+}
+
+
+def test_import_and_building_a_model_pull_in_no_torch() -> None:
+    code = """
+import sys
+import limner, limner_clip
+registry = limner.Registry(entry_points=False)
+registry.register_plugin(limner_clip)
+model = registry.get("limner/tiny-clip")
+assert model.backend.image_size == 224, model.backend.image_size
+heavy = sorted(m for m in ("torch", "transformers", "huggingface_hub") if m in sys.modules)
+print(",".join(heavy) or "none")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "none"
+
+
+def test_hook_registers_every_key_with_its_facts(registry: limner.Registry) -> None:
+    entries = {entry.key: entry for entry in registry.entries()}
+    assert set(entries) == {*EXPECTED, "limner/tiny-clip"}
+    for key, (alias, dimension, size) in EXPECTED.items():
+        spec = entries[key].spec
+        assert spec.capability is Capability.IMAGE_EMBEDDING
+        assert spec.factory == "limner_clip._backend:ClipBackend"
+        assert spec.aliases == (alias,)
+        assert registry.spec(alias) is spec
+        assert spec.info.embedding_dimension == dimension
+        assert spec.info.default_settings["image_size"] == size
+        assert spec.info.source_repo == key
+        assert spec.info.revision is None
+        assert spec.info.license == "MIT"
+        assert not spec.info.tiny
+        assert spec.info.description
+    assert registry.settings("clip-vit-b-32").weights == "openai/clip-vit-base-patch32"
+
+
+def test_memory_estimates_follow_model_size(registry: limner.Registry) -> None:
+    memory = {key: registry.spec(key).info.memory_mb for key in EXPECTED}
+    # ViT-B/32 has 151.3 M parameters: 289 MiB of 16-bit weights plus a batch of 64.
+    assert 300 < memory["openai/clip-vit-base-patch32"] < 700
+    assert memory["openai/clip-vit-base-patch32"] < memory["openai/clip-vit-base-patch16"]
+    assert memory["openai/clip-vit-base-patch16"] < memory["openai/clip-vit-large-patch14"]
+    # 427.6 M parameters: 816 MiB of weights alone.
+    assert memory["openai/clip-vit-large-patch14"] > 816
+    assert registry.spec("limner/tiny-clip").info.memory_mb < 100
+
+
+def test_tiny_key_is_labelled_tiny_and_pinned(registry: limner.Registry) -> None:
+    info = registry.spec("limner/tiny-clip").info
+    assert info.tiny
+    assert info.description.startswith("TINY")
+    assert "mean nothing" in info.description
+    assert info.embedding_dimension == 64
+    assert info.revision == limner.tiny_revision("limner/tiny-clip@1")
+    settings = registry.settings("limner/tiny-clip")
+    assert (settings.weights, settings.revision) == ("limner/tiny-clip", info.revision)
+
+
+def test_installed_entry_point_is_found() -> None:
+    registry = limner.Registry(plugins="clip")
+    records = [record for record in registry.plugins() if record.name == "clip"]
+    assert records, "no `clip` entry point: run `pip install -e plugins/clip`"
+    (record,) = records
+    assert record.error is None
+    assert record.distribution == "limner-clip"
+    assert set(record.keys) == {spec.key for spec in limner_clip.specs()}
+    assert registry.spec("clip-vit-l-14-336").info.embedding_dimension == 768
