@@ -14,13 +14,13 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._pool import Pool
+from ._pool import Pool, current_pool
 from .errors import BlockingCallInEventLoop
 
 if TYPE_CHECKING:
@@ -37,8 +37,8 @@ __all__ = [
     "BlockingImageGenerator",
     "default_pool",
     "ensure_no_running_loop",
-    "in_default_pool",
-    "iterate_in_default_pool",
+    "in_pool",
+    "iterate_in_pool",
 ]
 
 T = TypeVar("T")
@@ -113,26 +113,37 @@ async def _await_future(future: concurrent.futures.Future[T]) -> T:
         raise
 
 
-async def in_default_pool(function: Callable[[Pool], Awaitable[T]]) -> T:
-    """Run ``function(default_pool)`` on the default pool's loop and await its result."""
-    portal, pool = _default.start()
-    if _on_portal_thread():
+async def in_pool(bound: Pool | None, function: Callable[[Pool], Awaitable[T]]) -> T:
+    """Run ``function`` on the pool serving this call: ``bound`` (a model's ``using``), else
+    the innermost ``async with Pool()``, else the default pool across loops."""
+    pool = bound or current_pool()
+    if pool is not None:
         return await function(pool)
-    future = portal.start_task_soon(function, pool)
+    portal, default = _default.start()
+    if _on_portal_thread():
+        return await function(default)
+    future = portal.start_task_soon(function, default)
     return await _await_future(future)
 
 
-async def iterate_in_default_pool(
+async def iterate_in_pool(
+    bound: Pool | None,
     make: Callable[[Pool], AsyncIterator[GenerationChunk]],
-) -> AsyncIterator[GenerationChunk]:
-    """Iterate a stream produced on the default pool's loop, one cross-loop hop per item."""
-    portal, pool = _default.start()
+) -> AsyncGenerator[GenerationChunk, None]:
+    """Iterate a stream from the pool serving this call (resolved as by :func:`in_pool`);
+    from the default pool on another loop, one cross-loop hop per item."""
+    pool = bound or current_pool()
+    portal: BlockingPortal | None = None
+    if pool is None:
+        portal, pool = _default.start()
+        if _on_portal_thread():
+            portal = None
     stream = make(pool)
-    if _on_portal_thread():
-        async for item in stream:
-            yield item
-        return
     try:
+        if portal is None:
+            async for item in stream:
+                yield item
+            return
         while True:
             try:
                 item = await _await_future(portal.start_task_soon(stream.__anext__))
@@ -141,7 +152,10 @@ async def iterate_in_default_pool(
             yield item
     finally:
         with anyio.CancelScope(shield=True):
-            await _await_future(portal.start_task_soon(_aclose, stream))
+            if portal is None:
+                await _aclose(stream)
+            else:
+                await _await_future(portal.start_task_soon(_aclose, stream))
 
 
 async def _aclose(stream: AsyncIterator[Any]) -> None:

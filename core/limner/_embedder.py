@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._backends import ImageEmbeddingBackend
-from ._blocking import BlockingImageEmbedder, in_default_pool
+from ._blocking import BlockingImageEmbedder, in_pool
 from ._capabilities import ImageInput
 from ._images import (
     DEFAULT_LIMITS,
@@ -22,7 +22,7 @@ from ._images import (
     fetch_image_bytes,
     input_kind,
 )
-from ._pool import Pool, RequestKind, current_pool
+from ._pool import Pool, RequestKind
 from ._spec import ModelSpec
 from .errors import InvalidInput, LimnerError
 
@@ -115,15 +115,7 @@ class ImageEmbedder:
 
     async def load(self) -> None:
         """Load the weights now, through the same pool requests would use."""
-        pool = self._pool or current_pool()
-        if pool is not None:
-            await pool.load(self.spec, self.backend)
-            return
-
-        async def run(default: Pool) -> None:
-            await default.load(self.spec, self.backend)
-
-        await in_default_pool(run)
+        await in_pool(self._pool, lambda pool: pool.load(self.spec, self.backend))
 
     def using(self, pool: Pool) -> ImageEmbedder:
         """The same model, served by ``pool`` instead of the current or default pool."""
@@ -175,11 +167,6 @@ class ImageEmbedder:
         return self.backend.prepare(image)
 
     async def _dispatch(self, kind: RequestKind, items: list[Any]) -> Vector:
-        pool = self._pool or current_pool()
-        if pool is not None:
-            return await pool.embed(self.spec, self.backend, kind, items)
-
-        async def run(default: Pool) -> Vector:
-            return await default.embed(self.spec, self.backend, kind, items)
-
-        return await in_default_pool(run)
+        return await in_pool(
+            self._pool, lambda pool: pool.embed(self.spec, self.backend, kind, items)
+        )

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 
 from ._backends import TextToImageBackend
-from ._blocking import BlockingImageGenerator, in_default_pool, iterate_in_default_pool
+from ._blocking import BlockingImageGenerator, in_pool, iterate_in_pool
 from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig
-from ._pool import Pool, current_pool
+from ._pool import Pool
 from ._spec import ModelSpec
 from .errors import InvalidInput, ModelError
 
@@ -36,15 +36,7 @@ class ImageGenerator:
 
     async def load(self) -> None:
         """Load the weights now, through the same pool requests would use."""
-        pool = self._pool or current_pool()
-        if pool is not None:
-            await pool.load(self.spec, self.backend)
-            return
-
-        async def run(default: Pool) -> None:
-            await default.load(self.spec, self.backend)
-
-        await in_default_pool(run)
+        await in_pool(self._pool, lambda pool: pool.load(self.spec, self.backend))
 
     def using(self, pool: Pool) -> ImageGenerator:
         """The same model, served by ``pool`` instead of the current or default pool."""
@@ -66,20 +58,14 @@ class ImageGenerator:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("prompt must be a non-empty string", field="prompt")
         resolved = self.resolve_config(config)
-        pool = self._pool or current_pool()
-        if pool is not None:
-            stream = pool.generate(self.spec, self.backend, prompt, resolved)
-        else:
-            stream = iterate_in_default_pool(
-                lambda default: default.generate(self.spec, self.backend, prompt, resolved)
-            )
+        stream = iterate_in_pool(
+            self._pool, lambda pool: pool.generate(self.spec, self.backend, prompt, resolved)
+        )
         try:
             async for chunk in stream:
                 yield chunk
         finally:
-            close = getattr(stream, "aclose", None)
-            if close is not None:
-                await close()
+            await stream.aclose()
 
     async def generate(
         self,
