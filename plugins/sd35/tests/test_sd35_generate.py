@@ -295,7 +295,7 @@ async def test_served_through_the_core_pool(
             early.append(chunk)
             if len(early) == 2:
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
     assert decodes == []  # the pool has drained: the stopped run never reached its decode
     assert [type(chunk) for chunk in chunks] == [Progress, Progress, Progress, GenerationResult]
     assert [chunk.step for chunk in chunks if isinstance(chunk, Progress)] == [1, 2, 3]
