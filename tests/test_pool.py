@@ -271,6 +271,31 @@ async def test_concurrent_requests_are_merged_into_batches() -> None:
         assert np.allclose(results[index], expected[index], atol=1e-6)
 
 
+async def test_a_one_call_at_a_time_model_batches_what_queued_while_it_ran() -> None:
+    gate = threading.Event()
+    registry = make_registry(
+        fake_embedding_spec(
+            "fake/a", max_batch_size=8, options={"gate": gate, "concurrent_calls": 1}
+        )
+    )
+    model = registry.embedder("fake/a")
+
+    async with Pool(memory=FakeMemory(total_mb=10_000), clock=FakeClock(), max_workers=2) as pool:
+        gate.set()
+        await model.embed_images([colour(0)])
+        gate.clear()
+        assert pool.stats()["fake/a"].workers == 2
+        async with anyio.create_task_group() as group:
+            group.start_soon(model.embed_images, [colour(100)])
+            await wait_until(lambda: pool.stats()["fake/a"].in_flight == 1)
+            for index in range(12):
+                group.start_soon(model.embed_images, [colour(index)])
+            await wait_until(lambda: pool.stats()["fake/a"].queue_depth == 12)
+            gate.set()
+    # the idle second worker did not grab a batch of 1 while the first one ran
+    assert fake_backend(model).batch_sizes == [1, 1, 8, 4]
+
+
 async def test_a_lone_request_is_not_delayed() -> None:
     registry = make_registry(fake_embedding_spec("fake/a"))
     model = registry.embedder("fake/a")

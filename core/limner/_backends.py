@@ -51,6 +51,15 @@ class Backend(abc.ABC):
         """The measured footprint after ``load`` in MB, or ``None`` if unknown."""
         return None
 
+    def max_concurrent_calls(self) -> int | None:
+        """How many batches or generations may run at once on the loaded model; ``None``
+        means one per worker. Called after ``load``.
+
+        A CPU model whose every call already uses all cores is faster one call at a time;
+        saying so lets the pool form each batch when it can start, so it is larger.
+        """
+        return None
+
     def memory_device(self) -> str:
         """Whose memory a loaded worker occupies: ``"cpu"`` (system RAM) or ``"cuda:N"``.
 

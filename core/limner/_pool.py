@@ -189,7 +189,8 @@ class _KeyState:
     in_flight: int = 0
     generations: int = 0
     waiting_generations: int = 0
-    slots: anyio.CapacityLimiter | None = None
+    slots: anyio.CapacityLimiter | None = None  # generations running at once
+    compute: anyio.CapacityLimiter | None = None  # batches running at once
     load_done: anyio.Event | None = None
     load_error: BaseException | None = None
     retry_at: float = 0.0
@@ -473,7 +474,9 @@ class Pool:
             if measured is not None:
                 state.worker_mb = measured
             state.accounted_mb = self._need(state, count)
-            state.slots = anyio.CapacityLimiter(count)
+            concurrent = state.backend.max_concurrent_calls() or count
+            state.slots = anyio.CapacityLimiter(min(count, concurrent))
+            state.compute = anyio.CapacityLimiter(min(count, concurrent))
             assert self._task_group is not None
             for _ in range(count):
                 scope = anyio.CancelScope()
@@ -577,19 +580,22 @@ class Pool:
         return request.result
 
     async def _worker(self, state: _KeyState, scope: anyio.CancelScope) -> None:
+        assert state.compute is not None
         with scope:
             while True:
                 await state.queue.wait()
-                batch = self._take_batch(state)
-                if not batch:
-                    continue
-                if self.max_batch_wait > 0 and state.busy_workers > 0:
-                    await self._top_up(state, batch)
-                state.busy_workers += 1
-                try:
-                    died = await self._run_batch(state, batch)
-                finally:
-                    state.busy_workers -= 1
+                # Take the batch only once it can run: whatever queues meanwhile joins it.
+                async with state.compute:
+                    batch = self._take_batch(state)
+                    if not batch:
+                        continue
+                    if self.max_batch_wait > 0 and state.busy_workers > 0:
+                        await self._top_up(state, batch)
+                    state.busy_workers += 1
+                    try:
+                        died = await self._run_batch(state, batch)
+                    finally:
+                        state.busy_workers -= 1
                 if died:
                     self._worker_died(state, scope)
                     return

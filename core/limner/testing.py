@@ -90,7 +90,7 @@ class FakeEmbeddingBackend(ImageEmbeddingBackend):
     batch of that size raise; ``batch_seconds`` sleeps per batch; ``oom_above`` raises
     ``MemoryError`` for batches larger than that; ``gate`` (a ``threading.Event``) holds every
     batch and load until set; ``memory`` (a :class:`FakeMemory`) is charged the spec's
-    ``memory_mb`` while loaded.
+    ``memory_mb`` while loaded; ``concurrent_calls`` is what ``max_concurrent_calls`` says.
     """
 
     image_size = _THUMBNAIL
@@ -139,6 +139,10 @@ class FakeEmbeddingBackend(ImageEmbeddingBackend):
 
     def memory_mb(self) -> float | None:
         return self.spec.info.memory_mb
+
+    def max_concurrent_calls(self) -> int | None:
+        value = self._option("concurrent_calls", None)
+        return None if value is None else int(value)
 
     def prepare(self, image: Image) -> npt.NDArray[np.float32]:
         thumbnail = image.resize((_THUMBNAIL, _THUMBNAIL))
