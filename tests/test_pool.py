@@ -518,6 +518,32 @@ async def test_shutdown_after_the_drain_timeout_cancels_queued_work() -> None:
     assert any(isinstance(o, limner.Cancelled) for o in outcomes)
 
 
+async def test_shutdown_during_a_load_fails_its_waiters_instead_of_hanging() -> None:
+    gate = threading.Event()
+    registry = make_registry(fake_embedding_spec("fake/a", options={"gate": gate}))
+    model = registry.embedder("fake/a")
+    outcomes: list[BaseException] = []
+
+    async def request(pool: Pool) -> None:
+        try:
+            await model.using(pool).embed_images([colour(1)])
+        except limner.LimnerError as error:
+            outcomes.append(error)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            async with Pool(
+                memory=FakeMemory(total_mb=10_000), clock=FakeClock(), drain_timeout=0.1
+            ) as pool:
+                for _ in range(3):
+                    group.start_soon(request, pool)
+                await wait_until(lambda: pool.stats()["fake/a"].state == "loading")
+                threading.Timer(0.3, gate.set).start()  # the load ends after the drain
+    assert len(outcomes) == 3
+    assert all(isinstance(error, limner.Cancelled) for error in outcomes)
+    assert fake_backend(model).unloads == 1  # loaded after all, and unloaded on exit
+
+
 async def test_stats_are_frozen_snapshots() -> None:
     registry = make_registry(fake_embedding_spec("fake/a", max_batch_size=8))
     model = registry.embedder("fake/a")

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
@@ -309,6 +310,9 @@ class Pool:
             return await self._task_group.__aexit__(exc_type, exc, traceback)
         finally:
             self._task_group = None
+            for state in self._states.values():  # queued while the tasks were winding down
+                while state.queue.items:
+                    state.queue.items.popleft().finish(error=Cancelled("the pool shut down"))
             with anyio.CancelScope(shield=True):
                 for state in self._states.values():
                     if state.loaded:
@@ -367,8 +371,9 @@ class Pool:
         send, receive = anyio.create_memory_object_stream[GenerationChunk | BaseException](1)
         cancel = threading.Event()
         started = anyio.Event()
+        if self._task_group is None:
+            raise Cancelled("the pool shut down")
         state.waiting_generations += 1
-        assert self._task_group is not None
         self._task_group.start_soon(
             self._run_generation, state, backend, prompt, config, send, cancel, started
         )
@@ -468,6 +473,7 @@ class Pool:
             started = self.clock.now()
             await self.placement.load(state.backend)
             state.loaded = True
+            await anyio.lowlevel.checkpoint()  # a shutdown during the load surfaces here
             state.load_seconds += self.clock.now() - started
             state.loads += 1
             measured = state.backend.memory_mb()
@@ -493,8 +499,11 @@ class Pool:
                 state.accounted_mb,
                 self.clock.now() - started,
             )
-        except Exception as error:
+        except BaseException as error:
             state.state = "cold"
+            if not isinstance(error, Exception):  # the pool is shutting down mid-load
+                state.load_error = Cancelled(f"the pool shut down while loading {key}")
+                raise
             if isinstance(error, LimnerError):
                 state.load_error = error
             else:
@@ -567,6 +576,8 @@ class Pool:
     # -- workers ------------------------------------------------------------------------
 
     async def _submit(self, state: _KeyState, kind: RequestKind, items: list[Any]) -> Vector:
+        if self._task_group is None:
+            raise Cancelled("the pool shut down")
         request = _Request(kind, items)
         state.queue.put(request)
         try:
