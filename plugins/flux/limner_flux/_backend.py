@@ -1,37 +1,25 @@
 """FLUX.1 served through diffusers' ``FluxPipeline``.
 
-One pipeline is loaded per worker and shared by every generation on it: each call builds a
-throwaway pipeline object around the shared modules with its own copy of the scheduler
-(``set_timesteps`` and the pipeline's ``_guidance_scale`` and friends are per-call state) and
-its thread's own tokenizers (whose padding settings are per-call state too), so two threads
-can generate on the same weights at once. Torch and diffusers are imported only in ``load``
-and ``generate``.
+The machinery (loading, offload, concurrent calls on shared weights, previews, metadata) is
+``limner.diffusion.DiffusersBackend``; this module adds what is particular to FLUX.1: its
+variants, its tiny model, and its packed latents. Torch and diffusers are imported only in
+``load`` and ``generate``.
 """
 
 from __future__ import annotations
 
-import copy
-import re
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import limner
-from limner import (
-    GenerationResult,
-    ImageGenerationConfig,
-    InvalidInput,
-    ModelError,
-    ModelLoadError,
-    ModelSettings,
-    ModelSpec,
-    Progress,
-    StepCallback,
-    TextToImageBackend,
+from limner import ImageGenerationConfig, ModelSpec
+from limner.diffusion import (
+    DiffusersBackend,
+    parse_device,
+    parse_dtype,
+    parse_flag,
+    resolve_device,
+    resolve_dtype,
+    select_variant,
 )
 
 from ._tiny import TINY_KEY, TINY_REVISION, ensure_tiny_flux
@@ -40,470 +28,45 @@ from ._variants import VARIANTS, FluxVariant, resolve_config
 if TYPE_CHECKING:
     import torch
 
-    from ._preview import LatentRGB
-
-__all__ = ["FluxBackend", "parse_device", "parse_dtype"]
-
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-}
-_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-_SEED_SPACE = 2**64
+__all__ = [
+    "FluxBackend",
+    "parse_device",
+    "parse_dtype",
+    "parse_flag",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 
-# -- settings ---------------------------------------------------------------------------------
-
-
-def parse_device(value: str) -> str | None:
-    """Validate a device setting without importing torch; ``None`` means auto."""
-    device = value.strip().lower()
-    if device == "auto":
-        return None
-    if not _DEVICE.match(device):
-        raise InvalidInput(
-            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}",
-            field="device",
-        )
-    return device
-
-
-def parse_dtype(value: str) -> str | None:
-    """Validate a dtype setting without importing torch; ``None`` means auto."""
-    dtype = value.strip().lower()
-    if dtype == "auto":
-        return None
-    if dtype not in _DTYPES:
-        raise InvalidInput(
-            "dtype must be 'auto', 'bfloat16' (bf16), 'float16' (fp16) or 'float32' (fp32), "
-            f"got {value!r}",
-            field="dtype",
-        )
-    return _DTYPES[dtype]
-
-
-def parse_flag(name: str, value: object) -> bool:
-    """A boolean option, also from the strings an environment or a config file gives."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise InvalidInput(f"must be true or false, got {value!r}", field=name)
-
-
-def resolve_device(requested: str | None) -> torch.device:
-    """The torch device for a parsed setting: CUDA when there is one, else the CPU."""
-    import torch
-
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"device {requested!r} was asked for, but torch sees no CUDA device; "
-                "set device to 'cpu' or 'auto', or install a CUDA build of torch"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelLoadError(
-                f"device {requested!r} was asked for, but there are only "
-                f"{torch.cuda.device_count()} CUDA devices"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError(f"device {requested!r} was asked for, but MPS is not available")
-    return device
-
-
-def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """As asked, else bf16 on accelerators and fp32 on the CPU.
-
-    FLUX.1 was trained and is shipped in bf16; fp16 overflows in its T5 encoder and
-    transformer activations (black images), so auto never picks it. On the CPU, bf16 matrix
-    products are emulated unless the CPU has AVX512-BF16/AMX, and several of diffusers' ops
-    upcast anyway, so fp32 is both the faster and the safer choice there.
-    """
-    import torch
-
-    if requested is not None:
-        dtype: torch.dtype = getattr(torch, requested)
-        return dtype
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
-
-
-# -- the backend ------------------------------------------------------------------------------
-
-
-@dataclass
-class _Loaded:
-    """Everything generation reads. The pipeline is never mutated after ``load``; calls
-    build their own pipeline object around its components."""
-
-    pipeline: Any  # a diffusers FluxPipeline; diffusers' pipelines carry no usable types
-    device: torch.device
-    dtype: torch.dtype
-    offload: bool
-    load_seconds: float
-    #: Serialises generations when offloading: the offload hooks move modules between
-    #: devices and assume one call at a time.
-    offload_lock: threading.Lock
-    preview_lock: threading.Lock
-    #: Each thread's own copies of the tokenizers (see ``_call_view``).
-    per_thread: threading.local = field(default_factory=threading.local)
-    preview: LatentRGB | None = None
-
-
-class FluxBackend(TextToImageBackend):
+class FluxBackend(DiffusersBackend[FluxVariant]):
     """FLUX.1 [schnell] and [dev] (and the tiny random FLUX) through ``FluxPipeline``.
 
     Options: ``cpu_offload`` (bool, default false) keeps each component in CPU memory and
     moves it to the GPU only while it runs (diffusers' ``enable_model_cpu_offload``).
     """
 
-    def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
-        super().__init__(spec, settings)
-        self.variant = _variant_for(spec)
-        self._device_setting = parse_device(settings.device)
-        self._dtype_setting = parse_dtype(settings.dtype)
-        self._cpu_offload = parse_flag("cpu_offload", settings.options.get("cpu_offload", False))
-        self._loaded: _Loaded | None = None
+    pipeline_class = "FluxPipeline"
+    tiny_key = TINY_KEY
+    tiny_revision = TINY_REVISION
+    download_size = "34 GB"
 
-    def __repr__(self) -> str:
-        return f"<FluxBackend {self.spec.key} weights={self.settings.weights!r}>"
+    def find_variant(self, spec: ModelSpec) -> FluxVariant:
+        return select_variant(spec, VARIANTS, "limner-flux")
 
-    # -- loading ------------------------------------------------------------------------------
+    def ensure_tiny(self, cache_dir: Path) -> None:
+        ensure_tiny_flux(cache_dir)
 
-    def load(self) -> None:
-        started = time.perf_counter()
-        import torch
-
-        from ._tiny import _diffusers
-
-        device = resolve_device(self._device_setting)
-        dtype = resolve_dtype(self._dtype_setting, device)
-        offload = self._cpu_offload and device.type != "cpu"  # on the CPU it changes nothing
-        if offload and device.type != "cuda":
-            raise ModelLoadError(
-                f"cpu_offload needs a CUDA device, but {self.spec.key} is set to run on "
-                f"{device}; turn cpu_offload off"
-            )
-        source, kwargs = self._locate()
-        try:
-            pipeline = _diffusers().FluxPipeline.from_pretrained(
-                source, revision=self.settings.revision, dtype=dtype, **kwargs
-            )
-        except Exception as error:
-            raise ModelLoadError(
-                f"could not load {self.spec.key} from {self._where()}: {error}. " + self._advice()
-            ) from error
-        try:
-            if offload:
-                pipeline.enable_model_cpu_offload(device=device)
-            else:
-                pipeline.to(device)
-        except torch.OutOfMemoryError as error:
-            advice = "free the device" if offload else "set the option cpu_offload=true"
-            raise ModelLoadError(
-                f"{self.spec.key} does not fit on {device} in {_dtype_name(dtype)} "
-                f"(about {self.spec.info.memory_mb / 1024:.0f} GiB at its peak); {advice}"
-            ) from error
-        pipeline.set_progress_bar_config(disable=True)
-        self._loaded = _Loaded(
-            pipeline=pipeline,
-            device=device,
-            dtype=dtype,
-            offload=offload,
-            load_seconds=time.perf_counter() - started,
-            offload_lock=threading.Lock(),
-            preview_lock=threading.Lock(),
-        )
-
-    def unload(self) -> None:
-        loaded, self._loaded = self._loaded, None
-        if loaded is None:
-            return
-        on_cuda = loaded.device.type == "cuda"
-        del loaded
-        if on_cuda:
-            import gc
-
-            import torch
-
-            gc.collect()  # the pipeline holds reference cycles; free its tensors now
-            torch.cuda.empty_cache()
-
-    def memory_mb(self) -> float | None:
-        """What the pool should reserve for this worker on its memory device: the weights
-        held there (all of them, or with ``cpu_offload`` the largest component, which is what
-        sits on the GPU at a time), measured, plus one generation's working memory."""
-        loaded = self._loaded
-        if loaded is None:
-            return None
-        import torch
-
-        sizes = [
-            sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-            for module in loaded.pipeline.components.values()
-            if isinstance(module, torch.nn.Module)
-        ]
-        held = max(sizes, default=0) if loaded.offload else sum(sizes)
-        working = self.variant.working_mb * loaded.dtype.itemsize / 2  # estimated for bf16
-        return held / 2**20 + working
-
-    def memory_device(self) -> str:
-        """``"cpu"`` or ``"cuda:N"``: resolves ``auto`` (imports torch) without loading."""
-        device = resolve_device(self._device_setting)
-        if device.type == "cuda":
-            import torch
-
-            index = torch.cuda.current_device() if device.index is None else device.index
-            return f"cuda:{index}"
-        return "cpu"  # the CPU, and MPS's unified memory, are system RAM
-
-    def _locate(self) -> tuple[str, dict[str, Any]]:
-        """What ``from_pretrained`` reads, failing early with advice when a repo is neither
-        cached nor downloadable."""
-        settings = self.settings
-        if settings.local_dir:
-            path = Path(settings.weights).expanduser()
-            if not (path / "model_index.json").is_file():
-                raise ModelLoadError(
-                    f"{path} holds no model_index.json; point the local dir of {self.spec.key} "
-                    "at a directory written by FluxPipeline.save_pretrained (or downloaded "
-                    f"with `hf download {self.variant.source_repo}`)"
-                )
-            return str(path), {}
-        from huggingface_hub import try_to_load_from_cache
-
-        cache = limner.hf_cache_dir()
-        kwargs: dict[str, Any] = {"cache_dir": str(cache)}
-        if settings.weights == TINY_KEY:
-            if settings.revision != TINY_REVISION:
-                raise ModelLoadError(
-                    f"{TINY_KEY} exists only at revision {TINY_REVISION}, which limner writes "
-                    f"into the cache itself; got revision {settings.revision!r}: leave it unset"
-                )
-            ensure_tiny_flux(cache)
-            return settings.weights, {**kwargs, "local_files_only": True}  # not on the hub
-        cached = try_to_load_from_cache(
-            settings.weights, "model_index.json", cache_dir=cache, revision=settings.revision
-        )
-        if isinstance(cached, str):
-            kwargs["local_files_only"] = True  # cached: no network round trips
-        elif _offline():
-            raise ModelLoadError(
-                f"{self.spec.key} ({self._where()}) is not in the Hugging Face cache ({cache}) "
-                "and HF_HUB_OFFLINE is set. " + self._advice()
-            )
-        return settings.weights, kwargs
-
-    def _where(self) -> str:
-        if self.settings.local_dir:
-            return self.settings.weights
-        revision = f"@{self.settings.revision}" if self.settings.revision else ""
-        return f"the Hugging Face repo {self.settings.weights}{revision}"
-
-    def _advice(self) -> str:
-        repo = self.variant.source_repo
-        advice = (
-            f"Download it with `hf download {repo}` (about 34 GB), or point LIMNER_MODELS_DIR "
-            "at a directory holding a local copy."
-        )
-        if self.variant.key.endswith("FLUX.1-dev"):
-            advice += (
-                f" {repo} is gated: accept its licence on huggingface.co and log in with "
-                "`hf auth login` first."
-            )
-        return advice
-
-    # -- generating ---------------------------------------------------------------------------
+    def gated(self) -> bool:
+        return self.variant.key.endswith("FLUX.1-dev")
 
     def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
         return resolve_config(self.variant, config)
 
-    def generate(
-        self, prompt: str, config: ImageGenerationConfig, *, on_step: StepCallback
-    ) -> GenerationResult:
-        import torch
-
-        loaded = self._require_loaded()
-        if not isinstance(prompt, str):
-            raise InvalidInput(f"must be a string, got {type(prompt).__name__}", field="prompt")
-        config = self.resolve_config(config)  # idempotent; guards direct callers
-        assert config.seed is not None
-        assert config.steps is not None
-        assert config.width is not None
-        assert config.height is not None
-        seeds = [(config.seed + index) % _SEED_SPACE for index in range(config.num_images)]
-        # CPU generators: the starting noise is then the same on every device, so a seed
-        # reproduces (nearly) the same image on another machine, not only on this one.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        steps = config.steps
-        started = time.perf_counter()
-        last_step = started
-
-        with self._exclusive(loaded):
-            preview = self._latent_rgb(loaded) if config.preview else None
-            pipeline = _call_view(loaded)
-
-            def step_end(
-                pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]
-            ) -> dict[str, Any]:
-                nonlocal last_step
-                image = None
-                if preview is not None:
-                    latents = pipe._unpack_latents(
-                        tensors["latents"], config.height, config.width, pipe.vae_scale_factor
-                    )
-                    image = preview.image(latents)
-                last_step = time.perf_counter()
-                on_step(
-                    Progress(
-                        step=index + 1,
-                        total=steps,
-                        elapsed=last_step - started,
-                        preview=image,
-                    )
-                )
-                return {}
-
-            with torch.inference_mode():
-                output = pipeline(
-                    prompt=prompt,
-                    width=config.width,
-                    height=config.height,
-                    num_inference_steps=steps,
-                    guidance_scale=config.guidance,
-                    num_images_per_prompt=config.num_images,
-                    generator=generators,
-                    max_sequence_length=config.max_sequence_length,
-                    output_type="pil",
-                    callback_on_step_end=step_end,
-                    callback_on_step_end_tensor_inputs=["latents"],
-                )
-        finished = time.perf_counter()
-        images = tuple(output.images)
-        return GenerationResult(
-            model=self.spec.key,
-            prompt=prompt,
-            images=images,
-            seed=config.seed,
-            config=config,
-            timings={
-                "load": loaded.load_seconds,
-                "generate": finished - started,
-                "decode": finished - last_step,
-            },
-            metadata=self._metadata(loaded, prompt, config, seeds),
+    def preview_latents(
+        self, pipe: Any, latents: torch.Tensor, config: ImageGenerationConfig
+    ) -> torch.Tensor:
+        """Flux packs 2x2 latent patches into the channels; unpack to (batch, 16, h, w)."""
+        unpacked: torch.Tensor = pipe._unpack_latents(
+            latents, config.height, config.width, pipe.vae_scale_factor
         )
-
-    def _require_loaded(self) -> _Loaded:
-        loaded = self._loaded
-        if loaded is None:
-            raise ModelError(f"{self.spec.key} is not loaded; call load() first")
-        return loaded
-
-    @contextmanager
-    def _exclusive(self, loaded: _Loaded) -> Iterator[None]:
-        """One call at a time with offloading, and the shared pipeline's offload hooks reset
-        afterwards (a per-call pipeline object cannot do that itself); no lock otherwise."""
-        if not loaded.offload:
-            yield
-            return
-        with loaded.offload_lock:
-            try:
-                yield
-            finally:
-                loaded.pipeline.maybe_free_model_hooks()
-
-    def _latent_rgb(self, loaded: _Loaded) -> LatentRGB:
-        """The preview projection, measured from the VAE on the first preview asked for."""
-        with loaded.preview_lock:
-            if loaded.preview is None:
-                from ._preview import fit_latent_rgb
-
-                execution = loaded.pipeline._execution_device
-                loaded.preview = fit_latent_rgb(loaded.pipeline.vae, execution)
-            return loaded.preview
-
-    def _metadata(
-        self, loaded: _Loaded, prompt: str, config: ImageGenerationConfig, seeds: list[int]
-    ) -> dict[str, Any]:
-        """What a PNG text chunk needs to tell how the image was made."""
-        return {
-            "model": self.spec.key,
-            "weights": self.settings.weights,
-            "revision": self.settings.revision,
-            "pipeline": "FluxPipeline",
-            "scheduler": type(loaded.pipeline.scheduler).__name__,
-            "prompt": prompt,
-            "seed": config.seed,
-            "seeds": seeds,
-            "generator": "cpu",
-            "steps": config.steps,
-            "guidance": config.guidance,
-            "width": config.width,
-            "height": config.height,
-            "max_sequence_length": config.max_sequence_length,
-            "dtype": _dtype_name(loaded.dtype),
-            "device": str(loaded.device),
-            "cpu_offload": loaded.offload,
-        }
-
-
-def _call_view(loaded: _Loaded) -> Any:
-    """A pipeline object for one call around the shared, read-only modules.
-
-    Per-call state must not be shared between concurrent calls: ``__call__`` sets the
-    scheduler's timesteps (so each call gets a fresh copy of the scheduler), and a fast
-    tokenizer sets its padding and truncation on the shared Rust object before encoding (the
-    pipelines ask for "max_length" and "longest" padding in turn), so each thread gets its
-    own copies of the tokenizers, made on its first call (tens of ms for the real ones).
-    """
-    pipeline = loaded.pipeline
-    tokenizers: dict[str, Any] | None = getattr(loaded.per_thread, "tokenizers", None)
-    if tokenizers is None:
-        tokenizers = {
-            name: copy.deepcopy(component)
-            for name, component in pipeline.components.items()
-            if name.startswith("tokenizer") and component is not None
-        }
-        loaded.per_thread.tokenizers = tokenizers
-    components = {
-        **pipeline.components,
-        **tokenizers,
-        "scheduler": copy.deepcopy(pipeline.scheduler),
-    }
-    view = type(pipeline)(**components)
-    view.set_progress_bar_config(disable=True)
-    return view
-
-
-def _variant_for(spec: ModelSpec) -> FluxVariant:
-    for variant in VARIANTS:
-        if variant.key == spec.key:
-            return variant
-    raise InvalidInput(
-        f"limner-flux has no defaults for {spec.key!r}; it serves "
-        + ", ".join(v.key for v in VARIANTS),
-        field="key",
-    )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _offline() -> bool:
-    import os
-
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(flag.strip().lower() in _TRUE for flag in flags) or bool(constants.HF_HUB_OFFLINE)
+        return unpacked

@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import limner
+from limner.diffusion import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    T5_EOS_ID,
+    T5_PAD_ID,
+    T5_VOCAB_SIZE,
+    tiny_clip_tokenizer,
+    tiny_t5_tokenizer,
+)
 
 __all__ = ["TINY_KEY", "TINY_REVISION", "ensure_tiny_flux", "write_tiny_flux"]
 
@@ -25,55 +36,6 @@ _SEED = 20240801
 _CLIP_WIDTH = 32
 _T5_WIDTH = 32
 
-# The CLIP tokenizer: byte-level BPE without merges, so every byte is a token and every text
-# tokenizes. Ids follow the real CLIP vocabulary's layout: the 256 byte symbols, their
-# end-of-word variants, then the two special tokens.
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
-_CLIP_VOCAB_SIZE = 514
-_CLIP_MAX_LENGTH = 77
-
-# The T5 tokenizer: a unigram model over single characters (with and without the word-start
-# marker), so every ASCII text tokenizes; anything else becomes <unk>. Ids 0-2 are T5's.
-_T5_SPECIALS = ("<pad>", "</s>", "<unk>")
-_T5_VOCAB_SIZE = 256
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's printable stand-in for each byte, in byte order (what ByteLevel emits)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    symbols: dict[int, str] = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in symbols:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    return [symbols[byte] for byte in range(256)]
-
-
-def clip_vocab() -> dict[str, int]:
-    symbols = _byte_symbols()
-    vocab = {symbol: index for index, symbol in enumerate(symbols)}
-    vocab.update({symbol + "</w>": 256 + index for index, symbol in enumerate(symbols)})
-    vocab[_BOS] = 512
-    vocab[_EOS] = 513
-    return vocab
-
-
-def t5_vocab() -> list[tuple[str, float]]:
-    """(piece, log-probability) pairs; the marker-prefixed pieces score higher, so a word's
-    first character takes the word-start piece as real SentencePiece vocabularies do."""
-    pieces: list[tuple[str, float]] = [(token, 0.0) for token in _T5_SPECIALS]
-    pieces.append(("▁", -3.0))
-    for code in range(ord("!"), ord("~") + 1):
-        pieces.append(("▁" + chr(code), -4.0))
-        pieces.append((chr(code), -5.0))
-    return pieces
-
 
 def write_tiny_flux(directory: Path) -> None:
     """Write the tiny pipeline (weights, configs, tokenizers) into ``directory``."""
@@ -81,10 +43,8 @@ def write_tiny_flux(directory: Path) -> None:
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
-        CLIPTokenizer,
         T5Config,
         T5EncoderModel,
-        T5Tokenizer,  # transformers 5: the tokenizers-backed class FluxPipeline loads
     )
 
     diffusers = _diffusers()
@@ -119,21 +79,21 @@ def write_tiny_flux(directory: Path) -> None:
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=_CLIP_VOCAB_SIZE,
+            vocab_size=CLIP_VOCAB_SIZE,
             hidden_size=_CLIP_WIDTH,
             intermediate_size=2 * _CLIP_WIDTH,
             num_hidden_layers=2,
             num_attention_heads=2,
-            max_position_embeddings=_CLIP_MAX_LENGTH,
+            max_position_embeddings=CLIP_MAX_LENGTH,
             projection_dim=_CLIP_WIDTH,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
+            bos_token_id=CLIP_BOS_ID,
+            eos_token_id=CLIP_EOS_ID,
+            pad_token_id=CLIP_EOS_ID,
         )
     )
     text_encoder_2 = T5EncoderModel(
         T5Config(
-            vocab_size=_T5_VOCAB_SIZE,
+            vocab_size=T5_VOCAB_SIZE,
             d_model=_T5_WIDTH,
             d_ff=2 * _T5_WIDTH,
             d_kv=16,
@@ -142,8 +102,8 @@ def write_tiny_flux(directory: Path) -> None:
             relative_attention_num_buckets=8,
             relative_attention_max_distance=32,
             feed_forward_proj="gated-gelu",  # T5 v1.1, like the real t5-v1_1-xxl encoder
-            pad_token_id=0,
-            eos_token_id=1,
+            pad_token_id=T5_PAD_ID,
+            eos_token_id=T5_EOS_ID,
         )
     )
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(  # FLUX.1-schnell's scheduler config
@@ -155,16 +115,8 @@ def write_tiny_flux(directory: Path) -> None:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    tokenizer = CLIPTokenizer(
-        vocab=clip_vocab(),
-        merges=[],
-        bos_token=_BOS,
-        eos_token=_EOS,
-        pad_token=_EOS,
-        unk_token=_EOS,
-        model_max_length=_CLIP_MAX_LENGTH,
-    )
-    tokenizer_2 = T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
     pipeline = diffusers.FluxPipeline(
         scheduler=scheduler,
         vae=vae,

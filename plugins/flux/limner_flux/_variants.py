@@ -7,19 +7,25 @@ which field is wrong) before any worker is started.
 from __future__ import annotations
 
 import dataclasses
-import math
-import secrets
 from dataclasses import dataclass
 
 from limner import ImageGenerationConfig, InvalidInput
+from limner.diffusion import (
+    MAX_NUM_IMAGES,
+    MAX_SEED,
+    resolve_guidance,
+    resolve_integer,
+    resolve_number,
+    resolve_output_format,
+    resolve_preview,
+    resolve_seed,
+    resolve_side,
+)
 
 from ._tiny import TINY_KEY, TINY_REVISION
 
 __all__ = ["MAX_NUM_IMAGES", "MAX_SEED", "VARIANTS", "FluxVariant", "resolve_config"]
 
-MAX_NUM_IMAGES = 4
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
-_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
 #: Flux latents are 8x smaller than the image and packed in 2x2 patches: sides must divide 16.
 SIZE_MULTIPLE = 16
 
@@ -123,10 +129,10 @@ def resolve_config(variant: FluxVariant, config: ImageGenerationConfig) -> Image
         )
     width = _size(variant, "width", config.width)
     height = _size(variant, "height", config.height)
-    steps = _integer("steps", config.steps, variant.default_steps, 1, variant.max_steps)
+    steps = resolve_integer("steps", config.steps, variant.default_steps, 1, variant.max_steps)
     guidance = _guidance(variant, config.guidance)
-    num_images = _integer("num_images", config.num_images, 1, 1, MAX_NUM_IMAGES)
-    seed = _seed(config.seed)
+    num_images = resolve_integer("num_images", config.num_images, 1, 1, MAX_NUM_IMAGES)
+    seed = resolve_seed(config.seed)
     if config.negative_prompt is not None and not isinstance(config.negative_prompt, str):
         raise InvalidInput("must be a string or None", field="negative_prompt")
     if config.negative_prompt:
@@ -135,20 +141,15 @@ def resolve_config(variant: FluxVariant, config: ImageGenerationConfig) -> Image
             "runs without classifier-free guidance; describe what you want in the prompt",
             field="negative_prompt",
         )
-    max_sequence_length = _integer(
+    max_sequence_length = resolve_integer(
         "max_sequence_length",
         config.max_sequence_length,
         variant.default_max_sequence_length,
         1,
         variant.max_max_sequence_length,
     )
-    output_format = config.output_format
-    if not isinstance(output_format, str) or output_format.lower() not in _FORMATS:
-        raise InvalidInput(
-            f"must be one of 'png', 'jpeg', 'webp', got {output_format!r}", field="output_format"
-        )
-    if not isinstance(config.preview, bool):
-        raise InvalidInput(f"must be true or false, got {config.preview!r}", field="preview")
+    output_format = resolve_output_format(config.output_format)
+    resolve_preview(config.preview)
     return dataclasses.replace(
         config,
         width=width,
@@ -159,55 +160,28 @@ def resolve_config(variant: FluxVariant, config: ImageGenerationConfig) -> Image
         num_images=num_images,
         negative_prompt=None,
         max_sequence_length=max_sequence_length,
-        output_format=_FORMATS[output_format.lower()],  # type: ignore[arg-type]
+        output_format=output_format,  # type: ignore[arg-type]
     )
 
 
-def _integer(name: str, value: object, default: int, low: int, high: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"must be an integer, got {value!r}", field=name)
-    if not low <= value <= high:
-        raise InvalidInput(f"must be between {low} and {high}, got {value}", field=name)
-    return value
-
-
 def _size(variant: FluxVariant, name: str, value: object) -> int:
-    side = _integer(name, value, variant.default_size, variant.min_size, variant.max_size)
-    if side % SIZE_MULTIPLE:
-        below = max(variant.min_size, side - side % SIZE_MULTIPLE)
-        raise InvalidInput(
-            f"must be a multiple of {SIZE_MULTIPLE} for {variant.key}, got {side} "
-            f"(try {below} or {below + SIZE_MULTIPLE})",
-            field=name,
-        )
-    return side
+    return resolve_side(
+        name,
+        value,
+        default=variant.default_size,
+        low=variant.min_size,
+        high=variant.max_size,
+        multiple=SIZE_MULTIPLE,
+        key=variant.key,
+    )
 
 
 def _guidance(variant: FluxVariant, value: object) -> float:
-    if value is None:
-        return variant.default_guidance
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidInput(f"must be a finite number, got {value!r}", field="guidance")
-    if variant.guidance_distilled_away and value != 0:
+    distilled_away = variant.guidance_distilled_away and value is not None
+    if distilled_away and resolve_number("guidance", value) != 0:
         raise InvalidInput(
             f"{variant.key} has no guidance input (it was distilled to run without); "
             f"leave guidance unset or 0, got {value}",
             field="guidance",
         )
-    if not 0 <= value <= variant.max_guidance:
-        raise InvalidInput(
-            f"must be between 0 and {variant.max_guidance:g}, got {value}", field="guidance"
-        )
-    return float(value)
-
-
-def _seed(value: object) -> int:
-    if value is None:
-        return secrets.randbelow(2**32)  # short enough to read out and type back in
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"must be an integer, got {value!r}", field="seed")
-    if not 0 <= value <= MAX_SEED:
-        raise InvalidInput(f"must be between 0 and 2**64 - 1, got {value}", field="seed")
-    return value
+    return resolve_guidance(value, default=variant.default_guidance, high=variant.max_guidance)

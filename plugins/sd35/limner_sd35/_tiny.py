@@ -14,6 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import limner
+from limner.diffusion import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    T5_EOS_ID,
+    T5_PAD_ID,
+    T5_VOCAB_SIZE,
+    tiny_clip_tokenizer,
+    tiny_t5_tokenizer,
+)
 
 __all__ = ["TINY_KEY", "TINY_REVISION", "ensure_tiny_sd35", "write_tiny_sd35"]
 
@@ -28,55 +39,6 @@ _SEED = 20240802
 _CLIP_L_WIDTH = 16
 _CLIP_G_WIDTH = 32
 _T5_WIDTH = 64
-
-# The CLIP tokenizers: byte-level BPE without merges, so every byte is a token and every text
-# tokenizes. Ids follow the real CLIP vocabulary's layout: the 256 byte symbols, their
-# end-of-word variants, then the two special tokens.
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
-_CLIP_VOCAB_SIZE = 514
-_CLIP_MAX_LENGTH = 77
-
-# The T5 tokenizer: a unigram model over single characters (with and without the word-start
-# marker), so every ASCII text tokenizes; anything else becomes <unk>. Ids 0-2 are T5's.
-_T5_SPECIALS = ("<pad>", "</s>", "<unk>")
-_T5_VOCAB_SIZE = 256
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's printable stand-in for each byte, in byte order (what ByteLevel emits)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    symbols: dict[int, str] = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in symbols:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    return [symbols[byte] for byte in range(256)]
-
-
-def clip_vocab() -> dict[str, int]:
-    symbols = _byte_symbols()
-    vocab = {symbol: index for index, symbol in enumerate(symbols)}
-    vocab.update({symbol + "</w>": 256 + index for index, symbol in enumerate(symbols)})
-    vocab[_BOS] = 512
-    vocab[_EOS] = 513
-    return vocab
-
-
-def t5_vocab() -> list[tuple[str, float]]:
-    """(piece, log-probability) pairs; the marker-prefixed pieces score higher, so a word's
-    first character takes the word-start piece as real SentencePiece vocabularies do."""
-    pieces: list[tuple[str, float]] = [(token, 0.0) for token in _T5_SPECIALS]
-    pieces.append(("▁", -3.0))
-    for code in range(ord("!"), ord("~") + 1):
-        pieces.append(("▁" + chr(code), -4.0))
-        pieces.append((chr(code), -5.0))
-    return pieces
 
 
 def _diffusers() -> Any:
@@ -93,10 +55,8 @@ def write_tiny_sd35(directory: Path) -> None:
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
         T5Config,
         T5EncoderModel,
-        T5Tokenizer,  # transformers 5: the tokenizers-backed class the pipeline loads
     )
 
     diffusers = _diffusers()
@@ -133,23 +93,23 @@ def write_tiny_sd35(directory: Path) -> None:
     text_encoders = [
         CLIPTextModelWithProjection(
             CLIPTextConfig(
-                vocab_size=_CLIP_VOCAB_SIZE,
+                vocab_size=CLIP_VOCAB_SIZE,
                 hidden_size=width,
                 intermediate_size=2 * width,
                 num_hidden_layers=2,  # SD3 reads the penultimate layer
                 num_attention_heads=2,
-                max_position_embeddings=_CLIP_MAX_LENGTH,
+                max_position_embeddings=CLIP_MAX_LENGTH,
                 projection_dim=width,
-                bos_token_id=512,
-                eos_token_id=513,
-                pad_token_id=513,
+                bos_token_id=CLIP_BOS_ID,
+                eos_token_id=CLIP_EOS_ID,
+                pad_token_id=CLIP_EOS_ID,
             )
         )
         for width in (_CLIP_L_WIDTH, _CLIP_G_WIDTH)
     ]
     text_encoder_3 = T5EncoderModel(
         T5Config(
-            vocab_size=_T5_VOCAB_SIZE,
+            vocab_size=T5_VOCAB_SIZE,
             d_model=_T5_WIDTH,
             d_ff=2 * _T5_WIDTH,
             d_kv=16,
@@ -158,26 +118,15 @@ def write_tiny_sd35(directory: Path) -> None:
             relative_attention_num_buckets=8,
             relative_attention_max_distance=32,
             feed_forward_proj="gated-gelu",  # T5 v1.1, like the real t5-v1_1-xxl encoder
-            pad_token_id=0,
-            eos_token_id=1,
+            pad_token_id=T5_PAD_ID,
+            eos_token_id=T5_EOS_ID,
         )
     )
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(  # SD3.5's scheduler config
         num_train_timesteps=1000, shift=3.0
     )
-    tokenizers = [
-        CLIPTokenizer(
-            vocab=clip_vocab(),
-            merges=[],
-            bos_token=_BOS,
-            eos_token=_EOS,
-            pad_token=_EOS,
-            unk_token=_EOS,
-            model_max_length=_CLIP_MAX_LENGTH,
-        )
-        for _ in range(2)
-    ]
-    tokenizer_3 = T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
+    tokenizers = [tiny_clip_tokenizer() for _ in range(2)]
+    tokenizer_3 = tiny_t5_tokenizer()
     pipeline = diffusers.StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
