@@ -623,10 +623,18 @@ async def test_cancelling_the_consumer_task_stops_the_generation() -> None:
     backend = model.backend
     assert isinstance(backend, FakeTextToImageBackend)
     async with Pool(memory=FakeMemory(total_mb=10_000), clock=FakeClock()) as pool:
-        with anyio.move_on_after(0.1):
-            await model.generate("slow", ImageGenerationConfig(steps=50, seed=1))
+        with anyio.CancelScope() as scope:
+
+            def cancel_at_step_two(chunk: object) -> None:
+                if isinstance(chunk, Progress) and chunk.step == 2:
+                    scope.cancel()
+
+            await model.generate(
+                "slow", ImageGenerationConfig(steps=50, seed=1), cancel_at_step_two
+            )
+        assert scope.cancelled_caught
         await wait_until(lambda: pool.stats()["fake/gen"].in_flight == 0)
-    assert 0 < backend.steps_run < 40
+    assert 2 <= backend.steps_run <= 5  # stopped within a step or two of the cancel
 
 
 async def test_generation_errors_end_the_stream_typed() -> None:
