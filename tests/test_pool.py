@@ -240,6 +240,25 @@ async def test_idle_models_are_evicted_after_their_keep_alive() -> None:
         assert fake_backend(registry.embedder("fake/short")).loads == 2
 
 
+async def test_a_request_during_an_eviction_reloads_only_after_the_unload() -> None:
+    unload_gate = threading.Event()
+    clock = FakeClock()
+    registry = make_registry(fake_embedding_spec("fake/a", options={"unload_gate": unload_gate}))
+    model = registry.embedder("fake/a")
+    async with Pool(memory=FakeMemory(total_mb=10_000), clock=clock, keep_alive=60) as pool:
+        await model.embed_images([colour(1)])
+        clock.advance(61)
+        async with anyio.create_task_group() as group:
+            group.start_soon(pool.evict_idle)  # held inside backend.unload by the gate
+            await wait_until(lambda: pool.stats()["fake/a"].state == "cold")
+            group.start_soon(model.embed_images, [colour(2)])
+            await wait_until(lambda: pool.stats()["fake/a"].state == "loading")
+            unload_gate.set()
+        assert fake_backend(model).loaded  # the reload came after the unload, not before
+        assert (await model.embed_images([colour(3)])).shape == (1, 8)
+    assert fake_backend(model).events == ["load", "unload", "load", "unload"]
+
+
 # -- batching -----------------------------------------------------------------------------------
 
 

@@ -205,6 +205,7 @@ class _KeyState:
     accounted_mb: float = 0.0
     last_used: float | None = None
     loaded: bool = False
+    released: anyio.Event | None = None  # set when the last unload has finished
 
     @property
     def idle(self) -> bool:
@@ -370,12 +371,11 @@ class Pool:
             raise PoolBusy(spec.key, queue_size=self.max_queue)
         send, receive = anyio.create_memory_object_stream[GenerationChunk | BaseException](1)
         cancel = threading.Event()
-        started = anyio.Event()
         if self._task_group is None:
             raise Cancelled("the pool shut down")
         state.waiting_generations += 1
         self._task_group.start_soon(
-            self._run_generation, state, backend, prompt, config, send, cancel, started
+            self._run_generation, state, backend, prompt, config, send, cancel
         )
         try:
             async with receive:
@@ -470,6 +470,8 @@ class Pool:
                 count, need = await self._fit(state, device)
                 reserved = need
                 self._reserved_mb[device] = self._reserved_mb.get(device, 0.0) + need
+            if state.released is not None:
+                await state.released.wait()  # the previous copy's unload comes first
             started = self.clock.now()
             await self.placement.load(state.backend)
             state.loaded = True
@@ -557,20 +559,34 @@ class Pool:
         ]
         return min(idle, key=lambda s: s.last_used or 0.0, default=None)
 
-    async def _unload(self, state: _KeyState, *, reason: str) -> None:
+    def _retire(self, state: _KeyState) -> anyio.Event:
+        """Stop a key's workers and mark it cold now; its weights go in ``_release``.
+
+        The returned event is set once they are gone: a cold start of the same key waits for
+        it, so a reload never runs beside (or before) the unload it follows.
+        """
         for scope in state.workers:
             scope.cancel()
         state.workers.clear()
         state.state = "cold"
         state.loaded = False
-        state.evictions += 1
-        freed = state.accounted_mb
         state.accounted_mb = 0.0
+        state.released = anyio.Event()
+        return state.released
+
+    async def _release(self, state: _KeyState, released: anyio.Event) -> None:
         with anyio.CancelScope(shield=True):
             try:
                 await self.placement.unload(state.backend)
             except Exception:
                 log.exception("unloading %s failed", state.spec.key)
+            finally:
+                released.set()
+
+    async def _unload(self, state: _KeyState, *, reason: str) -> None:
+        freed = state.accounted_mb
+        state.evictions += 1
+        await self._release(state, self._retire(state))
         log.info("evicted %s (%s), freed about %.0f MB", state.spec.key, reason, freed)
 
     # -- workers ------------------------------------------------------------------------
@@ -703,18 +719,8 @@ class Pool:
             state.workers.remove(scope)
         log.error("a worker of %s died; %d left", state.spec.key, len(state.workers))
         if not state.workers:
-            state.state = "cold"
-            state.accounted_mb = 0.0
             assert self._task_group is not None
-            self._task_group.start_soon(self._unload_dead, state)
-
-    async def _unload_dead(self, state: _KeyState) -> None:
-        state.loaded = False
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.placement.unload(state.backend)
-            except Exception:
-                log.exception("unloading dead %s failed", state.spec.key)
+            self._task_group.start_soon(self._release, state, self._retire(state))
 
     # -- generation ---------------------------------------------------------------------
 
@@ -726,7 +732,6 @@ class Pool:
         config: ImageGenerationConfig,
         send: anyio.abc.ObjectSendStream[GenerationChunk | BaseException],
         cancel: threading.Event,
-        started: anyio.Event,
     ) -> None:
         async with send:
             try:

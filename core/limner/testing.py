@@ -90,7 +90,9 @@ class FakeEmbeddingBackend(ImageEmbeddingBackend):
     batch of that size raise; ``batch_seconds`` sleeps per batch; ``oom_above`` raises
     ``MemoryError`` for batches larger than that; ``gate`` (a ``threading.Event``) holds every
     batch and load until set; ``memory`` (a :class:`FakeMemory`) is charged the spec's
-    ``memory_mb`` while loaded; ``concurrent_calls`` is what ``max_concurrent_calls`` says.
+    ``memory_mb`` while loaded; ``concurrent_calls`` is what ``max_concurrent_calls`` says;
+    ``unload_gate`` (a ``threading.Event``) holds ``unload`` until set. ``events`` records
+    each finished ``"load"`` and ``"unload"`` in order.
     """
 
     image_size = _THUMBNAIL
@@ -99,6 +101,7 @@ class FakeEmbeddingBackend(ImageEmbeddingBackend):
         super().__init__(spec, settings)
         self.loads = 0
         self.unloads = 0
+        self.events: list[str] = []
         self.batch_sizes: list[int] = []
         self._lock = threading.Lock()
         dimension = spec.info.embedding_dimension or 8
@@ -125,13 +128,18 @@ class FakeEmbeddingBackend(ImageEmbeddingBackend):
             if self.loads <= int(self._option("fail_loads", 0)):
                 raise RuntimeError(f"injected load failure #{self.loads}")
             self.loaded = True
+            self.events.append("load")
         memory = self._option("memory", None)
         if memory is not None:
             memory.allocate(self.spec.info.memory_mb)
 
     def unload(self) -> None:
+        gate = self._option("unload_gate", None)
+        if gate is not None and not gate.wait(timeout=30):
+            raise RuntimeError("unload gate never opened")
         with self._lock:
             self.unloads += 1
+            self.events.append("unload")
             was_loaded, self.loaded = self.loaded, False
         memory = self._option("memory", None)
         if memory is not None and was_loaded:
