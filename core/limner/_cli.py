@@ -194,7 +194,6 @@ def embed(
         raise click.UsageError("no inputs (the directories held no image files)")
     show_progress = progress if progress is not None else sys.stderr.isatty()
     rows: list[tuple[str, npt.NDArray[np.float32]]] = []
-    failures = 0
 
     def emit(source: str, vector: npt.NDArray[np.float32]) -> None:
         label = source if as_text else describe_input(source)
