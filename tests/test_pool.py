@@ -537,15 +537,29 @@ async def test_shutdown_after_the_drain_timeout_cancels_queued_work() -> None:
     assert any(isinstance(o, limner.Cancelled) for o in outcomes)
 
 
+class WatchedGate(threading.Event):
+    """A gate that tells when a thread first waits on it (a load has really started)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited_on = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waited_on.set()
+        return super().wait(timeout)
+
+
 async def test_shutdown_during_a_load_fails_its_waiters_instead_of_hanging() -> None:
-    gate = threading.Event()
+    gate = WatchedGate()
     registry = make_registry(fake_embedding_spec("fake/a", options={"gate": gate}))
     model = registry.embedder("fake/a")
     outcomes: list[BaseException] = []
 
+    prepared = model.backend.prepare(colour(1))
+
     async def request(pool: Pool) -> None:
-        try:
-            await model.using(pool).embed_images([colour(1)])
+        try:  # straight to the pool: no decoding thread that could still run at shutdown
+            await pool.embed(model.spec, model.backend, "image", [prepared])
         except limner.LimnerError as error:
             outcomes.append(error)
 
@@ -556,10 +570,10 @@ async def test_shutdown_during_a_load_fails_its_waiters_instead_of_hanging() -> 
             ) as pool:
                 for _ in range(3):
                     group.start_soon(request, pool)
-                await wait_until(lambda: pool.stats()["fake/a"].state == "loading")
+                await wait_until(gate.waited_on.is_set)  # the load is running in its thread
                 threading.Timer(0.3, gate.set).start()  # the load ends after the drain
     assert len(outcomes) == 3
-    assert all(isinstance(error, limner.Cancelled) for error in outcomes)
+    assert all(isinstance(error, limner.Cancelled) for error in outcomes), outcomes
     assert fake_backend(model).unloads == 1  # loaded after all, and unloaded on exit
 
 

@@ -24,7 +24,8 @@ from ._images import (
 )
 from ._pool import Pool, RequestKind
 from ._spec import ModelSpec
-from .errors import InvalidInput, LimnerError
+from ._vectors import describe_backend
+from .errors import InvalidInput, LimnerError, ModelError
 
 __all__ = ["ImageEmbedder"]
 
@@ -129,14 +130,16 @@ class ImageEmbedder:
         if not inputs:
             return np.zeros((0, self.embedding_dimension), dtype=np.float32)
         prepared: list[Any] = [None] * len(inputs)
-        errors: list[InvalidInput | None] = [None] * len(inputs)
+        errors: list[LimnerError | None] = [None] * len(inputs)
         # Decode every input concurrently, bounded by anyio's default thread limiter.
         async with anyio.create_task_group() as group:
             for index, source in enumerate(inputs):
                 group.start_soon(self._prepare_one, index, source, expect, prepared, errors)
         for index, error in enumerate(errors):
+            if isinstance(error, InvalidInput) and len(inputs) > 1:
+                raise error.at_index(index)
             if error is not None:
-                raise error.at_index(index) if len(inputs) > 1 else error
+                raise error
         return await self._dispatch("image", prepared)
 
     async def _prepare_one(
@@ -145,8 +148,9 @@ class ImageEmbedder:
         source: Any,
         expect: InputKind | None,
         out: list[Any],
-        errors: list[InvalidInput | None],
+        errors: list[LimnerError | None],
     ) -> None:
+        """Decode and prepare one input; every failure is recorded, typed, for its caller."""
         try:
             kind = input_kind(source)
             if expect is not None and kind is not expect:
@@ -157,8 +161,15 @@ class ImageEmbedder:
                 data = await fetch_image_bytes(source, limits=self.limits)
                 kind, name = InputKind.BYTES, source
             out[index] = await anyio.to_thread.run_sync(self._decode_and_prepare, data, kind, name)
-        except InvalidInput as error:
+        except LimnerError as error:
             errors[index] = error
+        except Exception as error:  # the plugin's prepare() raised: its bug, not the input's
+            failure = ModelError(
+                f"{describe_backend(self.key, self.backend)} failed to prepare input #{index}: "
+                f"{error!r}"
+            )
+            failure.__cause__ = error
+            errors[index] = failure
 
     def _decode_and_prepare(self, data: Any, kind: InputKind, name: str | None) -> Any:
         image = decode_image(

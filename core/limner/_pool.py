@@ -30,6 +30,7 @@ from ._backends import Backend, ImageEmbeddingBackend, TextToImageBackend
 from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
 from ._memory import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from ._spec import ModelSpec
+from ._vectors import checked_vectors, describe_backend
 from .errors import (
     Cancelled,
     LimnerError,
@@ -71,7 +72,8 @@ class Placement(Protocol):
 
     async def call(self, function: Callable[..., T], *args: Any) -> T: ...
 
-    async def unload(self, backend: Backend) -> None: ...
+    async def unload(self, backend: Backend, *, baseline: dict[str, Any] | None = None) -> None:
+        """Unload, then drop whatever ``load`` attached that is not in ``baseline``."""
 
 
 class ThreadPlacement:
@@ -87,14 +89,52 @@ class ThreadPlacement:
     async def call(self, function: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
 
-    async def unload(self, backend: Backend) -> None:
-        await anyio.to_thread.run_sync(_unload_and_collect, backend, limiter=self._loads)
+    async def unload(self, backend: Backend, *, baseline: dict[str, Any] | None = None) -> None:
+        await anyio.to_thread.run_sync(_unload_and_collect, backend, baseline, limiter=self._loads)
 
 
-def _unload_and_collect(backend: Backend) -> None:
+def _unload_and_collect(backend: Backend, baseline: dict[str, Any] | None) -> None:
     backend.unload()
+    if baseline is not None:
+        restore_attributes(backend, baseline)
     gc.collect()
     _trim_heap()
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def restore_attributes(backend: Backend, baseline: dict[str, Any]) -> None:
+    """Put a backend's attributes back as they were before ``load``.
+
+    Eviction must free the weights whatever the plugin's ``unload`` does (the default does
+    nothing): every attribute ``load`` or serving added is deleted, and every one rebound to
+    another object is reset. Plain values (flags, counters, strings) are kept, and so are
+    objects changed in place, which hold no weights that were not there before the load.
+    """
+    current = vars(backend)
+    for name in list(current):
+        if name not in baseline:
+            del current[name]
+        elif current[name] is not baseline[name] and not isinstance(current[name], _PLAIN):
+            current[name] = baseline[name]
+
+
+def _claim(backend: Backend, pool: Pool) -> None:
+    """Mark ``backend``'s weights as this pool's; two pools never load one backend at once."""
+    owner = getattr(backend, "_limner_pool", None)
+    if owner is not None and owner is not pool:
+        raise LimnerError(
+            f"{backend.spec.key} is loaded in another pool; evict it there first "
+            "(`await pool.evict(key)`), or use one pool per process"
+        )
+    backend._limner_pool = pool  # type: ignore[attr-defined]
+
+
+def _disown(backend: Backend, pool: Pool) -> None:
+    """Give up the claim once the weights are gone, so another pool may load them."""
+    if getattr(backend, "_limner_pool", None) is pool:
+        del backend._limner_pool  # type: ignore[attr-defined]
 
 
 def _trim_heap() -> None:
@@ -132,6 +172,14 @@ class KeyStats:
 # -- requests and per-key state -------------------------------------------------------------
 
 
+class _Requeue(Exception):
+    """Private answer to a request whose model was retired before running it: submit again."""
+
+
+#: How often one request may be handed back by retirements before its caller gets an error.
+_MAX_REQUEUES = 3
+
+
 class _Request:
     __slots__ = ("cancelled", "done", "error", "items", "kind", "result")
 
@@ -144,6 +192,9 @@ class _Request:
         self.cancelled = False
 
     def finish(self, *, result: Vector | None = None, error: BaseException | None = None) -> None:
+        """Answer the caller; only the first answer counts."""
+        if self.done.is_set():
+            return
         self.result = result
         self.error = error
         self.done.set()
@@ -161,11 +212,21 @@ class _Queue:
     def __len__(self) -> int:
         return len(self.items)
 
-    def put(self, request: _Request) -> None:
+    def put_all(self, requests: list[_Request]) -> None:
+        """Queue one caller's requests (a large call split at the batch size) all or none.
+
+        Admission is per call: a split call is refused only when the queue is already full,
+        so a call larger than the queue is not refused forever.
+        """
         if len(self.items) >= self.maxsize:
             raise PoolBusy(self.key, queue_size=self.maxsize)
-        self.items.append(request)
+        self.items.extend(requests)
         self._event.set()
+
+    def answer_all(self, error: BaseException) -> None:
+        """Empty the queue, answering every waiting caller with ``error``."""
+        while self.items:
+            self.items.popleft().finish(error=error)
 
     async def wait(self) -> None:
         while not self.items:
@@ -206,6 +267,7 @@ class _KeyState:
     last_used: float | None = None
     loaded: bool = False
     released: anyio.Event | None = None  # set when the last unload has finished
+    baseline: dict[str, Any] | None = None  # the backend's attributes before its load
 
     @property
     def idle(self) -> bool:
@@ -303,23 +365,23 @@ class Pool:
             while self._has_work():
                 self._progress = anyio.Event()
                 await self._progress.wait()
+        shut_down = Cancelled("the pool shut down")
         for state in self._states.values():
-            while state.queue.items:
-                state.queue.items.popleft().finish(error=Cancelled("the pool shut down"))
+            state.queue.answer_all(shut_down)
         self._task_group.cancel_scope.cancel()
         try:
-            return await self._task_group.__aexit__(exc_type, exc, traceback)
+            # The body's own exception is re-raised by ``async with`` as itself: the task
+            # group is told nothing of it, so it never comes back wrapped in an ExceptionGroup.
+            await self._task_group.__aexit__(None, None, None)
         finally:
             self._task_group = None
             for state in self._states.values():  # queued while the tasks were winding down
-                while state.queue.items:
-                    state.queue.items.popleft().finish(error=Cancelled("the pool shut down"))
+                state.queue.answer_all(shut_down)
             with anyio.CancelScope(shield=True):
                 for state in self._states.values():
                     if state.loaded:
                         await self._unload(state, reason="pool shut down")
-                    if getattr(state.backend, "_limner_pool", None) is self:
-                        del state.backend._limner_pool  # type: ignore[attr-defined]
+        return None
 
     def _has_work(self) -> bool:
         return any(
@@ -338,20 +400,10 @@ class Pool:
     ) -> Vector:
         """Embed prepared images (``kind="image"``) or texts; rows in the order given."""
         state = self._state(spec, backend)
-        await self._ensure_ready(state)
         size = spec.info.max_batch_size
-        if len(items) <= size:
-            return await self._submit(state, kind, items)
         chunks = [items[start : start + size] for start in range(0, len(items), size)]
-        results: list[Vector | None] = [None] * len(chunks)
-
-        async def run(index: int, chunk: list[Any]) -> None:
-            results[index] = await self._submit(state, kind, chunk)
-
-        async with anyio.create_task_group() as group:
-            for index, chunk in enumerate(chunks):
-                group.start_soon(run, index, chunk)
-        return np.concatenate([r for r in results if r is not None])
+        results = await self._submit(state, kind, chunks)
+        return results[0] if len(results) == 1 else np.concatenate(results)
 
     async def generate(
         self,
@@ -431,12 +483,6 @@ class Pool:
             raise LimnerError("the pool is not running; use it inside `async with Pool()`")
         state = self._states.get(backend)
         if state is None:
-            owner = getattr(backend, "_limner_pool", None)
-            if owner is not None and owner is not self:
-                raise LimnerError(
-                    f"{spec.key} is already served by another pool; use one pool per process"
-                )
-            backend._limner_pool = self  # type: ignore[attr-defined]
             state = _KeyState(spec=spec, backend=backend, queue=_Queue(spec.key, self.max_queue))
             self._states[backend] = state
         return state
@@ -452,6 +498,7 @@ class Pool:
             if state.load_error is not None and self.clock.now() < state.retry_at:
                 wait = state.retry_at - self.clock.now()
                 raise ModelLoadError(f"{state.load_error} (next try in {wait:.1f} s)")
+            _claim(state.backend, self)
             state.state = "loading"
             state.load_error = None
             state.load_done = anyio.Event()
@@ -473,6 +520,7 @@ class Pool:
             if state.released is not None:
                 await state.released.wait()  # the previous copy's unload comes first
             started = self.clock.now()
+            state.baseline = dict(vars(state.backend))
             await self.placement.load(state.backend)
             state.loaded = True
             await anyio.lowlevel.checkpoint()  # a shutdown during the load surfaces here
@@ -503,6 +551,8 @@ class Pool:
             )
         except BaseException as error:
             state.state = "cold"
+            if not state.loaded:
+                _disown(state.backend, self)
             if not isinstance(error, Exception):  # the pool is shutting down mid-load
                 state.load_error = Cancelled(f"the pool shut down while loading {key}")
                 raise
@@ -568,6 +618,8 @@ class Pool:
         for scope in state.workers:
             scope.cancel()
         state.workers.clear()
+        # Nobody serves this queue any more: its callers submit again (and cold-start it).
+        state.queue.answer_all(_Requeue())
         state.state = "cold"
         state.loaded = False
         state.accounted_mb = 0.0
@@ -575,12 +627,14 @@ class Pool:
         return state.released
 
     async def _release(self, state: _KeyState, released: anyio.Event) -> None:
+        baseline, state.baseline = state.baseline, None
         with anyio.CancelScope(shield=True):
             try:
-                await self.placement.unload(state.backend)
+                await self.placement.unload(state.backend, baseline=baseline)
             except Exception:
                 log.exception("unloading %s failed", state.spec.key)
             finally:
+                _disown(state.backend, self)
                 released.set()
 
     async def _unload(self, state: _KeyState, *, reason: str) -> None:
@@ -591,20 +645,44 @@ class Pool:
 
     # -- workers ------------------------------------------------------------------------
 
-    async def _submit(self, state: _KeyState, kind: RequestKind, items: list[Any]) -> Vector:
-        if self._task_group is None:
-            raise Cancelled("the pool shut down")
-        request = _Request(kind, items)
-        state.queue.put(request)
-        try:
-            await request.done.wait()
-        except BaseException:
-            request.cancelled = True
-            raise
-        if request.error is not None:
-            raise request.error
-        assert request.result is not None
-        return request.result
+    async def _submit(
+        self, state: _KeyState, kind: RequestKind, chunks: list[list[Any]]
+    ) -> list[Vector]:
+        """Queue one call's chunks and wait for every answer, in order.
+
+        A chunk handed back because its model was retired before running it is submitted
+        again (after a fresh cold start), a bounded number of times.
+        """
+        results: list[Vector | None] = [None] * len(chunks)
+        pending = list(range(len(chunks)))
+        for _ in range(_MAX_REQUEUES + 1):
+            await self._ensure_ready(state)
+            if self._task_group is None:
+                raise Cancelled("the pool shut down")
+            requests = [(index, _Request(kind, chunks[index])) for index in pending]
+            state.queue.put_all([request for _, request in requests])
+            try:
+                for _, request in requests:
+                    await request.done.wait()
+                    if request.error is not None and not isinstance(request.error, _Requeue):
+                        raise request.error
+            except BaseException:
+                for _, request in requests:
+                    request.cancelled = True
+                raise
+            pending = []
+            for index, request in requests:
+                if isinstance(request.error, _Requeue):
+                    pending.append(index)
+                else:
+                    results[index] = request.result
+            if not pending:
+                return [result for result in results if result is not None]
+        raise ModelError(
+            f"{state.spec.key} was unloaded {_MAX_REQUEUES + 1} times before it could run "
+            "this request; the pool is evicting it faster than it serves (raise the memory "
+            "budget or keep_alive)"
+        )
 
     async def _worker(self, state: _KeyState, scope: anyio.CancelScope) -> None:
         assert state.compute is not None
@@ -613,22 +691,43 @@ class Pool:
                 await state.queue.wait()
                 # Take the batch only once it can run: whatever queues meanwhile joins it.
                 async with state.compute:
-                    batch = self._take_batch(state)
-                    if not batch:
-                        continue
-                    if self.max_batch_wait > 0 and state.busy_workers > 0:
-                        await self._top_up(state, batch)
-                    state.busy_workers += 1
+                    batch: list[_Request] = []
                     try:
-                        died = await self._run_batch(state, batch)
+                        self._take_batch(state, batch)
+                        if not batch:
+                            continue
+                        if self.max_batch_wait > 0 and state.busy_workers > 0:
+                            await self._top_up(state, batch)
+                        state.busy_workers += 1
+                        try:
+                            died = await self._run_batch(state, batch)
+                        finally:
+                            state.busy_workers -= 1
                     finally:
-                        state.busy_workers -= 1
+                        # Whatever stopped this worker (eviction, shutdown, death), no caller
+                        # whose request it took is left waiting.
+                        self._answer_unfinished(batch)
+                        state.in_flight -= len(batch)
                 if died:
                     self._worker_died(state, scope)
                     return
 
-    def _take_batch(self, state: _KeyState, batch: list[_Request] | None = None) -> list[_Request]:
-        batch = batch if batch is not None else []
+    def _answer_unfinished(self, batch: list[_Request]) -> None:
+        unanswered = [request for request in batch if not request.done.is_set()]
+        if not unanswered:
+            return
+        error: BaseException = (
+            Cancelled("the pool shut down") if self._closing or not self.running else _Requeue()
+        )
+        for request in unanswered:
+            request.finish(error=error)
+
+    def _take_batch(self, state: _KeyState, batch: list[_Request]) -> None:
+        """Move requests from the queue into ``batch`` while they fit.
+
+        Taken requests count as in flight at once, so a model holding a batch that waits to
+        fill up never looks idle to eviction.
+        """
         size = sum(len(r.items) for r in batch)
         limit = state.spec.info.max_batch_size
         queue = state.queue
@@ -641,8 +740,8 @@ class Pool:
             if batch and (head.kind != batch[0].kind or size + len(head.items) > limit):
                 break
             batch.append(queue.items.popleft())
+            state.in_flight += 1
             size += len(head.items)
-        return batch
 
     async def _top_up(self, state: _KeyState, batch: list[_Request]) -> None:
         """Other batches are running: wait briefly for this one to fill up."""
@@ -661,32 +760,26 @@ class Pool:
         assert isinstance(backend, ImageEmbeddingBackend)
         function = backend.embed_prepared if batch[0].kind == "image" else backend.embed_texts
         items = [item for request in batch for item in request.items]
-        state.in_flight += len(batch)
-        died = False
         try:
             try:
-                vectors = await self._call_with_oom_retry(function, items)
-            except BaseException as error:
-                if not isinstance(error, Exception):  # cancelled: never leave a caller hanging
-                    for request in batch:
-                        if not request.done.is_set():
-                            request.finish(error=Cancelled("the pool shut down mid-batch"))
-                    raise
-                died = _is_out_of_memory(error)
-                failure = ModelError(
-                    f"{state.spec.key} failed on a batch of {len(items)}: {error!r}"
+                returned = await self._call_with_oom_retry(function, items)
+                vectors = checked_vectors(
+                    returned,
+                    rows=len(items),
+                    dimension=state.spec.info.embedding_dimension,
+                    source=describe_backend(state.spec.key, backend),
                 )
-                failure.__cause__ = error
+            except Exception as error:
+                failure = error if isinstance(error, ModelError) else None
+                if failure is None:
+                    failure = ModelError(
+                        f"{describe_backend(state.spec.key, backend)} failed on a batch of "
+                        f"{len(items)}: {error!r}"
+                    )
+                    failure.__cause__ = error
                 for request in batch:
                     request.finish(error=failure)
-                return died
-            if vectors.shape[0] != len(items):
-                mismatch = ModelError(
-                    f"{state.spec.key} returned {vectors.shape[0]} rows for {len(items)} inputs"
-                )
-                for request in batch:
-                    request.finish(error=mismatch)
-                return False
+                return _is_out_of_memory(error)
             start = 0
             for request in batch:
                 end = start + len(request.items)
@@ -696,7 +789,6 @@ class Pool:
             state.batched_items += len(items)
             return False
         finally:
-            state.in_flight -= len(batch)
             state.last_used = self.clock.now()
             self._progress.set()
 

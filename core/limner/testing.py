@@ -106,8 +106,10 @@ class FakeEmbeddingBackend(ImageEmbeddingBackend):
         self._lock = threading.Lock()
         dimension = spec.info.embedding_dimension or 8
         generator = np.random.default_rng(0)
+        # One row more than the thumbnail's values: a constant feature, so that even a black
+        # image has a direction (the pool refuses all-zero rows).
         self._projection = generator.standard_normal(
-            (_THUMBNAIL * _THUMBNAIL * 3, dimension)
+            (_THUMBNAIL * _THUMBNAIL * 3 + 1, dimension)
         ).astype(np.float32)
         self._text_projection = generator.standard_normal((256, dimension)).astype(np.float32)
         self.loaded = False
@@ -154,7 +156,8 @@ class FakeEmbeddingBackend(ImageEmbeddingBackend):
 
     def prepare(self, image: Image) -> npt.NDArray[np.float32]:
         thumbnail = image.resize((_THUMBNAIL, _THUMBNAIL))
-        return np.asarray(thumbnail, dtype=np.float32).reshape(-1) / 255.0
+        pixels = np.asarray(thumbnail, dtype=np.float32).reshape(-1) / 255.0
+        return np.append(pixels, np.float32(1.0))
 
     def embed_prepared(self, items: Sequence[Any]) -> npt.NDArray[np.float32]:
         if not self.loaded:
