@@ -182,7 +182,8 @@ def test_a_client_leaving_a_stream_stops_the_generation(
             json={"model": "fake/slow", "prompt": "long", "steps": 50, "stream": True},
         ) as response,
     ):
-        first = next(parse_events(response.iter_lines()))
+        events = parse_events(response.iter_lines())  # held: dropping it closes the stream
+        first = next(events)
         assert first.name == "progress"
         assert served.pool("fake/slow")["in_flight"] == 1
     # The connection is closed: the pool stops the pipeline at its next step.
