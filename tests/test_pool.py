@@ -559,7 +559,7 @@ async def test_shutdown_during_a_load_fails_its_waiters_instead_of_hanging() -> 
 
     async def request(pool: Pool) -> None:
         try:  # straight to the pool: no decoding thread that could still run at shutdown
-            await pool.embed(model.spec, model.backend, "image", [prepared])
+            await pool.embed(model.backend, "image", [prepared])
         except limner.LimnerError as error:
             outcomes.append(error)
 

@@ -302,7 +302,7 @@ def test_wrong_backend_type_is_a_plugin_error() -> None:
         ModelSpec(
             key="fake/wrong",
             capability=Capability.IMAGE_EMBEDDING,
-            factory=lambda spec, settings: object(),  # type: ignore[arg-type,return-value]
+            factory=lambda spec, settings: object(),
             info=ModelInfo(memory_mb=1, embedding_dimension=8),
         )
     )

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from . import errors
 from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
-from ._blocking import BlockingImageEmbedder, BlockingImageGenerator, default_pool
 from ._capabilities import ImageEmbeddingCapable, ImageInput, TextToImageCapable
-from ._embedder import ImageEmbedder
+from ._default_pool import default_pool
+from ._embedder import BlockingImageEmbedder, ImageEmbedder
 from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
-from ._generator import ImageGenerator
+from ._generator import BlockingImageGenerator, ImageGenerator
 from ._hookspecs import hookimpl, hookspec
 from ._images import DEFAULT_LIMITS, ImageLimits, InputKind, decode_image, fetch_image_bytes
 from ._memory import Clock, MemoryProbe, MonotonicClock, SystemMemory
-from ._pool import KeyStats, Placement, Pool, ThreadPlacement, current_pool
+from ._pool import Pool, current_pool
 from ._registry import (
     Model,
     ModelEntry,
@@ -33,6 +33,7 @@ from ._registry import (
     generator,
     get,
 )
+from ._runtime import KeyStats, Runtime
 from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
 from ._weights import hf_cache_dir, materialize_in_hf_cache, tiny_revision
 from .errors import (
@@ -84,18 +85,17 @@ __all__ = [
     "ModelSettings",
     "ModelSpec",
     "MonotonicClock",
-    "Placement",
     "PluginError",
     "PluginRecord",
     "Pool",
     "PoolBusy",
     "Progress",
     "Registry",
+    "Runtime",
     "StepCallback",
     "SystemMemory",
     "TextToImageBackend",
     "TextToImageCapable",
-    "ThreadPlacement",
     "UnknownModelError",
     "__version__",
     "current_pool",

@@ -12,8 +12,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ._backends import ImageEmbeddingBackend
-from ._blocking import BlockingImageEmbedder, in_pool
+from ._blocking import call_blocking
 from ._capabilities import ImageInput
+from ._default_pool import in_runtime
 from ._images import (
     DEFAULT_LIMITS,
     ImageLimits,
@@ -22,7 +23,7 @@ from ._images import (
     fetch_image_bytes,
     input_kind,
 )
-from ._pool import Pool, RequestKind
+from ._runtime import RequestKind, Runtime
 from ._spec import ModelSpec
 from ._vectors import describe_backend
 from .errors import InvalidInput, LimnerError, ModelError
@@ -56,7 +57,7 @@ class ImageEmbedder:
         self.spec = spec
         self.backend = backend
         self.limits = limits
-        self._pool: Pool | None = None
+        self._runtime: Runtime | None = None
 
     def __repr__(self) -> str:
         return f"<ImageEmbedder {self.spec.key} dim={self.embedding_dimension}>"
@@ -116,12 +117,13 @@ class ImageEmbedder:
 
     async def load(self) -> None:
         """Load the weights now, through the same pool requests would use."""
-        await in_pool(self._pool, lambda pool: pool.load(self.spec, self.backend))
+        await in_runtime(self._runtime, lambda runtime: runtime.load(self.backend))
 
-    def using(self, pool: Pool) -> ImageEmbedder:
-        """The same model, served by ``pool`` instead of the current or default pool."""
+    def using(self, runtime: Runtime) -> ImageEmbedder:
+        """The same model, served by ``runtime`` (a :class:`~limner.Pool`, or any
+        :class:`~limner.Runtime`) instead of the current or default pool."""
         bound = ImageEmbedder(self.spec, self.backend, limits=self.limits)
-        bound._pool = pool
+        bound._runtime = runtime
         return bound
 
     # -- the machinery --------------------------------------------------------------------
@@ -178,6 +180,47 @@ class ImageEmbedder:
         return self.backend.prepare(image)
 
     async def _dispatch(self, kind: RequestKind, items: list[Any]) -> Vector:
-        return await in_pool(
-            self._pool, lambda pool: pool.embed(self.spec, self.backend, kind, items)
+        return await in_runtime(
+            self._runtime, lambda runtime: runtime.embed(self.backend, kind, items)
         )
+
+
+class BlockingImageEmbedder:
+    """The same methods as :class:`~limner.ImageEmbedder`, as plain blocking calls.
+
+    Safe to use from many threads at once: every call is handed to the default pool's loop.
+    """
+
+    def __init__(self, model: ImageEmbedder) -> None:
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"<BlockingImageEmbedder {self.model.key}>"
+
+    @property
+    def key(self) -> str:
+        return self.model.key
+
+    @property
+    def embedding_dimension(self) -> int:
+        return self.model.embedding_dimension
+
+    def embed_image(self, path: str | os.PathLike[str]) -> npt.NDArray[np.float32]:
+        return call_blocking("embed_image", self.model.embed_image, path)
+
+    def embed_image_url(self, url: str) -> npt.NDArray[np.float32]:
+        return call_blocking("embed_image_url", self.model.embed_image_url, url)
+
+    def embed_image_base64(self, data: str | bytes) -> npt.NDArray[np.float32]:
+        return call_blocking("embed_image_base64", self.model.embed_image_base64, data)
+
+    def batch_embed_images(
+        self, paths: Sequence[str | os.PathLike[str]]
+    ) -> npt.NDArray[np.float32]:
+        return call_blocking("batch_embed_images", self.model.batch_embed_images, paths)
+
+    def embed_images(self, inputs: Sequence[ImageInput]) -> npt.NDArray[np.float32]:
+        return call_blocking("embed_images", self.model.embed_images, inputs)
+
+    def embed_text(self, texts: str | Sequence[str]) -> npt.NDArray[np.float32]:
+        return call_blocking("embed_text", self.model.embed_text, texts)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 
 from ._backends import TextToImageBackend
-from ._blocking import BlockingImageGenerator, in_pool, iterate_in_pool
+from ._blocking import call_blocking
+from ._default_pool import in_runtime, iterate_in_runtime
 from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig
-from ._pool import Pool
+from ._runtime import Runtime
 from ._spec import ModelSpec
 from .errors import InvalidInput, ModelError
 
@@ -25,7 +26,7 @@ class ImageGenerator:
     def __init__(self, spec: ModelSpec, backend: TextToImageBackend) -> None:
         self.spec = spec
         self.backend = backend
-        self._pool: Pool | None = None
+        self._runtime: Runtime | None = None
 
     def __repr__(self) -> str:
         return f"<ImageGenerator {self.spec.key}>"
@@ -36,12 +37,13 @@ class ImageGenerator:
 
     async def load(self) -> None:
         """Load the weights now, through the same pool requests would use."""
-        await in_pool(self._pool, lambda pool: pool.load(self.spec, self.backend))
+        await in_runtime(self._runtime, lambda runtime: runtime.load(self.backend))
 
-    def using(self, pool: Pool) -> ImageGenerator:
-        """The same model, served by ``pool`` instead of the current or default pool."""
+    def using(self, runtime: Runtime) -> ImageGenerator:
+        """The same model, served by ``runtime`` (a :class:`~limner.Pool`, or any
+        :class:`~limner.Runtime`) instead of the current or default pool."""
         bound = ImageGenerator(self.spec, self.backend)
-        bound._pool = pool
+        bound._runtime = runtime
         return bound
 
     def blocking(self) -> BlockingImageGenerator:
@@ -58,8 +60,8 @@ class ImageGenerator:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("prompt must be a non-empty string", field="prompt")
         resolved = self.resolve_config(config)
-        stream = iterate_in_pool(
-            self._pool, lambda pool: pool.generate(self.spec, self.backend, prompt, resolved)
+        stream = iterate_in_runtime(
+            self._runtime, lambda runtime: runtime.generate(self.backend, prompt, resolved)
         )
         try:
             async for chunk in stream:
@@ -83,3 +85,27 @@ class ImageGenerator:
         if result is None:
             raise ModelError(f"{self.key} ended its stream without a result")
         return result
+
+
+class BlockingImageGenerator:
+    """:class:`~limner.ImageGenerator` as a blocking call with a progress callback."""
+
+    def __init__(self, model: ImageGenerator) -> None:
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"<BlockingImageGenerator {self.model.key}>"
+
+    @property
+    def key(self) -> str:
+        return self.model.key
+
+    def generate(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig | None = None,
+        *,
+        on_progress: Callable[[GenerationChunk], None] | None = None,
+    ) -> GenerationResult:
+        """Generate and return the result; ``on_progress`` sees each chunk on the loop thread."""
+        return call_blocking("generate", self.model.generate, prompt, config, on_progress)

@@ -260,7 +260,7 @@ class Registry:
         if isinstance(factory, str):
             factory = _import_factory(factory, entry)
         try:
-            backend = factory(spec, settings)
+            backend: Backend = factory(spec, settings)  # its type is checked in _wrap
         except LimnerError:
             raise
         except Exception as error:

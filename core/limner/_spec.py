@@ -7,10 +7,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._backends import Backend
+from typing import Any
 
 __all__ = ["BackendFactory", "Capability", "ModelInfo", "ModelSettings", "ModelSpec"]
 
@@ -60,7 +57,7 @@ class ModelInfo:
         object.__setattr__(self, "default_settings", _frozen(self.default_settings))
 
 
-BackendFactory = Callable[["ModelSpec", "ModelSettings"], "Backend"]
+BackendFactory = Callable[["ModelSpec", "ModelSettings"], Any]
 """Builds a model's backend cheaply: no weights, no heavy imports (those belong in ``load``)."""
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")

@@ -8,6 +8,7 @@ what went wrong and what to do about it. Errors about the caller's input also de
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "BlockingCallInEventLoop",
@@ -41,8 +42,23 @@ def describe_input(value: object, *, limit: int = _MAX_INPUT_CHARS) -> str:
     return text
 
 
+def _rebuild(kind: type[LimnerError], args: tuple[object, ...], state: dict[str, object]) -> Any:
+    """Unpickle an error without calling its ``__init__`` (some take keyword-only fields)."""
+    error = kind.__new__(kind)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
 class LimnerError(Exception):
-    """Base class of every error limner raises on purpose."""
+    """Base class of every error limner raises on purpose.
+
+    Every one pickles with its fields, so it crosses a process boundary (a runtime on a
+    cluster) as itself, ``except`` clauses and all.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class UnknownModelError(LimnerError, KeyError):

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import pickle
 import random
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from ._backends import ImageEmbeddingBackend, StepCallback, TextToImageBackend
-from ._generation import GenerationResult, ImageGenerationConfig, Progress
+from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
+from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
+from ._runtime import KeyStats, RequestKind
 from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
-from .errors import InvalidInput
+from .errors import InvalidInput, LimnerError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -38,6 +40,7 @@ __all__ = [
     "FakeEmbeddingBackend",
     "FakeMemory",
     "FakeTextToImageBackend",
+    "MockRuntime",
     "fake_embedding_spec",
     "fake_generation_spec",
 ]
@@ -316,3 +319,99 @@ def fake_generation_spec(
             tiny=True,
         ),
     )
+
+
+T = TypeVar("T")
+
+EmbedHandler = Callable[[str, RequestKind, list[Any]], Any]
+GenerateHandler = Callable[[str, str, ImageGenerationConfig], Iterable[GenerationChunk]]
+
+
+def _crossed(value: T) -> T:
+    """``value`` as a runtime in another process would see it: pickled and unpickled."""
+    copy: T = pickle.loads(pickle.dumps(value))
+    return copy
+
+
+class MockRuntime:
+    """A :class:`~limner.Runtime` that answers from plain functions, as httpx's
+    ``MockTransport`` answers from a handler: test host code and fronts without a pool.
+
+    ``embed(key, kind, items)`` returns the rows for a batch; ``generate(key, prompt,
+    config)`` returns the chunks of a generation; either may raise a
+    :class:`~limner.LimnerError`. Everything crossing the seam, both ways, is pickled and
+    unpickled on the way, as it would be to a runtime in another process: a front that
+    sent more than data fails here. ``calls`` records each call in order.
+    """
+
+    def __init__(
+        self, *, embed: EmbedHandler | None = None, generate: GenerateHandler | None = None
+    ) -> None:
+        self._embed = embed
+        self._generate = generate
+        self.calls: list[tuple[Any, ...]] = []
+        self.loaded: set[str] = set()
+        self.closed = False
+
+    async def embed(
+        self, backend: Backend, kind: RequestKind, items: Sequence[Any]
+    ) -> npt.NDArray[np.float32]:
+        key = backend.spec.key
+        self.calls.append(("embed", key, kind, len(items)))
+        if self._embed is None:
+            raise LimnerError(f"this MockRuntime was given no embed handler (for {key})")
+        try:
+            rows = self._embed(key, kind, _crossed(list(items)))
+        except LimnerError as error:
+            raise _crossed(error) from None
+        self.loaded.add(key)
+        vectors: npt.NDArray[np.float32] = _crossed(np.asarray(rows, dtype=np.float32))
+        return vectors
+
+    async def generate(
+        self, backend: Backend, prompt: str, config: ImageGenerationConfig
+    ) -> AsyncIterator[GenerationChunk]:
+        key = backend.spec.key
+        self.calls.append(("generate", key, prompt))
+        if self._generate is None:
+            raise LimnerError(f"this MockRuntime was given no generate handler (for {key})")
+        self.loaded.add(key)
+        try:
+            for chunk in self._generate(key, _crossed(prompt), _crossed(config)):
+                yield _crossed(chunk)
+        except LimnerError as error:
+            raise _crossed(error) from None
+
+    async def load(self, backend: Backend) -> None:
+        self.calls.append(("load", backend.spec.key))
+        self.loaded.add(backend.spec.key)
+
+    def stats(self) -> dict[str, KeyStats]:
+        return {
+            key: KeyStats(
+                key=key,
+                state="ready",
+                workers=1,
+                queue_depth=0,
+                in_flight=0,
+                batches=sum(1 for call in self.calls if call[:2] == ("embed", key)),
+                mean_batch_size=0.0,
+                loads=1,
+                load_seconds=0.0,
+                evictions=0,
+                memory_mb=0.0,
+                device=None,
+                last_used=None,
+            )
+            for key in sorted(self.loaded)
+        }
+
+    async def evict(self, key: str) -> bool:
+        self.calls.append(("evict", key))
+        if key not in self.loaded:
+            return False
+        self.loaded.discard(key)
+        return True
+
+    async def aclose(self) -> None:
+        self.closed = True

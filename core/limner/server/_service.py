@@ -97,7 +97,7 @@ class Service:
                 model = await self.model(key)
                 assert self.pool is not None
                 # The pool loads on first use; this is that first use without a request.
-                await self.pool.load(model.spec, model.backend)
+                await self.pool.load(model.backend)
             except Exception as error:
                 self.preload_errors[key] = str(error)
                 log.error("preloading %s failed: %s", key, error)

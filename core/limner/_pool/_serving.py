@@ -1,0 +1,132 @@
+"""A key's workers at work: batches of embeddings, and generations streamed step by step.
+
+These run as tasks of the pool; what they may not leave behind is a caller without an
+answer, so every batch taken is settled in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+from limner._backends import ImageEmbeddingBackend, TextToImageBackend
+from limner._generation import GenerationChunk, ImageGenerationConfig
+from limner._memory import Clock
+from limner._vectors import checked_vectors, describe_backend
+from limner.errors import Cancelled, LimnerError, ModelError
+
+from ._batching import Request, Requeue
+from ._keys import KeyState
+from ._threads import ThreadExecutor, is_out_of_memory
+
+__all__ = ["run_generation", "serve_batches"]
+
+
+async def serve_batches(
+    state: KeyState,
+    executor: ThreadExecutor,
+    *,
+    max_batch_wait: float,
+    clock: Clock,
+    shutting_down: Callable[[], bool],
+    on_progress: Callable[[], None],
+) -> None:
+    """Take batches off the key's queue and run them until a batch kills the worker."""
+    assert state.slots is not None
+    queue, max_items = state.queue, state.spec.info.max_batch_size
+    while True:
+        await queue.wait()
+        # Take the batch only once it can run: whatever queues meanwhile joins it.
+        async with state.slots:
+            batch: list[Request] = []
+            try:
+                if not queue.take(batch, max_items=max_items):
+                    continue
+                if max_batch_wait > 0 and state.busy_workers > 0:
+                    await queue.top_up(batch, max_items=max_items, wait=max_batch_wait)
+                state.busy_workers += 1
+                try:
+                    died = await _run_batch(state, executor, batch)
+                finally:
+                    state.busy_workers -= 1
+                    state.last_used = clock.now()
+                    on_progress()
+            finally:
+                # Whatever stopped this worker (eviction, shutdown, its death), no caller
+                # whose request it took is left waiting.
+                gone = Cancelled("the pool shut down") if shutting_down() else Requeue()
+                queue.settle(batch, error=gone)
+        if died:
+            return
+
+
+async def _run_batch(state: KeyState, executor: ThreadExecutor, batch: list[Request]) -> bool:
+    """Run one batch and answer its callers; return True if the worker died of it."""
+    backend = state.backend
+    assert isinstance(backend, ImageEmbeddingBackend)
+    items = [item for request in batch for item in request.items]
+    source = describe_backend(state.spec.key, backend)
+    try:
+        returned = await executor.embed(backend, batch[0].kind, items)
+        dimension = state.spec.info.embedding_dimension
+        vectors = checked_vectors(returned, rows=len(items), dimension=dimension, source=source)
+    except Exception as error:
+        failure = error if isinstance(error, ModelError) else None
+        if failure is None:
+            failure = ModelError(f"{source} failed on a batch of {len(items)}: {error!r}")
+            failure.__cause__ = error
+        for request in batch:
+            request.finish(error=failure)
+        return is_out_of_memory(error)
+    start = 0
+    for request in batch:
+        end = start + len(request.items)
+        request.finish(result=vectors[start:end])
+        start = end
+    state.batches += 1
+    state.batched_items += len(items)
+    return False
+
+
+async def run_generation(
+    state: KeyState,
+    executor: ThreadExecutor,
+    prompt: str,
+    config: ImageGenerationConfig,
+    send: anyio.abc.ObjectSendStream[GenerationChunk | BaseException],
+    cancel: threading.Event,
+    *,
+    clock: Clock,
+    on_progress: Callable[[], None],
+) -> None:
+    """One generation, once a slot frees: its chunks, then its result or typed error, go
+    to ``send``; a consumer that left just ends it."""
+    backend = state.backend
+    assert isinstance(backend, TextToImageBackend)
+    assert state.slots is not None
+    async with send:
+        try:
+            async with state.slots:
+                state.waiting_generations -= 1
+                state.generations += 1
+                try:
+                    result = await executor.generate(backend, prompt, config, send, cancel)
+                finally:
+                    state.generations -= 1
+                    state.last_used = clock.now()
+                    on_progress()
+            await send.send(result)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, Cancelled):
+            return  # the consumer went away or stopped reading: nothing left to tell it
+        except Exception as error:
+            wrapped = error
+            if not isinstance(error, LimnerError):
+                wrapped = ModelError(f"{state.spec.key} failed while generating: {error!r}")
+                wrapped.__cause__ = error
+            try:
+                await send.send(wrapped)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # the consumer left meanwhile

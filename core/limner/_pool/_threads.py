@@ -1,0 +1,136 @@
+"""Running plugin code in this process: worker threads, never the event loop.
+
+Loads, batches and generations run in threads; a generation's steps cross back to the loop
+through a one-slot stream, which is both its progress channel and its backpressure.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+import anyio.to_thread
+import numpy as np
+import numpy.typing as npt
+
+from limner._backends import Backend, ImageEmbeddingBackend, TextToImageBackend
+from limner._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
+from limner._runtime import RequestKind
+from limner.errors import Cancelled
+
+__all__ = ["ThreadExecutor", "is_out_of_memory", "restore_attributes"]
+
+Vector = npt.NDArray[np.float32]
+
+log = logging.getLogger("limner.pool")
+
+
+class ThreadExecutor:
+    """Runs one pool's plugin calls in threads: at most ``max_threads`` batches or
+    generations at once, and at most two loads or unloads."""
+
+    def __init__(self, *, max_threads: int) -> None:
+        self._calls = anyio.CapacityLimiter(max_threads)
+        self._loads = anyio.CapacityLimiter(2)
+
+    async def memory_device(self, backend: Backend) -> str:
+        return await anyio.to_thread.run_sync(backend.memory_device)
+
+    async def load(self, backend: Backend) -> None:
+        await anyio.to_thread.run_sync(backend.load, limiter=self._loads)
+
+    async def unload(self, backend: Backend, *, baseline: dict[str, Any] | None) -> None:
+        """Unload, drop whatever loading attached (see :func:`restore_attributes`), and give
+        the memory back."""
+        await anyio.to_thread.run_sync(_unload_and_collect, backend, baseline, limiter=self._loads)
+
+    async def embed(
+        self, backend: ImageEmbeddingBackend, kind: RequestKind, items: Sequence[Any]
+    ) -> Any:
+        """One batch; an out-of-memory batch is retried once as two halves."""
+        function = backend.embed_prepared if kind == "image" else backend.embed_texts
+        try:
+            return await anyio.to_thread.run_sync(function, items, limiter=self._calls)
+        except Exception as error:
+            if not is_out_of_memory(error) or len(items) < 2:
+                raise
+            log.warning("out of memory on a batch of %d; retrying as two halves", len(items))
+            half = len(items) // 2
+            first = await anyio.to_thread.run_sync(function, items[:half], limiter=self._calls)
+            second = await anyio.to_thread.run_sync(function, items[half:], limiter=self._calls)
+            return np.concatenate([np.asarray(first), np.asarray(second)])
+
+    async def generate(
+        self,
+        backend: TextToImageBackend,
+        prompt: str,
+        config: ImageGenerationConfig,
+        send: anyio.abc.ObjectSendStream[GenerationChunk | BaseException],
+        cancel: threading.Event,
+    ) -> GenerationResult:
+        """Run a generation, sending each step's progress; the send blocks the thread until
+        the consumer has room, and a consumer that left stops the run at its next step."""
+
+        def on_step(progress: Progress) -> None:
+            if cancel.is_set():
+                raise Cancelled("the consumer stopped reading")
+            try:
+                anyio.from_thread.run(send.send, progress)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError) as gone:
+                raise Cancelled("the consumer went away") from gone
+            if cancel.is_set():
+                raise Cancelled("the consumer stopped reading")
+
+        def run() -> GenerationResult:
+            return backend.generate(prompt, config, on_step=on_step)
+
+        return await anyio.to_thread.run_sync(run, limiter=self._calls)
+
+
+def _unload_and_collect(backend: Backend, baseline: dict[str, Any] | None) -> None:
+    backend.unload()
+    if baseline is not None:
+        restore_attributes(backend, baseline)
+    gc.collect()
+    _trim_heap()
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def restore_attributes(backend: Backend, baseline: dict[str, Any]) -> None:
+    """Put a backend's attributes back as they were before ``load``.
+
+    Eviction must free the weights whatever the plugin's ``unload`` does (the default does
+    nothing): every attribute ``load`` or serving added is deleted, and every one rebound to
+    another object is reset. Plain values (flags, counters, strings) are kept, and so are
+    objects changed in place, which hold no weights that were not there before the load.
+    """
+    current = vars(backend)
+    for name in list(current):
+        if name not in baseline:
+            del current[name]
+        elif current[name] is not baseline[name] and not isinstance(current[name], _PLAIN):
+            current[name] = baseline[name]
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise), so memory
+    readings after an eviction show the room it made."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to trim
+    libc.malloc_trim(0)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """MemoryError, or torch's CUDA out-of-memory error (matched by name: no torch import)."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
