@@ -143,3 +143,15 @@ async def test_blocking_facade_refuses_a_running_loop(registry: Registry, red_pa
 
 def test_capability_protocol_is_satisfied(registry: Registry) -> None:
     assert isinstance(registry.get("fake"), limner.ImageEmbeddingCapable)
+
+
+# -- what decoding may cost -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_image_without_pixels_is_invalid_input(registry: Registry) -> None:
+    model = registry.embedder("fake")
+    with pytest.raises(InvalidInput, match="0 x 4 has no pixels") as caught:
+        await model.embed_images([png_bytes((255, 0, 0)), Image.new("RGB", (0, 4))])
+    assert caught.value.index == 1
+    assert "PIL.Image.Image" in str(caught.value)

@@ -25,6 +25,7 @@ from limner._images import (
     DEFAULT_LIMITS,
     ImageLimits,
     InputKind,
+    _pixel_size_problem,
     decode_image,
     fetch_image_bytes,
     input_kind,
@@ -548,6 +549,19 @@ def test_pil_input_over_the_pixel_limit() -> None:
     with pytest.raises(InvalidInput, match="30 x 20 = 600 pixels is over the limit of 500") as e:
         decode_image(Image.new("RGB", (30, 20)), limits=ImageLimits(max_pixels=500))
     assert "PIL.Image.Image" in message(e)
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 7), (7, 0)])
+def test_an_image_without_pixels_is_refused(size: tuple[int, int]) -> None:
+    with pytest.raises(InvalidInput, match=f"{size[0]} x {size[1]} has no pixels") as error:
+        decode_image(Image.new("RGB", size))
+    assert "PIL.Image.Image" in message(error)
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 5), (5, 0), (-3, 5), (5, -3)])
+def test_the_pixel_check_refuses_sides_below_one(size: tuple[int, int]) -> None:
+    assert "has no pixels" in str(_pixel_size_problem(*size, DEFAULT_LIMITS))
+    assert _pixel_size_problem(1, 1, DEFAULT_LIMITS) is None
 
 
 def test_bytes_over_the_size_limit() -> None:

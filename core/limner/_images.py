@@ -354,13 +354,25 @@ def _reason(error: BaseException) -> str:
 
 
 def _check_pixels(image: Image.Image, *, limits: ImageLimits, label: object) -> None:
-    width, height = image.size
+    problem = _pixel_size_problem(image.width, image.height, limits)
+    if problem is not None:
+        raise InvalidInput(problem, input=label)
+
+
+def _pixel_size_problem(width: int, height: int, limits: ImageLimits) -> str | None:
+    """Why an image of ``width`` x ``height`` may not be decoded, or None when it may.
+
+    The one size check for every input kind: a side of zero (or less) has no pixels to embed
+    and would divide by zero in a resize, and too many pixels cost too much memory.
+    """
+    if width < 1 or height < 1:
+        return f"{width} x {height} has no pixels: both sides must be at least 1"
     if width * height > limits.max_pixels:
-        raise InvalidInput(
+        return (
             f"{width} x {height} = {width * height} pixels is over the limit of "
-            f"{limits.max_pixels} (ImageLimits.max_pixels)",
-            input=label,
+            f"{limits.max_pixels} (ImageLimits.max_pixels)"
         )
+    return None
 
 
 _ORIENTATION_TAG = 0x0112
