@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 import limner
-from limner import BlockingCallInEventLoop, InvalidInput, ModelError, ModelLoadError, Registry
+from limner import (
+    BlockingCallInEventLoop,
+    ImageLimits,
+    InvalidInput,
+    ModelError,
+    ModelLoadError,
+    Registry,
+)
 from limner.testing import FakeEmbeddingBackend, fake_embedding_spec
 
 
@@ -155,3 +162,14 @@ async def test_an_image_without_pixels_is_invalid_input(registry: Registry) -> N
         await model.embed_images([png_bytes((255, 0, 0)), Image.new("RGB", (0, 4))])
     assert caught.value.index == 1
     assert "PIL.Image.Image" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_with_limits_keeps_the_pool(registry: Registry, red_path: Path) -> None:
+    async with limner.Pool() as pool:
+        model = registry.embedder("fake").using(pool).with_limits(ImageLimits(max_pixels=100))
+        with pytest.raises(InvalidInput, match="32 x 24 = 768 pixels is over the limit of 100"):
+            await model.embed_image(red_path)
+        roomy = model.with_limits(ImageLimits(max_pixels=1000))
+        assert (await roomy.embed_image(red_path)).shape == (8,)
+        assert pool.stats()["fake/embedder"].batches == 1

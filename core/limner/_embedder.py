@@ -123,6 +123,12 @@ class ImageEmbedder:
         bound._pool = pool
         return bound
 
+    def with_limits(self, limits: ImageLimits) -> ImageEmbedder:
+        """The same model, served by the same pool, decoding its inputs within ``limits``."""
+        limited = ImageEmbedder(self.spec, self.backend, limits=limits)
+        limited._pool = self._pool
+        return limited
+
     # -- the machinery --------------------------------------------------------------------
 
     async def _embed(self, inputs: list[Any], *, expect: InputKind | None) -> Vector:
