@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from PIL import Image
 
@@ -173,3 +177,37 @@ async def test_with_limits_keeps_the_pool(registry: Registry, red_path: Path) ->
         roomy = model.with_limits(ImageLimits(max_pixels=1000))
         assert (await roomy.embed_image(red_path)).shape == (8,)
         assert pool.stats()["fake/embedder"].batches == 1
+
+
+class PrepareProbe(FakeEmbeddingBackend):
+    """Records how many ``prepare`` calls run at once; each holds its thread briefly so that
+    unbounded decoding would overlap."""
+
+    def __init__(self, spec: limner.ModelSpec, settings: limner.ModelSettings) -> None:
+        super().__init__(spec, settings)
+        self.running = 0
+        self.most_at_once = 0
+        self._count_lock = threading.Lock()
+
+    def prepare(self, image: Image.Image) -> npt.NDArray[np.float32]:
+        with self._count_lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.02)
+        with self._count_lock:
+            self.running -= 1
+        return super().prepare(image)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("at_once", [1, 3])
+async def test_one_call_decodes_at_most_max_concurrent_decodes_at_once(
+    red_path: Path, at_once: int
+) -> None:
+    registry = Registry(entry_points=False, limits=ImageLimits(max_concurrent_decodes=at_once))
+    registry.register(dataclasses.replace(fake_embedding_spec("fake/probe"), factory=PrepareProbe))
+    model = registry.embedder("fake/probe")
+    assert isinstance(model.backend, PrepareProbe)
+    vectors = await model.embed_images([red_path] * 12)
+    assert vectors.shape == (12, 8)
+    assert 1 <= model.backend.most_at_once <= at_once

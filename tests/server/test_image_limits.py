@@ -72,3 +72,15 @@ def test_the_default_limits_refuse_over_40_megapixels(
     assert error["param"] == "input"
     assert error["code"] == "invalid_input"
     assert "7000 x 7000 = 49000000 pixels is over the limit of 40000000" in error["message"]
+
+
+def test_refused_formats_are_named(make_server: ServerFactory, error_of: ErrorOf) -> None:
+    served = make_server(fake_embedding_spec(MODEL))
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, "ICO")
+    response = embed(served, ["data:image/x-icon;base64," + b64(buffer.getvalue())])
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "input[0]"
+    assert error["code"] == "invalid_input"
+    assert "ICO images are not accepted" in error["message"]
