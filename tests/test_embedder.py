@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from PIL import Image
 
 import limner
-from limner import BlockingCallInEventLoop, InvalidInput, ModelError, ModelLoadError, Registry
+from limner import (
+    BlockingCallInEventLoop,
+    ImageLimits,
+    InvalidInput,
+    ModelError,
+    ModelLoadError,
+    Registry,
+)
 from limner.testing import FakeEmbeddingBackend, fake_embedding_spec
 
 
@@ -143,3 +154,60 @@ async def test_blocking_facade_refuses_a_running_loop(registry: Registry, red_pa
 
 def test_capability_protocol_is_satisfied(registry: Registry) -> None:
     assert isinstance(registry.get("fake"), limner.ImageEmbeddingCapable)
+
+
+# -- what decoding may cost -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_image_without_pixels_is_invalid_input(registry: Registry) -> None:
+    model = registry.embedder("fake")
+    with pytest.raises(InvalidInput, match="0 x 4 has no pixels") as caught:
+        await model.embed_images([png_bytes((255, 0, 0)), Image.new("RGB", (0, 4))])
+    assert caught.value.index == 1
+    assert "PIL.Image.Image" in str(caught.value)
+
+
+@pytest.mark.anyio
+async def test_with_limits_keeps_the_pool(registry: Registry, red_path: Path) -> None:
+    async with limner.Pool() as pool:
+        model = registry.embedder("fake").using(pool).with_limits(ImageLimits(max_pixels=100))
+        with pytest.raises(InvalidInput, match="32 x 24 = 768 pixels is over the limit of 100"):
+            await model.embed_image(red_path)
+        roomy = model.with_limits(ImageLimits(max_pixels=1000))
+        assert (await roomy.embed_image(red_path)).shape == (8,)
+        assert pool.stats()["fake/embedder"].batches == 1
+
+
+class PrepareProbe(FakeEmbeddingBackend):
+    """Records how many ``prepare`` calls run at once; each holds its thread briefly so that
+    unbounded decoding would overlap."""
+
+    def __init__(self, spec: limner.ModelSpec, settings: limner.ModelSettings) -> None:
+        super().__init__(spec, settings)
+        self.running = 0
+        self.most_at_once = 0
+        self._count_lock = threading.Lock()
+
+    def prepare(self, image: Image.Image) -> npt.NDArray[np.float32]:
+        with self._count_lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.02)
+        with self._count_lock:
+            self.running -= 1
+        return super().prepare(image)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("at_once", [1, 3])
+async def test_one_call_decodes_at_most_max_concurrent_decodes_at_once(
+    red_path: Path, at_once: int
+) -> None:
+    registry = Registry(entry_points=False, limits=ImageLimits(max_concurrent_decodes=at_once))
+    registry.register(dataclasses.replace(fake_embedding_spec("fake/probe"), factory=PrepareProbe))
+    model = registry.embedder("fake/probe")
+    assert isinstance(model.backend, PrepareProbe)
+    vectors = await model.embed_images([red_path] * 12)
+    assert vectors.shape == (12, 8)
+    assert 1 <= model.backend.most_at_once <= at_once

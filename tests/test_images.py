@@ -22,9 +22,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from limner._images import (
+    ACCEPTED_FORMATS,
     DEFAULT_LIMITS,
     ImageLimits,
     InputKind,
+    _pixel_size_problem,
     decode_image,
     fetch_image_bytes,
     input_kind,
@@ -550,12 +552,135 @@ def test_pil_input_over_the_pixel_limit() -> None:
     assert "PIL.Image.Image" in message(e)
 
 
+@pytest.mark.parametrize("size", [(0, 0), (0, 7), (7, 0)])
+def test_an_image_without_pixels_is_refused(size: tuple[int, int]) -> None:
+    with pytest.raises(InvalidInput, match=f"{size[0]} x {size[1]} has no pixels") as error:
+        decode_image(Image.new("RGB", size))
+    assert "PIL.Image.Image" in message(error)
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 5), (5, 0), (-3, 5), (5, -3)])
+def test_the_pixel_check_refuses_sides_below_one(size: tuple[int, int]) -> None:
+    assert "has no pixels" in str(_pixel_size_problem(*size, DEFAULT_LIMITS))
+    assert _pixel_size_problem(1, 1, DEFAULT_LIMITS) is None
+
+
 def test_bytes_over_the_size_limit() -> None:
     limits = ImageLimits(max_bytes=len(PNG) - 1)
     with pytest.raises(InvalidInput, match=f"{len(PNG)} bytes, over the limit of"):
         decode_image(PNG, limits=limits)
     with pytest.raises(InvalidInput, match="over the limit"):
         decode_image(base64.b64encode(PNG * 2).decode(), limits=limits)
+
+
+# -- formats: only those whose size is checked before any pixel is decoded -------------------
+
+
+def ico_around(inner: bytes, claimed: int = 16) -> bytes:
+    """An ICO whose directory claims ``claimed`` x ``claimed`` but which holds ``inner``."""
+    directory = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", claimed, claimed, 0, 0, 1, 32, len(inner), 6 + 16)
+    return directory + entry + inner
+
+
+def tiled_tiff(width: int, height: int, tile: int) -> bytes:
+    """An RGB TIFF of ``width`` x ``height`` stored as one deflated ``tile`` x ``tile`` tile of
+    zeros: a few kilobytes, however large the tile."""
+    compressor = zlib.compressobj(9)
+    row = b"\0" * (tile * 3)
+    data = b"".join(compressor.compress(row) for _ in range(tile)) + compressor.flush()
+    short, long = 3, 4
+    count = 11
+    tile_offset = 8 + 2 + count * 12 + 4  # header, entry count, entries, next-IFD offset
+    entries = [  # (tag, type, value): one value each, in tag order
+        (256, long, width),
+        (257, long, height),
+        (258, short, 8),  # bits per sample
+        (259, short, 8),  # deflate
+        (262, short, 2),  # RGB
+        (277, short, 3),  # samples per pixel
+        (284, short, 1),  # chunky
+        (322, long, tile),
+        (323, long, tile),
+        (324, long, tile_offset),
+        (325, long, len(data)),
+    ]
+    assert len(entries) == count
+    out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, kind, value in entries:
+        packed = struct.pack("<HH", value, 0) if kind == short else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, kind, 1) + packed
+    return out + struct.pack("<I", 0) + data
+
+
+def gif_with_first_frame(screen: tuple[int, int], frame: tuple[int, int]) -> bytes:
+    """A GIF whose first frame's extent is ``frame``, on a logical screen of ``screen``."""
+    header = b"GIF89a" + struct.pack("<HHBBB", *screen, 0, 0, 0)
+    descriptor = b"," + struct.pack("<HHHHB", 0, 0, *frame, 0)
+    return header + descriptor + b"\x02\x02\x44\x01\x00;"
+
+
+@pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
+def test_every_accepted_format_decodes(fmt: str) -> None:
+    lossless = {"WEBP": {"lossless": True}}.get(fmt, {})
+    image = decode_image(encode(two_colour((8, 4)), fmt, **lossless))
+    assert image.size == (8, 4)
+    assert_close(pixel(image, (1, 1)), RED, 8 if fmt == "JPEG" else 0)
+    assert_close(pixel(image, (6, 2)), BLUE, 8 if fmt == "JPEG" else 0)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP", "TIFF", "MPO"])
+def test_multi_frame_formats_give_their_first_frame(fmt: str) -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in (RED, BLUE)]
+    lossless = {"WEBP": {"lossless": True}}.get(fmt, {})
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], **lossless)
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
+    assert_close(pixel(decode_image(data), (4, 4)), RED, 2)
+
+
+def test_later_pages_are_never_decoded() -> None:
+    first, huge = Image.new("RGB", (4, 2), RED), Image.new("L", (2000, 2000))
+    data = encode(first, "TIFF", save_all=True, append_images=[huge])
+    image = decode_image(data, limits=ImageLimits(max_pixels=1000))
+    assert image.size == (4, 2)
+
+
+def test_a_gif_frame_larger_than_its_screen_is_the_size_checked() -> None:
+    data = gif_with_first_frame(screen=(8, 8), frame=(3000, 3000))
+    with pytest.raises(InvalidInput, match="3000 x 3000 = 9000000 pixels is over the limit"):
+        decode_image(data, limits=ImageLimits(max_pixels=1_000_000))
+
+
+def test_containers_are_refused_by_name() -> None:
+    expected = "ICO images are not accepted: only JPEG, PNG, GIF, WEBP, BMP and TIFF"
+    with pytest.raises(InvalidInput, match=expected) as e:
+        decode_image(encode(Image.new("RGB", (32, 32), RED), "ICO"))
+    assert "bytes>" in message(e)
+    for magic, name in [(b"icns\0\0\1\0", "ICNS"), (b"8BPS\0\1", "PSD")]:
+        with pytest.raises(InvalidInput, match=f"{name} images are not accepted"):
+            decode_image(magic + b"\0" * 64)
+
+
+def test_an_ico_bomb_is_refused_before_its_inner_image_is_decoded() -> None:
+    # The directory says 16 x 16; Pillow would decode the 3000 x 3000 PNG inside while
+    # opening it, before any size check (the memory this costs is measured in
+    # test_image_memory.py).
+    bomb = ico_around(encode(Image.new("L", (3000, 3000)), "PNG"))
+    with pytest.raises(InvalidInput, match="ICO images are not accepted") as error:
+        decode_image(bomb, limits=ImageLimits(max_pixels=1_000_000))
+    assert f"<{len(bomb)} bytes>" in message(error)
+
+
+def test_tiff_tiles_count_against_the_pixel_limit() -> None:
+    bomb = tiled_tiff(16, 16, tile=2048)  # libtiff would decode a 2048 x 2048 tile
+    assert len(bomb) < 20_000
+    expected = "TIFF tiles of 2048 x 2048 = 4194304 pixels are over the limit of 1000000"
+    with pytest.raises(InvalidInput, match=expected) as error:
+        decode_image(bomb, limits=ImageLimits(max_pixels=1_000_000))
+    assert f"<{len(bomb)} bytes>" in message(error)
+    image = decode_image(tiled_tiff(100, 100, tile=256))  # tiles larger than a small image
+    assert image.size == (100, 100)
+    assert pixel(image, (50, 50)) == BLACK
 
 
 # -- bad base64 and data URLs -----------------------------------------------------------------
@@ -653,11 +778,21 @@ def test_decode_refuses_urls() -> None:
     assert "https://example.com/cat.png" in message(error)
 
 
-@pytest.mark.parametrize("field", ["max_bytes", "max_pixels", "fetch_timeout", "max_redirects"])
+@pytest.mark.parametrize(
+    "field",
+    ["max_bytes", "max_pixels", "fetch_timeout", "max_redirects", "max_concurrent_decodes"],
+)
 def test_limits_are_validated(field: str) -> None:
     with pytest.raises(InvalidInput) as error:
         ImageLimits(**{field: -1})
     assert error.value.field == field
+
+
+@pytest.mark.parametrize("value", [0, 1.5, True])
+def test_concurrent_decodes_is_a_positive_integer(value: object) -> None:
+    with pytest.raises(InvalidInput, match="positive integer") as error:
+        ImageLimits(max_concurrent_decodes=value)  # type: ignore[arg-type]
+    assert error.value.field == "max_concurrent_decodes"
 
 
 # -- bad fetches ------------------------------------------------------------------------------

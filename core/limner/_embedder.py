@@ -126,17 +126,27 @@ class ImageEmbedder:
         bound._runtime = runtime
         return bound
 
+    def with_limits(self, limits: ImageLimits) -> ImageEmbedder:
+        """The same model, served by the same runtime, decoding its inputs within ``limits``."""
+        limited = ImageEmbedder(self.spec, self.backend, limits=limits)
+        limited._runtime = self._runtime
+        return limited
+
     # -- the machinery --------------------------------------------------------------------
 
     async def _embed(self, inputs: list[Any], *, expect: InputKind | None) -> Vector:
         if not inputs:
             return np.zeros((0, self.embedding_dimension), dtype=np.float32)
+        # A decoded image may take hundreds of megabytes and a call may hold thousands of
+        # inputs: decode only so many of them at once.
+        decode_slots = anyio.CapacityLimiter(self.limits.max_concurrent_decodes)
         prepared: list[Any] = [None] * len(inputs)
         errors: list[LimnerError | None] = [None] * len(inputs)
-        # Decode every input concurrently, bounded by anyio's default thread limiter.
         async with anyio.create_task_group() as group:
             for index, source in enumerate(inputs):
-                group.start_soon(self._prepare_one, index, source, expect, prepared, errors)
+                group.start_soon(
+                    self._prepare_one, index, source, expect, decode_slots, prepared, errors
+                )
         for index, error in enumerate(errors):
             if isinstance(error, InvalidInput) and len(inputs) > 1:
                 raise error.at_index(index)
@@ -149,6 +159,7 @@ class ImageEmbedder:
         index: int,
         source: Any,
         expect: InputKind | None,
+        decode_slots: anyio.CapacityLimiter,
         out: list[Any],
         errors: list[LimnerError | None],
     ) -> None:
@@ -162,7 +173,10 @@ class ImageEmbedder:
             if kind is InputKind.URL:
                 data = await fetch_image_bytes(source, limits=self.limits)
                 kind, name = InputKind.BYTES, source
-            out[index] = await anyio.to_thread.run_sync(self._decode_and_prepare, data, kind, name)
+            async with decode_slots:  # after any fetch: only decoding is bounded
+                out[index] = await anyio.to_thread.run_sync(
+                    self._decode_and_prepare, data, kind, name
+                )
         except LimnerError as error:
             errors[index] = error
         except Exception as error:  # the plugin's prepare() raised: its bug, not the input's

@@ -3,7 +3,9 @@
 Images come from strangers: a path, an http(s) URL, base64, a ``data:`` URL, raw bytes or a
 PIL image. Each one is bounded in encoded size and in pixels (checked from the header, before
 any pixel is decoded), and every failure becomes an :class:`~limner.errors.InvalidInput` that
-names the input, never a bare Pillow or httpx exception.
+names the input, never a bare Pillow or httpx exception. Only formats whose decoded size is
+known from the header are opened (``ACCEPTED_FORMATS``): containers such as ICO decode an
+inner image while Pillow opens them, before any size could be checked.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import anyio
 import httpx
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from .errors import FetchError, InvalidInput
 
 __all__ = [
+    "ACCEPTED_FORMATS",
     "DEFAULT_LIMITS",
     "ImageLimits",
     "InputKind",
@@ -51,7 +54,7 @@ class InputKind(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class ImageLimits:
-    """Bounds on one image, so a hostile input costs little before it is refused."""
+    """Bounds on image inputs, so a hostile input costs little before it is refused."""
 
     max_bytes: int = 50 * 1024 * 1024
     """Encoded size, for files, base64, bytes and downloads."""
@@ -60,11 +63,19 @@ class ImageLimits:
     fetch_timeout: float = 10.0
     """Total seconds for one URL fetch, redirects included."""
     max_redirects: int = 5
+    max_concurrent_decodes: int = 4
+    """Images one embedding call decodes at once: its decoding memory peaks near this times
+    ``max_pixels`` times 4 bytes (more for WebP), however many images it holds."""
 
     def __post_init__(self) -> None:
         for field in ("max_bytes", "max_pixels", "fetch_timeout"):
             if not getattr(self, field) > 0:
                 raise InvalidInput(f"must be positive, got {getattr(self, field)!r}", field=field)
+        decodes = self.max_concurrent_decodes
+        if isinstance(decodes, bool) or not isinstance(decodes, int) or decodes < 1:
+            raise InvalidInput(
+                f"must be a positive integer, got {decodes!r}", field="max_concurrent_decodes"
+            )
         if self.max_redirects < 0:
             raise InvalidInput(
                 f"must be zero or more, got {self.max_redirects!r}", field="max_redirects"
@@ -285,15 +296,57 @@ def _decode_base64(text: str, *, limits: ImageLimits, label: object) -> bytes:
         raise InvalidInput(f"not valid base64: {error}", input=label) from None
 
 
-# Magic numbers of common formats, to tell "a broken PNG" from "not an image at all".
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+"""Pillow's names of the formats decoded. Each states its decoded size in a header that Pillow
+reads without decoding pixels, so the pixel limit is checked first; multi-frame files (GIF,
+APNG, animated WebP, multi-page TIFF, MPO) decode their first frame only. Containers (ICO,
+ICNS, ...) are refused: Pillow decodes their inner image while opening them."""
+
+# Magic numbers, to tell "a broken PNG" and "an ICO, which is refused" from "not an image".
 _SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF8", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"GIF8", "GIF"),
+    (0, b"BM", "BMP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (8, b"WEBP", "WebP"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"\x00\x00\x02\x00", "CUR"),
+    (0, b"icns", "ICNS"),
+    (0, b"8BPS", "PSD"),
+    (0, b"DDS ", "DDS"),
+    (0, b"qoif", "QOI"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (0, b"\xffO\xffQ", "JPEG 2000"),
+    (4, b"ftypavif", "AVIF"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
 )
+_ACCEPTED_NAMES = ", ".join(ACCEPTED_FORMATS[:-1]) + " and " + ACCEPTED_FORMATS[-1]
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """The format ``data``'s magic number names, if it is one of the common ones."""
+    for offset, magic, name in _SIGNATURES:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def _unreadable(data: bytes) -> str:
+    """Why Pillow could not open ``data`` with any of the accepted formats."""
+    known = _sniff_format(data)
+    if known is None:
+        return (
+            f"not an image, or not an accepted format ({_ACCEPTED_NAMES}); starts with {data[:8]!r}"
+        )
+    if known.upper() in ACCEPTED_FORMATS:
+        return f"corrupt {known} header: Pillow cannot read it"
+    return (
+        f"{known} images are not accepted: only {_ACCEPTED_NAMES}, whose size is checked "
+        "before any pixel is decoded"
+    )
 
 
 def _decode_bytes(
@@ -304,28 +357,27 @@ def _decode_bytes(
     if len(data) > limits.max_bytes:
         raise InvalidInput(_too_many_bytes(len(data), limits), input=label)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
-        known = next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
-        reason = (
-            f"corrupt {known} header: Pillow cannot read it"
-            if known is not None
-            else f"not an image, or not a format Pillow reads (starts with {data[:8]!r})"
-        )
-        raise InvalidInput(reason, input=label) from None
+        raise InvalidInput(_unreadable(data), input=label) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InvalidInput(f"image is too large to decode safely: {error}", input=label) from None
+        # Over Pillow's own process-wide limit, which it checks while opening.
+        raise InvalidInput(
+            f"image is too large to decode safely: {error} (PIL.Image.MAX_IMAGE_PIXELS)",
+            input=label,
+        ) from None
     except MemoryError:
         raise
     except Exception as error:  # a format plugin may raise anything on hostile bytes
         raise InvalidInput(f"corrupt image header: {_reason(error)}", input=label) from error
     _check_pixels(image, limits=limits, label=label)
+    _check_tiles(image, limits=limits, label=label)
     try:
-        if draft_size and image.format == "JPEG":
+        if draft_size and image.format in ("JPEG", "MPO"):
             # The fast path: libjpeg decodes at 1/2, 1/4 or 1/8 scale, keeping both sides at
             # least draft_size.
             image.draft("RGB", (draft_size, draft_size))
-        image.load()  # the first frame, for animations
+        image.load()  # the first frame only, for animations and multi-page files
         return _to_rgb(_apply_orientation(image), owned=True)
     except MemoryError:
         raise
@@ -354,11 +406,46 @@ def _reason(error: BaseException) -> str:
 
 
 def _check_pixels(image: Image.Image, *, limits: ImageLimits, label: object) -> None:
-    width, height = image.size
+    problem = _pixel_size_problem(image.width, image.height, limits)
+    if problem is not None:
+        raise InvalidInput(problem, input=label)
+
+
+def _pixel_size_problem(width: int, height: int, limits: ImageLimits) -> str | None:
+    """Why an image of ``width`` x ``height`` may not be decoded, or None when it may.
+
+    The one size check for every input kind: a side of zero (or less) has no pixels to embed
+    and would divide by zero in a resize, and too many pixels cost too much memory.
+    """
+    if width < 1 or height < 1:
+        return f"{width} x {height} has no pixels: both sides must be at least 1"
+    if width * height > limits.max_pixels:
+        return (
+            f"{width} x {height} = {width * height} pixels is over the limit of "
+            f"{limits.max_pixels} (ImageLimits.max_pixels)"
+        )
+    return None
+
+
+_TILE_WIDTH, _TILE_LENGTH = 322, 323
+
+
+def _check_tiles(image: Image.Image, *, limits: ImageLimits, label: object) -> None:
+    """Refuse a tiled TIFF whose tiles are over the pixel limit.
+
+    libtiff decodes a whole tile into a buffer of its own, so a 16 x 16 image with one
+    13000 x 13000 tile would otherwise cost a tile's memory, not the image's.
+    """
+    if not isinstance(image, TiffImagePlugin.TiffImageFile):
+        return
+    width = image.tag_v2.get(_TILE_WIDTH)
+    height = image.tag_v2.get(_TILE_LENGTH)
+    if not isinstance(width, int) or not isinstance(height, int):
+        return
     if width * height > limits.max_pixels:
         raise InvalidInput(
-            f"{width} x {height} = {width * height} pixels is over the limit of "
-            f"{limits.max_pixels} (ImageLimits.max_pixels)",
+            f"TIFF tiles of {width} x {height} = {width * height} pixels are over the limit "
+            f"of {limits.max_pixels} (ImageLimits.max_pixels)",
             input=label,
         )
 
