@@ -198,11 +198,18 @@ def test_malformed_json_and_a_non_object_body_are_400(main: Served, error_of: Er
         text = client.post(
             "/v1/embeddings", content=b"model=x", headers={"Content-Type": "text/plain"}
         )
-    assert broken.status_code == 400
+        not_utf8 = client.post(
+            "/v1/embeddings",
+            content=b'{"model": "\xff"}',
+            headers={"Content-Type": "application/json"},
+        )
+        too_deep = client.post(
+            "/v1/embeddings", content=b"[" * 100_000, headers={"Content-Type": "application/json"}
+        )
     assert "not valid JSON" in error_of(broken)["message"]
-    assert listed.status_code == 400
-    assert text.status_code == 400
-    error_of(text)
+    for response in (broken, listed, text, not_utf8, too_deep):
+        assert response.status_code == 400
+        assert error_of(response)["code"] == "invalid_request", response.text
 
 
 def test_unknown_model_is_404_with_suggestions(main: Served, error_of: ErrorOf) -> None:
