@@ -35,6 +35,24 @@ def _names(value: Sequence[str] | None, field_name: str) -> tuple[str, ...] | No
     return names
 
 
+def _check_api_key(key: str) -> None:
+    """Refuse a key no request could match: the server trims the header's token, and HTTP
+    headers cannot carry control characters, so such a key would lock every client out."""
+    if not key.strip():
+        raise InvalidInput("must not be empty; use None for no key", field="api_key")
+    if key != key.strip():
+        raise InvalidInput(
+            "has whitespace at its start or end, which no Authorization header can match "
+            "(the token is trimmed); remove it",
+            field="api_key",
+        )
+    if any(ord(char) < 32 or ord(char) == 127 for char in key):
+        raise InvalidInput(
+            "holds a control character, which no HTTP header can carry; remove it",
+            field="api_key",
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
     """Everything ``create_app`` needs besides the registry; validated on construction.
@@ -87,8 +105,8 @@ class ServerSettings:
             None if fetch_hosts is None else tuple(h.lower() for h in fetch_hosts),
         )
         object.__setattr__(self, "trusted_hosts", tuple(h.lower() for h in self.trusted_hosts))
-        if self.api_key is not None and not self.api_key.strip():
-            raise InvalidInput("must not be empty; use None for no key", field="api_key")
+        if self.api_key is not None:
+            _check_api_key(self.api_key)
         for name in ("max_body_bytes", "max_inputs", "max_concurrent_fetches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
