@@ -284,7 +284,7 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         kwargs.update(self.from_pretrained_kwargs())
         try:
             pipeline = getattr(_diffusers(), self.pipeline_class).from_pretrained(
-                source, revision=self.settings.revision, dtype=dtype, **kwargs
+                source, dtype=dtype, **kwargs
             )
         except Exception as error:
             raise ModelLoadError(
@@ -356,8 +356,9 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         return "cpu"  # the CPU, and MPS's unified memory, are system RAM
 
     def _locate(self) -> tuple[str, dict[str, Any]]:
-        """What ``from_pretrained`` reads, failing early with advice when a repo is neither
-        cached nor downloadable."""
+        """What ``from_pretrained`` reads (the source and its keyword arguments, the revision
+        among them), failing early with advice when a repo is neither cached nor
+        downloadable."""
         settings = self.settings
         if settings.local_dir:
             path = Path(settings.weights).expanduser()
@@ -371,16 +372,22 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         from huggingface_hub import try_to_load_from_cache
 
         cache = limner.hf_cache_dir()
-        kwargs: dict[str, Any] = {"cache_dir": str(cache)}
+        kwargs: dict[str, Any] = {"cache_dir": str(cache), "revision": settings.revision}
         if self.tiny_key is not None and settings.weights == self.tiny_key:
-            if settings.revision != self.tiny_revision:
+            # Unset means the only revision there is: the one limner writes itself.
+            if settings.revision not in (None, self.tiny_revision):
                 raise ModelLoadError(
                     f"{self.tiny_key} exists only at revision {self.tiny_revision}, which "
                     "limner writes into the cache itself; got revision "
                     f"{settings.revision!r}: leave it unset"
                 )
             self.ensure_tiny(cache)
-            return settings.weights, {**kwargs, "local_files_only": True}  # not on the hub
+            # local_files_only: it is not on the hub.
+            return settings.weights, {
+                **kwargs,
+                "revision": self.tiny_revision,
+                "local_files_only": True,
+            }
         cached = try_to_load_from_cache(
             settings.weights, "model_index.json", cache_dir=cache, revision=settings.revision
         )

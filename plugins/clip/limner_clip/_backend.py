@@ -337,12 +337,14 @@ class ClipBackend(ImageEmbeddingBackend):
 
         cache = limner.hf_cache_dir()
         tiny = settings.weights == TINY_KEY
-        if tiny and settings.revision == TINY_REVISION:
+        # For the tiny key, unset means the only revision there is: the one limner writes.
+        revision = TINY_REVISION if tiny and settings.revision is None else settings.revision
+        if tiny and revision == TINY_REVISION:
             ensure_tiny_clip(cache)
-        kwargs: dict[str, Any] = {"revision": settings.revision, "cache_dir": str(cache)}
+        kwargs: dict[str, Any] = {"revision": revision, "cache_dir": str(cache)}
         try:
             cached = try_to_load_from_cache(
-                settings.weights, "config.json", cache_dir=cache, revision=settings.revision
+                settings.weights, "config.json", cache_dir=cache, revision=revision
             )
         except ValueError as error:  # not a valid repo id
             raise ModelLoadError(
