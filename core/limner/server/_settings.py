@@ -13,6 +13,8 @@ from limner._images import ImageLimits
 from limner._pool import Pool
 from limner.errors import InvalidInput
 
+from ._guard import canonical_host
+
 __all__ = ["DEFAULT_SERVER_IMAGE_LIMITS", "ServerSettings"]
 
 _MIB = 1024 * 1024
@@ -33,6 +35,14 @@ def _names(value: Sequence[str] | None, field_name: str) -> tuple[str, ...] | No
         if not isinstance(name, str) or not name.strip():
             raise InvalidInput(f"{name!r} is not a name", field=field_name)
     return names
+
+
+def _hosts(names: Sequence[str], field_name: str) -> tuple[str, ...]:
+    """Host names as the URL guard compares them: ``Images.Example.`` is images.example."""
+    try:
+        return tuple(canonical_host(name) for name in names)
+    except InvalidInput as error:
+        raise InvalidInput(error.reason, field=field_name) from None
 
 
 def _check_api_key(key: str) -> None:
@@ -102,9 +112,9 @@ class ServerSettings:
         object.__setattr__(
             self,
             "fetch_hosts",
-            None if fetch_hosts is None else tuple(h.lower() for h in fetch_hosts),
+            None if fetch_hosts is None else _hosts(fetch_hosts, "fetch_hosts"),
         )
-        object.__setattr__(self, "trusted_hosts", tuple(h.lower() for h in self.trusted_hosts))
+        object.__setattr__(self, "trusted_hosts", _hosts(self.trusted_hosts, "trusted_hosts"))
         if self.api_key is not None:
             _check_api_key(self.api_key)
         for name in ("max_body_bytes", "max_inputs", "max_concurrent_fetches"):
