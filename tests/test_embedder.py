@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import limner
+import limner._embedder
 from limner import BlockingCallInEventLoop, InvalidInput, ModelError, ModelLoadError, Registry
 from limner.testing import FakeEmbeddingBackend, fake_embedding_spec
 
@@ -101,6 +102,33 @@ async def test_text_embedding(registry: Registry) -> None:
     assert np.allclose(many[0], one)
     with pytest.raises(InvalidInput, match="text must be a string"):
         await model.embed_text(["ok", 3])  # type: ignore[list-item]
+
+
+@pytest.mark.anyio
+async def test_texts_over_max_text_chars_are_refused_naming_the_index(registry: Registry) -> None:
+    model = registry.embedder("fake")
+    limit = model.max_text_chars
+    assert limit == limner._embedder.DEFAULT_MAX_TEXT_CHARS
+    assert (await model.embed_text("x" * limit)).shape == (8,)  # the limit itself is fine
+    with pytest.raises(InvalidInput, match=f"over the limit of {limit}") as caught:
+        await model.embed_text("x" * (limit + 1))
+    assert caught.value.index is None
+    with pytest.raises(InvalidInput) as caught:
+        await model.embed_text(["ok", "fine", "y" * (limit + 1)])
+    assert caught.value.index == 2 and str(caught.value).startswith("input #2")
+    assert isinstance(model.backend, FakeEmbeddingBackend)
+    assert model.backend.loads == 1  # only the text at the limit reached the model
+
+    small = Registry(entry_points=False, max_text_chars=5)
+    small.register(fake_embedding_spec("fake/small"))
+    async with limner.Pool() as pool:
+        bound = small.embedder("fake/small").using(pool)
+        assert bound.max_text_chars == 5
+        with pytest.raises(InvalidInput, match="over the limit of 5"):
+            await bound.embed_text("123456")
+    with pytest.raises(InvalidInput, match="positive") as refused:
+        Registry(entry_points=False, max_text_chars=0)
+    assert refused.value.field == "max_text_chars"
 
 
 @pytest.mark.anyio

@@ -26,9 +26,20 @@ from ._pool import Pool, RequestKind
 from ._spec import ModelSpec
 from .errors import InvalidInput, LimnerError
 
-__all__ = ["ImageEmbedder"]
+__all__ = ["DEFAULT_MAX_TEXT_CHARS", "ImageEmbedder", "check_max_text_chars"]
 
 Vector = npt.NDArray[np.float32]
+
+DEFAULT_MAX_TEXT_CHARS = 10_000
+"""Longest text ``embed_text`` takes. CLIP reads its first 77 tokens (a few hundred
+characters); the bound keeps one call from holding megabytes of text."""
+
+
+def check_max_text_chars(value: object) -> int:
+    """``value`` if it is a positive integer; ``InvalidInput`` naming max_text_chars if not."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"must be a positive integer, got {value!r}", field="max_text_chars")
+    return value
 
 
 def _first(vectors: Vector) -> Vector:
@@ -51,10 +62,12 @@ class ImageEmbedder:
         backend: ImageEmbeddingBackend,
         *,
         limits: ImageLimits = DEFAULT_LIMITS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         self.spec = spec
         self.backend = backend
         self.limits = limits
+        self.max_text_chars = check_max_text_chars(max_text_chars)
         self._pool: Pool | None = None
 
     def __repr__(self) -> str:
@@ -108,6 +121,13 @@ class ImageEmbedder:
         for index, text in enumerate(batch):
             if not isinstance(text, str):
                 raise InvalidInput("text must be a string", input=text, index=index)
+            if len(text) > self.max_text_chars:
+                raise InvalidInput(
+                    f"text is {len(text)} characters, over the limit of {self.max_text_chars} "
+                    "(max_text_chars)",
+                    input=text,
+                    index=None if single else index,
+                )
         if not batch:
             return np.zeros((0, self.embedding_dimension), dtype=np.float32)
         vectors = await self._dispatch("text", batch)
@@ -119,7 +139,9 @@ class ImageEmbedder:
 
     def using(self, pool: Pool) -> ImageEmbedder:
         """The same model, served by ``pool`` instead of the current or default pool."""
-        bound = ImageEmbedder(self.spec, self.backend, limits=self.limits)
+        bound = ImageEmbedder(
+            self.spec, self.backend, limits=self.limits, max_text_chars=self.max_text_chars
+        )
         bound._pool = pool
         return bound
 

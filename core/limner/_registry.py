@@ -15,7 +15,7 @@ import pluggy
 
 from . import _hookspecs
 from ._backends import Backend, ImageEmbeddingBackend, TextToImageBackend
-from ._embedder import ImageEmbedder
+from ._embedder import DEFAULT_MAX_TEXT_CHARS, ImageEmbedder, check_max_text_chars
 from ._generator import ImageGenerator
 from ._hookspecs import PROJECT_NAME
 from ._images import DEFAULT_LIMITS, ImageLimits
@@ -109,12 +109,14 @@ class Registry:
         entry_points: bool = True,
         plugins: str | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         self._use_entry_points = entry_points
         self._filter = _PluginFilter.parse(
             plugins if plugins is not None else os.environ.get("LIMNER_PLUGINS")
         )
         self._limits = limits
+        self._max_text_chars = check_max_text_chars(max_text_chars)
         self._manager = pluggy.PluginManager(PROJECT_NAME)
         self._manager.add_hookspecs(_hookspecs)
         self._lock = threading.RLock()  # guards discovery and the tables below; never held on I/O
@@ -276,7 +278,9 @@ class Registry:
                     f"the factory of {spec.key} returned {type(backend).__name__}, "
                     "not an ImageEmbeddingBackend"
                 )
-            return ImageEmbedder(spec, backend, limits=self._limits)
+            return ImageEmbedder(
+                spec, backend, limits=self._limits, max_text_chars=self._max_text_chars
+            )
         if not isinstance(backend, TextToImageBackend):
             raise PluginError(
                 f"the factory of {spec.key} returned {type(backend).__name__}, "

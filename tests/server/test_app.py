@@ -196,6 +196,8 @@ def test_settings_are_validated_and_typos_fail_at_create_app() -> None:
         ServerSettings(pool_options={"max_queeu": 3})
     with pytest.raises(ValueError, match="models"):
         ServerSettings(models="fake/embedder")
+    with pytest.raises(ValueError, match="max_text_chars"):
+        ServerSettings(max_text_chars=0)
     for key, problem in ((" k3y", "whitespace"), ("k3y\n", "whitespace"), ("k\x003y", "control")):
         with pytest.raises(InvalidInput, match=problem) as caught:
             ServerSettings(api_key=key)

@@ -150,7 +150,10 @@ class Service:
         if bound is None:
             # Building a front may import the plugin's heavy modules: never on the loop.
             model = await anyio.to_thread.run_sync(self.registry.get, key)
-            bound = self._bound.setdefault(key, model.using(self.pool))
+            bound = model.using(self.pool)
+            if isinstance(bound, ImageEmbedder):
+                bound.max_text_chars = self.settings.max_text_chars
+            bound = self._bound.setdefault(key, bound)
         return bound
 
     async def embedder(self, name: str) -> ImageEmbedder:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from limner._embedder import DEFAULT_MAX_TEXT_CHARS
 from limner._images import ImageLimits
 from limner._pool import Pool
 from limner.errors import InvalidInput
@@ -94,6 +95,9 @@ class ServerSettings:
     """Bounds on each image input: encoded bytes, pixels, fetch time, redirects."""
     max_inputs: int = 2048
     """Most items in one embeddings request."""
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    """Longest text item of an embeddings request, in characters (400 past it). CLIP reads
+    only its first 77 tokens, a few hundred characters."""
     max_concurrent_fetches: int = 16
     """URL inputs fetched at once, across all requests."""
     cors_origins: Sequence[str] = ()
@@ -117,7 +121,7 @@ class ServerSettings:
         object.__setattr__(self, "trusted_hosts", _hosts(self.trusted_hosts, "trusted_hosts"))
         if self.api_key is not None:
             _check_api_key(self.api_key)
-        for name in ("max_body_bytes", "max_inputs", "max_concurrent_fetches"):
+        for name in ("max_body_bytes", "max_inputs", "max_text_chars", "max_concurrent_fetches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(f"must be a positive integer, got {value!r}", field=name)
