@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from PIL import Image
 
@@ -129,6 +133,42 @@ async def test_texts_over_max_text_chars_are_refused_naming_the_index(registry: 
     with pytest.raises(InvalidInput, match="positive") as refused:
         Registry(entry_points=False, max_text_chars=0)
     assert refused.value.field == "max_text_chars"
+
+
+class PreparingBackend(FakeEmbeddingBackend):
+    """Records where its texts are prepared, and refuses the text "bad"."""
+
+    def __init__(self, spec: limner.ModelSpec, settings: limner.ModelSettings) -> None:
+        super().__init__(spec, settings)
+        self.prepared_on: list[int] = []
+        self.embedded: list[object] = []
+
+    def prepare_text(self, text: str) -> object:
+        if text == "bad":
+            raise InvalidInput("cannot be tokenized")
+        self.prepared_on.append(threading.get_ident())
+        return text.upper()
+
+    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        self.embedded.extend(texts)
+        return super().embed_texts(texts)
+
+
+@pytest.mark.anyio
+async def test_texts_are_prepared_in_a_thread_before_queueing() -> None:
+    registry = Registry(entry_points=False)
+    spec = dataclasses.replace(fake_embedding_spec("fake/preparing"), factory=PreparingBackend)
+    registry.register(spec)
+    model = registry.embedder("fake/preparing")
+    backend = model.backend
+    assert isinstance(backend, PreparingBackend)
+    await model.embed_text(["a red fox", "a lighthouse"])
+    assert backend.embedded == ["A RED FOX", "A LIGHTHOUSE"]  # what prepare_text returned
+    assert threading.get_ident() not in backend.prepared_on  # never on the event loop
+    with pytest.raises(InvalidInput, match="cannot be tokenized") as caught:
+        await model.embed_text(["fine", "bad"])
+    assert caught.value.index == 1
+    assert backend.embedded == ["A RED FOX", "A LIGHTHOUSE"]  # nothing of it was queued
 
 
 @pytest.mark.anyio

@@ -130,7 +130,8 @@ class ImageEmbedder:
                 )
         if not batch:
             return np.zeros((0, self.embedding_dimension), dtype=np.float32)
-        vectors = await self._dispatch("text", batch)
+        prepared = await anyio.to_thread.run_sync(self._prepare_texts, batch, single)
+        vectors = await self._dispatch("text", prepared)
         return _first(vectors) if single else vectors
 
     async def load(self) -> None:
@@ -181,6 +182,17 @@ class ImageEmbedder:
             out[index] = await anyio.to_thread.run_sync(self._decode_and_prepare, data, kind, name)
         except InvalidInput as error:
             errors[index] = error
+
+    def _prepare_texts(self, texts: list[str], single: bool) -> list[Any]:
+        """Each text as the backend takes it, before queueing: tokenizing scales with the
+        caller's own texts and never holds the model's turn."""
+        prepared = []
+        for index, text in enumerate(texts):
+            try:
+                prepared.append(self.backend.prepare_text(text))
+            except InvalidInput as error:
+                raise error if single else error.at_index(index) from None
+        return prepared
 
     def _decode_and_prepare(self, data: Any, kind: InputKind, name: str | None) -> Any:
         image = decode_image(
