@@ -7,6 +7,7 @@ import dataclasses
 import io
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 import limner
+import limner._embedder
 from limner import (
     BlockingCallInEventLoop,
     ImageLimits,
@@ -112,6 +114,69 @@ async def test_text_embedding(registry: Registry) -> None:
     assert np.allclose(many[0], one)
     with pytest.raises(InvalidInput, match="text must be a string"):
         await model.embed_text(["ok", 3])  # type: ignore[list-item]
+
+
+@pytest.mark.anyio
+async def test_texts_over_max_text_chars_are_refused_naming_the_index(registry: Registry) -> None:
+    model = registry.embedder("fake")
+    limit = model.max_text_chars
+    assert limit == limner._embedder.DEFAULT_MAX_TEXT_CHARS
+    assert (await model.embed_text("x" * limit)).shape == (8,)  # the limit itself is fine
+    with pytest.raises(InvalidInput, match=f"over the limit of {limit}") as caught:
+        await model.embed_text("x" * (limit + 1))
+    assert caught.value.index is None
+    with pytest.raises(InvalidInput) as caught:
+        await model.embed_text(["ok", "fine", "y" * (limit + 1)])
+    assert caught.value.index == 2 and str(caught.value).startswith("input #2")
+    assert isinstance(model.backend, FakeEmbeddingBackend)
+    assert model.backend.loads == 1  # only the text at the limit reached the model
+
+    small = Registry(entry_points=False, max_text_chars=5)
+    small.register(fake_embedding_spec("fake/small"))
+    async with limner.Pool() as pool:
+        bound = small.embedder("fake/small").using(pool)
+        assert bound.max_text_chars == 5
+        with pytest.raises(InvalidInput, match="over the limit of 5"):
+            await bound.embed_text("123456")
+    with pytest.raises(InvalidInput, match="positive") as refused:
+        Registry(entry_points=False, max_text_chars=0)
+    assert refused.value.field == "max_text_chars"
+
+
+class PreparingBackend(FakeEmbeddingBackend):
+    """Records where its texts are prepared, and refuses the text "bad"."""
+
+    def __init__(self, spec: limner.ModelSpec, settings: limner.ModelSettings) -> None:
+        super().__init__(spec, settings)
+        self.prepared_on: list[int] = []
+        self.embedded: list[object] = []
+
+    def prepare_text(self, text: str) -> object:
+        if text == "bad":
+            raise InvalidInput("cannot be tokenized")
+        self.prepared_on.append(threading.get_ident())
+        return text.upper()
+
+    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        self.embedded.extend(texts)
+        return super().embed_texts(texts)
+
+
+@pytest.mark.anyio
+async def test_texts_are_prepared_in_a_thread_before_queueing() -> None:
+    registry = Registry(entry_points=False)
+    spec = dataclasses.replace(fake_embedding_spec("fake/preparing"), factory=PreparingBackend)
+    registry.register(spec)
+    model = registry.embedder("fake/preparing")
+    backend = model.backend
+    assert isinstance(backend, PreparingBackend)
+    await model.embed_text(["a red fox", "a lighthouse"])
+    assert backend.embedded == ["A RED FOX", "A LIGHTHOUSE"]  # what prepare_text returned
+    assert threading.get_ident() not in backend.prepared_on  # never on the event loop
+    with pytest.raises(InvalidInput, match="cannot be tokenized") as caught:
+        await model.embed_text(["fine", "bad"])
+    assert caught.value.index == 1
+    assert backend.embedded == ["A RED FOX", "A LIGHTHOUSE"]  # nothing of it was queued
 
 
 @pytest.mark.anyio

@@ -163,6 +163,45 @@ def test_broken_plugins_are_recorded_and_isolated(site: Path) -> None:
     assert registry.get("good/model").key == "good/model"
 
 
+def test_a_hook_with_a_wrong_signature_breaks_only_its_plugin(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LIMNER_PLUGINS", raising=False)
+    add_plugin(site, "good-vision", spec_line("good/model"))
+    (site / "bad_signature_plugin.py").write_text(
+        "import limner\n\n"
+        "@limner.hookimpl\n"
+        "def limner_register_models(register, extra):\n"
+        "    raise AssertionError('pluggy refuses this hook before calling it')\n"
+    )
+    dist_info = site / "bad_signature-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: bad-signature\nVersion: 1.0\n"
+    )
+    (dist_info / "entry_points.txt").write_text("[limner]\nbad = bad_signature_plugin\n")
+    registry = Registry()  # every installed plugin too, as `limner models` sees them
+    first = registry.entries()
+    assert registry.entries() == first  # discovery is done once, and consistently
+    records = {p.name: p for p in registry.plugins()}
+    bad = records.pop("bad")
+    assert bad.error is not None and "'extra'" in bad.error and bad.keys == ()
+    assert "\n" not in bad.error
+    assert "good/model" in records["good-vision"].keys
+    for record in records.values():  # the installed ones (clip, flux, sd35) are all there
+        assert record.error is None, record
+        assert set(record.keys) <= {entry.key for entry in first}
+    assert registry.get("good/model").key == "good/model"
+
+
+def test_a_plugin_registering_something_else_than_a_spec_is_broken(site: Path) -> None:
+    add_plugin(site, "odd", spec_line("odd/fine"), "register({'key': 'odd/dict'})")
+    registry = Registry(plugins="odd")
+    [record] = registry.plugins()
+    assert record.error is not None and "not a limner.ModelSpec" in record.error
+    assert registry.entries() == []  # all-or-nothing: the valid spec is not added either
+
+
 def test_a_plugin_registering_a_key_twice_is_broken_as_a_whole(site: Path) -> None:
     add_plugin(site, "twice", spec_line("twice/a"), spec_line("twice/a"))
     registry = Registry(plugins="twice")

@@ -87,8 +87,18 @@ class ImageEmbeddingBackend(Backend):
     def embed_prepared(self, items: Sequence[Any]) -> npt.NDArray[np.float32]:
         """Embed a batch of ``prepare``'d items: an ``(n, d)`` float32 array, rows L2-normalised."""
 
-    def embed_texts(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Embed texts into the image space (CLIP-style models); others need not override."""
+    def prepare_text(self, text: str) -> Any:
+        """Per-text preprocessing (tokenizing, say) done before batching; needs no weights.
+
+        Runs in a thread for each call's own texts, outside the model's turn, so one caller's
+        long texts never hold up another's batch. Returns whatever ``embed_texts`` takes; the
+        default passes the text through.
+        """
+        return text
+
+    def embed_texts(self, texts: Sequence[Any]) -> npt.NDArray[np.float32]:
+        """Embed a batch of ``prepare_text``'d texts into the image space (CLIP-style models);
+        others need not override."""
         raise NotImplementedError(f"{self.spec.key} does not embed text")
 
     @property

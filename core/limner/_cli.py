@@ -407,13 +407,19 @@ def serve(
         raise click.ClickException(
             f"the server needs its extra: pip install 'limner[server]' ({error})"
         ) from None
-    settings = ServerSettings(
-        models=_names(models),
-        preload=_names(preload) or (),
-        api_key=api_key or None,
-        allow_private_urls=allow_private_urls,
-        cors_origins=cors_origins,
-    )
+    try:
+        settings = ServerSettings(
+            models=_names(models),
+            preload=_names(preload) or (),
+            api_key=api_key or None,
+            allow_private_urls=allow_private_urls,
+            cors_origins=cors_origins,
+        )
+    except InvalidInput as error:
+        if error.field != "api_key":
+            raise
+        hint = "'--api-key' / LIMNER_API_KEY"
+        raise click.BadParameter(error.reason, param_hint=hint) from None
     app = create_app(settings=settings)
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: serving on {host} without an API key (--api-key).", err=True)

@@ -28,9 +28,20 @@ from ._spec import ModelSpec
 from ._vectors import describe_backend
 from .errors import InvalidInput, LimnerError, ModelError
 
-__all__ = ["ImageEmbedder"]
+__all__ = ["DEFAULT_MAX_TEXT_CHARS", "ImageEmbedder", "check_max_text_chars"]
 
 Vector = npt.NDArray[np.float32]
+
+DEFAULT_MAX_TEXT_CHARS = 10_000
+"""Longest text ``embed_text`` takes. CLIP reads its first 77 tokens (a few hundred
+characters); the bound keeps one call from holding megabytes of text."""
+
+
+def check_max_text_chars(value: object) -> int:
+    """``value`` if it is a positive integer; ``InvalidInput`` naming max_text_chars if not."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"must be a positive integer, got {value!r}", field="max_text_chars")
+    return value
 
 
 def _first(vectors: Vector) -> Vector:
@@ -53,10 +64,12 @@ class ImageEmbedder:
         backend: ImageEmbeddingBackend,
         *,
         limits: ImageLimits = DEFAULT_LIMITS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         self.spec = spec
         self.backend = backend
         self.limits = limits
+        self.max_text_chars = check_max_text_chars(max_text_chars)
         self._runtime: Runtime | None = None
 
     def __repr__(self) -> str:
@@ -110,9 +123,17 @@ class ImageEmbedder:
         for index, text in enumerate(batch):
             if not isinstance(text, str):
                 raise InvalidInput("text must be a string", input=text, index=index)
+            if len(text) > self.max_text_chars:
+                raise InvalidInput(
+                    f"text is {len(text)} characters, over the limit of {self.max_text_chars} "
+                    "(max_text_chars)",
+                    input=text,
+                    index=None if single else index,
+                )
         if not batch:
             return np.zeros((0, self.embedding_dimension), dtype=np.float32)
-        vectors = await self._dispatch("text", batch)
+        prepared = await anyio.to_thread.run_sync(self._prepare_texts, batch, single)
+        vectors = await self._dispatch("text", prepared)
         return _first(vectors) if single else vectors
 
     async def load(self) -> None:
@@ -122,15 +143,18 @@ class ImageEmbedder:
     def using(self, runtime: Runtime) -> ImageEmbedder:
         """The same model, served by ``runtime`` (a :class:`~limner.Pool`, or any
         :class:`~limner.Runtime`) instead of the current or default pool."""
-        bound = ImageEmbedder(self.spec, self.backend, limits=self.limits)
-        bound._runtime = runtime
-        return bound
+        return self._copy(runtime=runtime, limits=self.limits)
 
     def with_limits(self, limits: ImageLimits) -> ImageEmbedder:
         """The same model, served by the same runtime, decoding its inputs within ``limits``."""
-        limited = ImageEmbedder(self.spec, self.backend, limits=limits)
-        limited._runtime = self._runtime
-        return limited
+        return self._copy(runtime=self._runtime, limits=limits)
+
+    def _copy(self, *, runtime: Runtime | None, limits: ImageLimits) -> ImageEmbedder:
+        copy = ImageEmbedder(
+            self.spec, self.backend, limits=limits, max_text_chars=self.max_text_chars
+        )
+        copy._runtime = runtime
+        return copy
 
     # -- the machinery --------------------------------------------------------------------
 
@@ -186,6 +210,24 @@ class ImageEmbedder:
             )
             failure.__cause__ = error
             errors[index] = failure
+
+    def _prepare_texts(self, texts: list[str], single: bool) -> list[Any]:
+        """Each text as the backend takes it, before queueing: tokenizing scales with the
+        caller's own texts and never holds the model's turn."""
+        prepared = []
+        for index, text in enumerate(texts):
+            try:
+                prepared.append(self.backend.prepare_text(text))
+            except InvalidInput as error:
+                raise error if single else error.at_index(index) from None
+            except LimnerError:
+                raise
+            except Exception as error:  # the plugin's prepare_text() raised: its bug
+                raise ModelError(
+                    f"{describe_backend(self.key, self.backend)} failed to prepare text "
+                    f"#{index}: {error!r}"
+                ) from error
+        return prepared
 
     def _decode_and_prepare(self, data: Any, kind: InputKind, name: str | None) -> Any:
         image = decode_image(

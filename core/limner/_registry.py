@@ -15,7 +15,7 @@ import pluggy
 
 from . import _hookspecs
 from ._backends import Backend, ImageEmbeddingBackend, TextToImageBackend
-from ._embedder import ImageEmbedder
+from ._embedder import DEFAULT_MAX_TEXT_CHARS, ImageEmbedder, check_max_text_chars
 from ._generator import ImageGenerator
 from ._hookspecs import PROJECT_NAME
 from ._images import DEFAULT_LIMITS, ImageLimits
@@ -109,12 +109,14 @@ class Registry:
         entry_points: bool = True,
         plugins: str | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         self._use_entry_points = entry_points
         self._filter = _PluginFilter.parse(
             plugins if plugins is not None else os.environ.get("LIMNER_PLUGINS")
         )
         self._limits = limits
+        self._max_text_chars = check_max_text_chars(max_text_chars)
         self._manager = pluggy.PluginManager(PROJECT_NAME)
         self._manager.add_hookspecs(_hookspecs)
         self._lock = threading.RLock()  # guards discovery and the tables below; never held on I/O
@@ -276,7 +278,9 @@ class Registry:
                     f"the factory of {spec.key} returned {type(backend).__name__}, "
                     "not an ImageEmbeddingBackend"
                 )
-            return ImageEmbedder(spec, backend, limits=self._limits)
+            return ImageEmbedder(
+                spec, backend, limits=self._limits, max_text_chars=self._max_text_chars
+            )
         if not isinstance(backend, TextToImageBackend):
             raise PluginError(
                 f"the factory of {spec.key} returned {type(backend).__name__}, "
@@ -310,18 +314,31 @@ class Registry:
         with self._lock:
             if self._discovered:
                 return
+            entry_points = (
+                list(importlib.metadata.entry_points(group=PROJECT_NAME))
+                if self._use_entry_points
+                else []
+            )
+            # Set before loading: a plugin's hook that looks the registry up must not recurse.
             self._discovered = True
-            if self._use_entry_points:
-                for entry_point in importlib.metadata.entry_points(group=PROJECT_NAME):
-                    self._load_entry_point(entry_point)
+            for entry_point in entry_points:
+                self._load_entry_point(entry_point)
 
     def _load_entry_point(self, entry_point: importlib.metadata.EntryPoint) -> None:
-        dist = entry_point.dist
-        record = PluginRecord(
-            entry_point.name,
-            distribution=dist.name if dist else None,
-            version=dist.version if dist else None,
-        )
+        """Load one plugin; whatever goes wrong is recorded against it, never raised, so one
+        broken distribution cannot hide the others."""
+        try:
+            dist = entry_point.dist
+            record = PluginRecord(
+                entry_point.name,
+                distribution=dist.name if dist else None,
+                version=dist.version if dist else None,
+            )
+        except Exception as error:  # unreadable metadata: the entry point's name is all we have
+            self._plugins.append(
+                PluginRecord(entry_point.name, error=f"unreadable metadata: {error!r}")
+            )
+            return
         if not self._filter.allows(record.name, record.distribution):
             return
         try:
@@ -335,15 +352,18 @@ class Registry:
         with self._lock:
             try:
                 self._manager.register(plugin, name=record.name)
-            except ValueError as error:
-                self._plugins.append(_broken(record, f"cannot register: {error}"))
+            except Exception as error:  # a taken name, or a hook pluggy refuses (its signature)
+                if self._manager.is_registered(plugin):  # pluggy leaves it half-registered
+                    self._manager.unregister(plugin)
+                reason = " ".join(str(error).split())  # pluggy's message spans lines
+                self._plugins.append(_broken(record, f"cannot register: {reason}"))
                 return
             specs: list[ModelSpec] = []
             try:
                 for impl in self._manager.hook.limner_register_models.get_hookimpls():
                     if impl.plugin is plugin:
                         impl.function(**_hook_kwargs(impl.argnames, specs.append))
-                _check_unique(specs)
+                _check_specs(specs)
             except Exception as error:
                 self._manager.unregister(plugin)
                 self._plugins.append(_broken(record, f"limner_register_models failed: {error!r}"))
@@ -404,9 +424,12 @@ def _hook_kwargs(argnames: tuple[str, ...], register: Any) -> dict[str, Any]:
     return {name: available[name] for name in argnames}
 
 
-def _check_unique(specs: list[ModelSpec]) -> None:
+def _check_specs(specs: list[ModelSpec]) -> None:
+    """Refuse the plugin's registration as a whole before any of it is added."""
     seen: set[str] = set()
     for spec in specs:
+        if not isinstance(spec, ModelSpec):
+            raise PluginError(f"registered {type(spec).__name__} {spec!r}, not a limner.ModelSpec")
         for name in (spec.key, *spec.aliases):
             if name in seen:
                 raise PluginError(f"registered {name!r} twice")

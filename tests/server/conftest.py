@@ -198,6 +198,9 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
 class LocalServer(Protocol):
     """What the tests use of ``tests/conftest.py``'s ``http_server`` fixture."""
 
+    hits: list[Any]
+    """Every request received, in order: ``.path`` and ``.headers``."""
+
     def url(self, path: str) -> str: ...
 
     def route(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from limner import Registry
+from limner import InvalidInput, Registry
 from limner.server import ServerSettings, create_app
 from limner.testing import fake_embedding_spec, fake_generation_spec
 
@@ -196,6 +196,12 @@ def test_settings_are_validated_and_typos_fail_at_create_app() -> None:
         ServerSettings(pool_options={"max_queeu": 3})
     with pytest.raises(ValueError, match="models"):
         ServerSettings(models="fake/embedder")
+    with pytest.raises(ValueError, match="max_text_chars"):
+        ServerSettings(max_text_chars=0)
+    for key, problem in ((" k3y", "whitespace"), ("k3y\n", "whitespace"), ("k\x003y", "control")):
+        with pytest.raises(InvalidInput, match=problem) as caught:
+            ServerSettings(api_key=key)
+        assert caught.value.field == "api_key"
     registry = _registry()
     with pytest.raises(KeyError, match="Did you mean: fake/embedder"):
         create_app(registry=registry, settings=ServerSettings(models=["fake/embeder"]))

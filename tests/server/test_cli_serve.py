@@ -100,6 +100,20 @@ def test_serve_refuses_an_unknown_model_before_binding(env: dict[str, str]) -> N
     assert "Traceback" not in result.stderr
 
 
+def test_serve_refuses_an_api_key_with_spaces_around_it(env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "limner", "serve", "--port", "0"],
+        env={**env, "LIMNER_API_KEY": f" {KEY} "},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "LIMNER_API_KEY" in result.stderr and "whitespace" in result.stderr
+    assert "running on" not in result.stderr  # refused before binding
+    assert "Traceback" not in result.stderr
+
+
 def test_importing_limner_does_not_import_the_server_stack() -> None:
     code = (
         "import sys, limner; print(sorted({'fastapi', 'uvicorn', 'starlette'} & set(sys.modules)))"

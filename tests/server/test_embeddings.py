@@ -198,11 +198,42 @@ def test_malformed_json_and_a_non_object_body_are_400(main: Served, error_of: Er
         text = client.post(
             "/v1/embeddings", content=b"model=x", headers={"Content-Type": "text/plain"}
         )
-    assert broken.status_code == 400
+        not_utf8 = client.post(
+            "/v1/embeddings",
+            content=b'{"model": "\xff"}',
+            headers={"Content-Type": "application/json"},
+        )
+        too_deep = client.post(
+            "/v1/embeddings", content=b"[" * 100_000, headers={"Content-Type": "application/json"}
+        )
     assert "not valid JSON" in error_of(broken)["message"]
+    for response in (broken, listed, text, not_utf8, too_deep):
+        assert response.status_code == 400
+        assert error_of(response)["code"] == "invalid_request", response.text
+
+
+def test_texts_over_max_text_chars_are_400_naming_the_item(
+    make_server: ServerFactory, error_of: ErrorOf
+) -> None:
+    served = make_server(fake_embedding_spec("fake/embedder"), max_text_chars=16)
+    listed = embed(served, "fake/embedder", [data_url(png()), "short", "x" * 17])
+    single = embed(served, "fake/embedder", "y" * 17)
+    fits = embed(served, "fake/embedder", ["z" * 16, data_url(png())])
     assert listed.status_code == 400
-    assert text.status_code == 400
-    error_of(text)
+    error = error_of(listed)
+    assert (error["param"], error["code"]) == ("input[2]", "invalid_input")
+    assert "17 characters, over the limit of 16" in error["message"]
+    assert single.status_code == 400
+    assert error_of(single)["param"] == "input"
+    assert vectors(fits).shape == (2, 8)
+
+
+def test_the_default_text_limit_holds_on_clip(main: Served, error_of: ErrorOf) -> None:
+    response = embed(main, TINY_CLIP, ["a red fox", "fox " * 2_501])
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == "input[1]"
+    assert "over the limit of 10000" in error["message"]
 
 
 def test_unknown_model_is_404_with_suggestions(main: Served, error_of: ErrorOf) -> None:

@@ -106,6 +106,9 @@ def test_output_format_jpeg_and_webp(main: Served) -> None:
         ({"guidance": "NaN"}, "guidance", "invalid_request"),
         ({"model": "limner/tiny-clip"}, "model", "wrong_capability"),
         ({"style": "vivid"}, "style", "invalid_request"),
+        ({"stream": "no"}, "stream", "invalid_request"),
+        ({"stream": "true"}, "stream", "invalid_request"),
+        ({"stream": 0}, "stream", "invalid_request"),
     ],
 )
 def test_bad_generation_requests_are_400_naming_the_field(

@@ -10,8 +10,10 @@ import anyio
 import httpx
 import pytest
 
+from limner import ImageLimits, InvalidInput
 from limner.errors import FetchError
-from limner.server._guard import URLGuard, forbidden_reason
+from limner.server import ServerSettings
+from limner.server._guard import GuardedTransport, URLGuard, forbidden_reason
 from limner.testing import fake_embedding_spec
 
 if TYPE_CHECKING:
@@ -189,6 +191,54 @@ def test_a_redirect_from_a_trusted_host_into_loopback_is_refused(
     assert http_server.hits_for("/guard/target") == []  # never requested
 
 
+def test_a_redirect_to_a_fully_qualified_loopback_name_is_refused(
+    make_server: ServerFactory, error_of: ErrorOf, http_server: LocalServer
+) -> None:
+    served = make_server(fake_embedding_spec("fake/embedder"), trusted_hosts=["127.0.0.1"])
+    port = http_server.url("/").split(":")[-1].rstrip("/")
+    for index, name in enumerate(("localhost.", "LOCALHOST.")):
+        target = http_server.route(f"/guard/dot-{index}.png", body=_png(), content_type="image/png")
+        hop = http_server.route(
+            f"/guard/dot-hop-{index}",
+            status=302,
+            location=target.replace(f"127.0.0.1:{port}", f"{name}:{port}"),
+        )
+        response = embed(served, hop)
+        assert response.status_code == 400, name
+        assert "loopback" in error_of(response)["message"]
+        assert http_server.hits_for(f"/guard/dot-{index}") == []  # never requested
+
+
+class Rebinding:
+    """A DNS server that answers a public address first and loopback afterwards."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> Sequence[str]:
+        self.asked.append(host)
+        return ["93.184.215.14"] if len(self.asked) == 1 else ["127.0.0.1"]
+
+
+def test_dns_rebinding_cannot_reach_loopback(
+    make_server: ServerFactory, error_of: ErrorOf, http_server: LocalServer
+) -> None:
+    served = make_server(
+        fake_embedding_spec("fake/embedder"),
+        image_limits=ImageLimits(fetch_timeout=3.0, max_redirects=0),
+    )
+    resolver = Rebinding()
+    served.app.state.limner.guard.resolver = resolver
+    url = http_server.route("/guard/rebind.png", body=_png(), content_type="image/png")
+    response = embed(served, url.replace("127.0.0.1", "localhost"))
+    # The connection goes to the public address the check saw (unreachable from a test
+    # machine, or no image server there), never to a second answer's loopback.
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "fetch_failed"
+    assert http_server.hits_for("/guard/rebind") == []
+    assert resolver.asked == ["localhost"]  # resolved once, for the check and the connection
+
+
 def test_fetch_hosts_empty_turns_url_inputs_off(
     make_server: ServerFactory, error_of: ErrorOf, http_server: LocalServer
 ) -> None:
@@ -234,8 +284,9 @@ class Resolver:
         return self.table[host]
 
 
-def check(guard: URLGuard, url: str) -> None:
-    anyio.run(guard, httpx.URL(url))
+def check(guard: URLGuard, url: str) -> list[str] | None:
+    """The whole check, as the transport makes it before connecting."""
+    return anyio.run(guard.addresses, httpx.URL(url))
 
 
 def test_guard_passes_public_names_and_refuses_any_private_answer() -> None:
@@ -277,6 +328,92 @@ def test_guard_literals_skip_the_resolver_and_settings_relax_it() -> None:
         check(limited, "https://other.example/a.png")
     with pytest.raises(FetchError, match="only http and https"):
         check(strict, "ftp://1.1.1.1/a.png")
+
+
+def test_the_hook_refuses_what_needs_no_lookup_and_asks_no_resolver() -> None:
+    def never(*args: Any) -> Any:
+        raise AssertionError("the hook must not resolve: the transport does, once")
+
+    guard = URLGuard(fetch_hosts=["cdn.example"], resolver=never)
+    anyio.run(guard, httpx.URL("https://cdn.example/a.png"))
+    with pytest.raises(FetchError, match="not one this server fetches from"):
+        anyio.run(guard, httpx.URL("https://other.example/a.png"))
+    strict = URLGuard(resolver=never)
+    with pytest.raises(FetchError, match="loopback"):
+        anyio.run(strict, httpx.URL("http://127.0.0.1./a.png"))
+
+
+def test_host_names_are_compared_and_resolved_in_one_canonical_form() -> None:
+    resolver = Resolver({"xn--bcher-kva.example": ["93.184.215.14"], "cdn.example": ["1.1.1.1"]})
+    guard = URLGuard(
+        trusted_hosts=["Store.Internal.", "BÜCHER.example"],
+        fetch_hosts=["CDN.Example.", "store.internal", "xn--bcher-kva.example"],
+        resolver=resolver,
+    )
+    for trusted in ("http://store.internal/", "http://STORE.INTERNAL./", "http://bücher.example/"):
+        assert check(guard, trusted) is None, trusted  # connected by name, unchecked
+    assert check(guard, "https://CDN.example./a.png") == ["1.1.1.1"]
+    untrusted = URLGuard(resolver=resolver)
+    assert check(untrusted, "http://Bücher.Example./") == ["93.184.215.14"]
+    assert resolver.asked == ["cdn.example", "xn--bcher-kva.example"]  # as httpx sends it
+    for bad in ("http://localhost../", "http://a..b/"):
+        with pytest.raises(FetchError, match="not a valid host name"):
+            check(untrusted, bad)
+    settings = ServerSettings(trusted_hosts=["Store.Internal."], fetch_hosts=["BÜCHER.example"])
+    assert settings.trusted_hosts == ("store.internal",)
+    assert settings.fetch_hosts == ("xn--bcher-kva.example",)
+    with pytest.raises(InvalidInput) as caught:
+        ServerSettings(trusted_hosts=["bad..name"])
+    assert caught.value.field == "trusted_hosts"
+
+
+def test_the_transport_connects_to_the_checked_address_with_the_original_host(
+    http_server: LocalServer,
+) -> None:
+    class Pinned(URLGuard):
+        """Checked and found public (a test cannot own one): the local server's address."""
+
+        async def addresses(self, url: httpx.URL) -> list[str] | None:
+            return ["127.0.0.1"]
+
+    port = http_server.url("/").split(":")[-1].rstrip("/")
+    http_server.route("/guard/pinned.png", body=_png(), content_type="image/png")
+
+    async def fetch() -> httpx.Response:
+        async with httpx.AsyncClient(transport=GuardedTransport(Pinned())) as client:
+            return await client.get(f"http://images.example:{port}/guard/pinned.png")
+
+    response = anyio.run(fetch)
+    assert response.status_code == 200 and response.content == _png()
+    assert str(response.request.url) == f"http://images.example:{port}/guard/pinned.png"
+    [hit] = [hit for hit in http_server.hits if hit.path == "/guard/pinned.png"]
+    assert hit.headers["Host"] == f"images.example:{port}"
+
+
+def test_the_transport_names_the_host_for_tls_and_tries_each_checked_address() -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "93.184.215.14":
+            raise httpx.ConnectError("unreachable", request=request)
+        return httpx.Response(200, content=b"ok")
+
+    guard = URLGuard(resolver=Resolver({"images.example": ["93.184.215.14", "1.1.1.1"]}))
+    transport = GuardedTransport(guard, inner=httpx.MockTransport(answer))
+
+    async def fetch() -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await client.get("https://Images.Example./cat.png")
+
+    assert anyio.run(fetch).content == b"ok"
+    assert [str(request.url) for request in seen] == [
+        "https://93.184.215.14/cat.png",
+        "https://1.1.1.1/cat.png",
+    ]
+    for request in seen:
+        assert request.headers["Host"] == "images.example."  # as the client sent it
+        assert request.extensions["sni_hostname"] == "images.example"
 
 
 def test_forbidden_reason_covers_the_special_ranges() -> None:

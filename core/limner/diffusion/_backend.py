@@ -1,10 +1,10 @@
 """A text-to-image backend around a diffusers pipeline, shared by the diffusion plugins.
 
-One pipeline is loaded per worker and shared by every generation on it: each call builds a
-throwaway pipeline object around the shared modules with its own copy of the scheduler
-(``set_timesteps`` and the pipeline's ``_guidance_scale`` and friends are per-call state) and
-its thread's own tokenizers (whose padding settings are per-call state too), so two threads
-can generate on the same weights at once. Torch and diffusers are imported only in ``load``
+One pipeline is loaded per worker and shared by every generation on it: each call works on
+a shallow copy of it with its own copy of the scheduler (``set_timesteps`` and the pipeline's
+``_guidance_scale`` and friends are per-call state) and its thread's own tokenizers (whose
+padding settings are per-call state too), so two threads can generate on the same weights at
+once. Torch and diffusers are imported only in ``load``
 and ``generate``: importing this module, or a plugin's module built on it, stays cheap.
 """
 
@@ -176,7 +176,7 @@ def select_variant(spec: ModelSpec, variants: Sequence[VariantT], plugin: str) -
 @dataclass
 class LoadedPipeline:
     """Everything generation reads. The pipeline is never mutated after ``load``; calls
-    build their own pipeline object around its components."""
+    work on shallow copies of it (``_call_view``)."""
 
     pipeline: Any  # a diffusers pipeline; diffusers' pipelines carry no usable types
     device: torch.device
@@ -284,7 +284,7 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         kwargs.update(self.from_pretrained_kwargs())
         try:
             pipeline = getattr(_diffusers(), self.pipeline_class).from_pretrained(
-                source, revision=self.settings.revision, dtype=dtype, **kwargs
+                source, dtype=dtype, **kwargs
             )
         except Exception as error:
             raise ModelLoadError(
@@ -356,8 +356,9 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         return "cpu"  # the CPU, and MPS's unified memory, are system RAM
 
     def _locate(self) -> tuple[str, dict[str, Any]]:
-        """What ``from_pretrained`` reads, failing early with advice when a repo is neither
-        cached nor downloadable."""
+        """What ``from_pretrained`` reads (the source and its keyword arguments, the revision
+        among them), failing early with advice when a repo is neither cached nor
+        downloadable."""
         settings = self.settings
         if settings.local_dir:
             path = Path(settings.weights).expanduser()
@@ -371,16 +372,22 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         from huggingface_hub import try_to_load_from_cache
 
         cache = limner.hf_cache_dir()
-        kwargs: dict[str, Any] = {"cache_dir": str(cache)}
+        kwargs: dict[str, Any] = {"cache_dir": str(cache), "revision": settings.revision}
         if self.tiny_key is not None and settings.weights == self.tiny_key:
-            if settings.revision != self.tiny_revision:
+            # Unset means the only revision there is: the one limner writes itself.
+            if settings.revision not in (None, self.tiny_revision):
                 raise ModelLoadError(
                     f"{self.tiny_key} exists only at revision {self.tiny_revision}, which "
                     "limner writes into the cache itself; got revision "
                     f"{settings.revision!r}: leave it unset"
                 )
             self.ensure_tiny(cache)
-            return settings.weights, {**kwargs, "local_files_only": True}  # not on the hub
+            # local_files_only: it is not on the hub.
+            return settings.weights, {
+                **kwargs,
+                "revision": self.tiny_revision,
+                "local_files_only": True,
+            }
         cached = try_to_load_from_cache(
             settings.weights, "model_index.json", cache_dir=cache, revision=settings.revision
         )
@@ -557,6 +564,11 @@ def _call_view(loaded: LoadedPipeline) -> Any:
     tokenizer sets its padding and truncation on the shared Rust object before encoding (the
     pipelines ask for "max_length" and "longest" padding in turn), so each thread gets its
     own copies of the tokenizers, made on its first call (tens of ms for the real ones).
+
+    The view is a shallow copy of the loaded pipeline, never a new one: the pipeline's
+    ``__init__`` re-runs its checks and warnings (Stable Diffusion 1.x warns about a disabled
+    safety checker, every time) and rebuilds its helpers. Assigning a component to the copy
+    updates the copy's own config, not the shared pipeline's.
     """
     pipeline = loaded.pipeline
     tokenizers: dict[str, Any] | None = getattr(loaded.per_thread, "tokenizers", None)
@@ -567,13 +579,13 @@ def _call_view(loaded: LoadedPipeline) -> Any:
             if name.startswith("tokenizer") and component is not None
         }
         loaded.per_thread.tokenizers = tokenizers
-    components = {
-        **pipeline.components,
-        **tokenizers,
-        "scheduler": copy.deepcopy(pipeline.scheduler),
-    }
-    view = type(pipeline)(**components)
-    view.set_progress_bar_config(disable=True)
+    view = copy.copy(pipeline)
+    for name, tokenizer in tokenizers.items():
+        setattr(view, name, tokenizer)
+    view.scheduler = copy.deepcopy(pipeline.scheduler)
+    # No offload hooks of its own, so that the call does not reinstall them on the shared
+    # modules when it ends; ``_exclusive`` resets the shared pipeline's once, afterwards.
+    view._all_hooks = []
     return view
 
 

@@ -174,7 +174,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        # FastAPI's own 400 is a body it could not parse (not UTF-8, nested too deep).
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            error.status_code
+        )
         return APIError(
             error.status_code,
             str(error.detail),

@@ -187,7 +187,7 @@ async def _embed(service: Service, body: EmbeddingRequest) -> Response:
             vectors[positions] = await _embed_images(model, split.images)
         if split.texts:
             positions = [index for index, _ in split.texts]
-            vectors[positions] = await model.embed_text([text for _, text in split.texts])
+            vectors[positions] = await _in_request_order(model.embed_text, split.texts)
     # Thousands of vectors take a while to render: not on the event loop.
     content = await anyio.to_thread.run_sync(
         _embeddings_body, vectors, model.key, body.encoding_format
@@ -207,13 +207,20 @@ def _embeddings_body(vectors: Vector, model: str, encoding_format: str) -> bytes
 
 
 async def _embed_images(model: ImageEmbedder, images: list[tuple[int, bytes]]) -> Vector:
+    return await _in_request_order(model.embed_images, images)
+
+
+async def _in_request_order(
+    embed: Callable[[list[Any]], Awaitable[Vector]], items: list[tuple[int, Any]]
+) -> Vector:
+    """``embed`` the items; an input error is located at its item's index in the request."""
     try:
-        return await model.embed_images([data for _, data in images])
+        return await embed([item for _, item in items])
     except InvalidInput as error:
-        # The error counts within the images; the client counts within its whole input.
+        # The error counts within these items; the client counts within its whole input.
         local = error.index if error.index is not None else 0
-        if local < len(images) and (error.index is not None or len(images) == 1):
-            raise error.at_index(images[local][0]) from None
+        if local < len(items) and (error.index is not None or len(items) == 1):
+            raise error.at_index(items[local][0]) from None
         raise
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 __all__ = [
     "EmbeddingData",
@@ -84,7 +84,10 @@ class ImageRequest(_Request):
         default="b64_json", description="Only b64_json: this server returns images inline."
     )
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    stream: bool = Field(default=False, description="Server-sent events: progress, then images.")
+    # Strict: "no" or 0 read as a boolean would silently pick the wrong kind of answer.
+    stream: StrictBool = Field(
+        default=False, description="Server-sent events: progress, then images."
+    )
     seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
     steps: int | None = Field(default=None, ge=1, le=1000)
     guidance: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)

@@ -21,7 +21,7 @@ from limner._spec import Capability
 from limner.errors import InvalidInput, UnknownModelError
 
 from ._errors import APIError
-from ._guard import URLGuard
+from ._guard import GuardedTransport, URLGuard
 from ._settings import ServerSettings
 
 __all__ = ["Service"]
@@ -74,8 +74,14 @@ class Service:
     async def running(self) -> AsyncIterator[None]:
         """Start the pool and the fetch client, preload in the background, stop both after."""
         timeout = httpx.Timeout(self.settings.image_limits.fetch_timeout)
-        # trust_env=False: no proxy from the environment, so the guard sees the real target.
-        client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+        # trust_env=False: no proxy from the environment, so the guard sees the real target;
+        # the transport connects only to addresses the guard checked.
+        client = httpx.AsyncClient(
+            timeout=timeout,
+            follow_redirects=False,
+            trust_env=False,
+            transport=GuardedTransport(self.guard),
+        )
         async with Pool(**self.settings.pool_arguments(self.preload)) as pool, client:
             self.pool, self.client = pool, client
             self.fetch_slots = anyio.CapacityLimiter(self.settings.max_concurrent_fetches)
@@ -147,6 +153,7 @@ class Service:
             bound = model.using(self.pool)
             if isinstance(bound, ImageEmbedder):  # the server's limits, not the registry's
                 bound = bound.with_limits(self.settings.image_limits)
+                bound.max_text_chars = self.settings.max_text_chars
             bound = self._bound.setdefault(key, bound)
         return bound
 

@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from limner._embedder import DEFAULT_MAX_TEXT_CHARS
 from limner._images import ImageLimits
 from limner._pool import Pool
 from limner.errors import InvalidInput
+
+from ._guard import canonical_host
 
 __all__ = ["DEFAULT_SERVER_IMAGE_LIMITS", "ServerSettings"]
 
@@ -33,6 +36,32 @@ def _names(value: Sequence[str] | None, field_name: str) -> tuple[str, ...] | No
         if not isinstance(name, str) or not name.strip():
             raise InvalidInput(f"{name!r} is not a name", field=field_name)
     return names
+
+
+def _hosts(names: Sequence[str], field_name: str) -> tuple[str, ...]:
+    """Host names as the URL guard compares them: ``Images.Example.`` is images.example."""
+    try:
+        return tuple(canonical_host(name) for name in names)
+    except InvalidInput as error:
+        raise InvalidInput(error.reason, field=field_name) from None
+
+
+def _check_api_key(key: str) -> None:
+    """Refuse a key no request could match: the server trims the header's token, and HTTP
+    headers cannot carry control characters, so such a key would lock every client out."""
+    if not key.strip():
+        raise InvalidInput("must not be empty; use None for no key", field="api_key")
+    if key != key.strip():
+        raise InvalidInput(
+            "has whitespace at its start or end, which no Authorization header can match "
+            "(the token is trimmed); remove it",
+            field="api_key",
+        )
+    if any(ord(char) < 32 or ord(char) == 127 for char in key):
+        raise InvalidInput(
+            "holds a control character, which no HTTP header can carry; remove it",
+            field="api_key",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +95,9 @@ class ServerSettings:
     """Bounds on each image input: encoded bytes, pixels, fetch time, redirects."""
     max_inputs: int = 2048
     """Most items in one embeddings request."""
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    """Longest text item of an embeddings request, in characters (400 past it). CLIP reads
+    only its first 77 tokens, a few hundred characters."""
     max_concurrent_fetches: int = 16
     """URL inputs fetched at once, across all requests."""
     cors_origins: Sequence[str] = ()
@@ -84,12 +116,12 @@ class ServerSettings:
         object.__setattr__(
             self,
             "fetch_hosts",
-            None if fetch_hosts is None else tuple(h.lower() for h in fetch_hosts),
+            None if fetch_hosts is None else _hosts(fetch_hosts, "fetch_hosts"),
         )
-        object.__setattr__(self, "trusted_hosts", tuple(h.lower() for h in self.trusted_hosts))
-        if self.api_key is not None and not self.api_key.strip():
-            raise InvalidInput("must not be empty; use None for no key", field="api_key")
-        for name in ("max_body_bytes", "max_inputs", "max_concurrent_fetches"):
+        object.__setattr__(self, "trusted_hosts", _hosts(self.trusted_hosts, "trusted_hosts"))
+        if self.api_key is not None:
+            _check_api_key(self.api_key)
+        for name in ("max_body_bytes", "max_inputs", "max_text_chars", "max_concurrent_fetches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(f"must be a positive integer, got {value!r}", field=name)

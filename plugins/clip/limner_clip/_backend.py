@@ -3,12 +3,16 @@
 Preprocessing is split the way limner's embedder wants it: ``prepare`` does the geometric
 part (resize and centre crop, one PIL call per image, no weights) in the decode threads, and
 ``embed_prepared`` does the arithmetic part (normalisation) for the whole batch in torch,
-right before the vision tower. Torch and transformers are imported only in ``load``.
+right before the vision tower. Texts are tokenized the same way, in ``prepare_text`` before
+batching (a long text is first cut to a prefix that surely holds the tokens the text tower
+reads), and padded into a batch in ``embed_texts``. Torch and transformers are imported only
+in ``load`` and on the first text.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -37,8 +41,9 @@ from ._memory import MIB, working_mb
 from ._tiny import TINY_KEY, TINY_REVISION, ensure_tiny_clip
 
 if TYPE_CHECKING:
+    import tokenizers
     import torch
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+    from transformers import CLIPConfig, CLIPModel
 
 __all__ = [
     "CLIP_MEAN",
@@ -51,6 +56,7 @@ __all__ = [
     "resize_crop_box",
     "resolve_device",
     "resolve_dtype",
+    "token_prefix",
 ]
 
 #: OpenAI CLIP's normalisation, used when a repo has no preprocessor_config.json.
@@ -69,8 +75,11 @@ _DTYPES = {
 }
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 _TRUE = {"1", "on", "yes", "true"}
+# A word: a run of anything but Unicode White_Space, the characters tokenizers' \s matches.
+_WORD = re.compile(r"[^\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
 Vectors = npt.NDArray[np.float32]
+TokenIds = list[int]
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -180,6 +189,28 @@ def resize_crop_box(width: int, height: int, size: int) -> tuple[float, float, f
     return (left * x_scale, top * y_scale, (left + size) * x_scale, (top + size) * y_scale)
 
 
+def token_prefix(text: str, nonspace_chars: int) -> str:
+    """The start of ``text`` up to the end of the word in which its first ``nonspace_chars``
+    non-space characters end; ``text`` itself when it is no longer than that.
+
+    A tokenizer that drops whitespace, and whose tokens each cover at most ``c`` characters,
+    makes at least ``nonspace_chars / c`` tokens of this prefix, and makes them as it does
+    for the whole text, since the prefix ends where a word does. Only the prefix is scanned,
+    so a text of megabytes costs what a page costs. A word too long to keep whole (no
+    space in sight) is cut ``nonspace_chars`` characters past the mark.
+    """
+    if len(text) <= nonspace_chars:
+        return text
+    seen = 0
+    for word in _WORD.finditer(text):
+        length = word.end() - word.start()
+        if seen + length >= nonspace_chars:
+            end = min(word.end(), word.start() + (nonspace_chars - seen) + nonspace_chars)
+            return text[:end]
+        seen += length
+    return text
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -200,11 +231,27 @@ class _Loaded:
     dtype: torch.dtype
     scale: torch.Tensor  # (1, 3, 1, 1) float32: 1 / (255 * std)
     shift: torch.Tensor  # (1, 3, 1, 1) float32: -mean / std
-    max_text_length: int
     working_mb: float
     #: On the CPU one forward pass already uses every core; two at once (the pool runs two
     #: workers) only fight over them, about 20% slower in total, so they take turns.
     forward_lock: threading.Lock | None
+
+
+@dataclass(frozen=True)
+class _TextEncoder:
+    """What turns one text into token ids; built on the first text, then only read, by any
+    number of threads at once."""
+
+    #: A private copy of the fast tokenizer's Rust tokenizer, its truncation set once: its
+    #: ``encode`` changes no state, so threads need no lock.
+    rust: tokenizers.Tokenizer
+    max_length: int  # tokens the text tower reads
+    #: Non-space characters that surely make ``max_length`` tokens: each token covers at
+    #: most the longest vocabulary entry (bytes, so characters); doubled for what Unicode
+    #: normalisation merges.
+    prefix_chars: int
+    pad_id: int
+    pad_left: bool
 
 
 class ClipBackend(ImageEmbeddingBackend):
@@ -223,8 +270,8 @@ class ClipBackend(ImageEmbeddingBackend):
             )
         self.image_size: int = size
         self._loaded: _Loaded | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._tokenizer_lock = threading.Lock()
+        self._text_encoder: _TextEncoder | None = None
+        self._text_encoder_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<ClipBackend {self.spec.key} weights={self.settings.weights!r}>"
@@ -241,7 +288,7 @@ class ClipBackend(ImageEmbeddingBackend):
         try:
             # The config and preprocessing first: a mismatch fails before reading the weights.
             config = CLIPConfig.from_pretrained(source.path, **source.kwargs)
-            max_text_length, working = self._check_config(config, dtype.itemsize)
+            working = self._check_config(config, dtype.itemsize)
             mean, std = self._normalisation(source)
             kwargs = {**source.kwargs, **_dtype_kwarg(dtype)}
             model = CLIPModel.from_pretrained(source.path, config=config, **kwargs)
@@ -260,15 +307,14 @@ class ClipBackend(ImageEmbeddingBackend):
             shift=torch.tensor(
                 [-m / s for m, s in zip(mean, std, strict=True)], device=device
             ).view(1, 3, 1, 1),
-            max_text_length=max_text_length,
             working_mb=working,
             forward_lock=threading.Lock() if device.type == "cpu" else None,
         )
 
     def unload(self) -> None:
         loaded, self._loaded = self._loaded, None
-        with self._tokenizer_lock:
-            self._tokenizer = None
+        with self._text_encoder_lock:
+            self._text_encoder = None
         if loaded is not None and loaded.device.type == "cuda":
             import torch
 
@@ -337,12 +383,14 @@ class ClipBackend(ImageEmbeddingBackend):
 
         cache = limner.hf_cache_dir()
         tiny = settings.weights == TINY_KEY
-        if tiny and settings.revision == TINY_REVISION:
+        # For the tiny key, unset means the only revision there is: the one limner writes.
+        revision = TINY_REVISION if tiny and settings.revision is None else settings.revision
+        if tiny and revision == TINY_REVISION:
             ensure_tiny_clip(cache)
-        kwargs: dict[str, Any] = {"revision": settings.revision, "cache_dir": str(cache)}
+        kwargs: dict[str, Any] = {"revision": revision, "cache_dir": str(cache)}
         try:
             cached = try_to_load_from_cache(
-                settings.weights, "config.json", cache_dir=cache, revision=settings.revision
+                settings.weights, "config.json", cache_dir=cache, revision=revision
             )
         except ValueError as error:  # not a valid repo id
             raise ModelLoadError(
@@ -366,19 +414,13 @@ class ClipBackend(ImageEmbeddingBackend):
             )
         return _Source(settings.weights, kwargs)
 
-    def _check_config(self, config: CLIPConfig, activation_bytes: int) -> tuple[int, float]:
-        """Check the weights take the image size ``prepare`` produces; their text length and
-        the working memory of a full batch."""
-        vision, text = config.vision_config, config.text_config
-        expected, patch, hidden, heads, max_text_length = (
-            self._int_field(part, name)
-            for part, name in (
-                (vision, "image_size"),
-                (vision, "patch_size"),
-                (vision, "hidden_size"),
-                (vision, "num_attention_heads"),
-                (text, "max_position_embeddings"),
-            )
+    def _check_config(self, config: CLIPConfig, activation_bytes: int) -> float:
+        """Check the weights take the image size ``prepare`` produces; the working memory of
+        a full batch."""
+        vision = config.vision_config
+        expected, patch, hidden, heads = (
+            self._int_field(vision, name)
+            for name in ("image_size", "patch_size", "hidden_size", "num_attention_heads")
         )
         if expected != self.image_size:
             raise ModelLoadError(
@@ -399,7 +441,7 @@ class ClipBackend(ImageEmbeddingBackend):
             batch=self.spec.info.max_batch_size,
             activation_bytes=activation_bytes,
         )
-        return max_text_length, working
+        return working
 
     def _int_field(self, config: object, name: str) -> int:
         value = getattr(config, name, None)
@@ -483,7 +525,19 @@ class ClipBackend(ImageEmbeddingBackend):
 
     # -- texts --------------------------------------------------------------------------------
 
-    def embed_texts(self, texts: Sequence[str]) -> Vectors:
+    def prepare_text(self, text: str) -> TokenIds:
+        """The token ids of ``text`` the text tower reads (``max_position_embeddings``).
+
+        Runs before batching, outside the forward lock and the pool's turn, and takes no
+        lock itself. A long text is cut first to a prefix that surely holds those tokens
+        (``token_prefix``), so its cost does not grow with its length; a text of normal length
+        is tokenized whole.
+        """
+        encoder = self._encoder()
+        return list(encoder.rust.encode(token_prefix(text, encoder.prefix_chars)).ids)
+
+    def embed_texts(self, texts: Sequence[str | TokenIds]) -> Vectors:
+        """Embed ``prepare_text``'d texts (or plain strings, tokenized here)."""
         limit = self.spec.info.max_batch_size
         if len(texts) > limit:
             chunks = [texts[i : i + limit] for i in range(0, len(texts), limit)]
@@ -491,37 +545,66 @@ class ClipBackend(ImageEmbeddingBackend):
         import torch
 
         loaded = self._require_loaded()
-        tokenizer = self._get_tokenizer()
-        with self._tokenizer_lock:  # a fast tokenizer's padding state is not thread-safe
-            tokens = tokenizer(
-                list(texts),
-                padding=True,
-                truncation=True,
-                max_length=loaded.max_text_length,
-                return_tensors="pt",
-            )
+        encoder = self._encoder()
+        rows = [self.prepare_text(t) if isinstance(t, str) else t for t in texts]
+        width = max((len(row) for row in rows), default=0)
+        input_ids = torch.full((len(rows), width), encoder.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):  # padded as the tokenizer pads a batch
+            span = slice(width - len(row), width) if encoder.pad_left else slice(0, len(row))
+            input_ids[index, span] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, span] = 1
         with _turn(loaded.forward_lock), torch.inference_mode():
             features = loaded.model.get_text_features(
-                input_ids=tokens["input_ids"].to(loaded.device),
-                attention_mask=tokens["attention_mask"].to(loaded.device),
+                input_ids=input_ids.to(loaded.device),
+                attention_mask=attention_mask.to(loaded.device),
             )
             return _normalised(_features(features))
 
-    def _get_tokenizer(self) -> PreTrainedTokenizerBase:
+    def _encoder(self) -> _TextEncoder:
         """The tokenizer, loaded on the first text: image-only users never pay for it."""
-        with self._tokenizer_lock:
-            if self._tokenizer is None:
-                from transformers import AutoTokenizer
+        encoder = self._text_encoder
+        if encoder is not None:
+            return encoder
+        with self._text_encoder_lock:
+            if self._text_encoder is None:
+                self._text_encoder = self._load_text_encoder()
+            return self._text_encoder
 
-                source = self._locate()
-                try:
-                    self._tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
-                except Exception as error:
-                    raise ModelLoadError(
-                        f"could not load the tokenizer of {self.spec.key} from "
-                        f"{self._where()}: {error}"
-                    ) from error
-            return self._tokenizer
+    def _load_text_encoder(self) -> _TextEncoder:
+        from transformers import AutoTokenizer, CLIPConfig
+
+        source = self._locate()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
+            config = CLIPConfig.from_pretrained(source.path, **source.kwargs)
+        except Exception as error:
+            raise ModelLoadError(
+                f"could not load the tokenizer of {self.spec.key} from {self._where()}: {error}"
+            ) from error
+        max_length = self._int_field(config.text_config, "max_position_embeddings")
+        shared = getattr(tokenizer, "backend_tokenizer", None)
+        if shared is None:
+            raise ModelLoadError(
+                f"{self._where()} gave a slow {type(tokenizer).__name__}; limner's CLIP "
+                "backend needs a fast one (the tokenizers library's), which transformers "
+                "builds from a tokenizer.json or a vocab.json with merges.txt"
+            )
+        # Its own copy: transformers sets truncation and padding on the shared one per call.
+        rust = copy.deepcopy(shared)
+        rust.no_padding()
+        rust.enable_truncation(
+            max_length, strategy="longest_first", direction=tokenizer.truncation_side
+        )
+        longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        pad_id = tokenizer.pad_token_id
+        return _TextEncoder(
+            rust=rust,
+            max_length=max_length,
+            prefix_chars=2 * max_length * longest,
+            pad_id=pad_id if isinstance(pad_id, int) else 0,
+            pad_left=tokenizer.padding_side == "left",
+        )
 
 
 @dataclass(frozen=True)

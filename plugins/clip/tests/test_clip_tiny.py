@@ -264,6 +264,19 @@ async def test_tiny_at_an_unknown_revision_is_a_load_error(registry: limner.Regi
         await registry.embedder(TINY_KEY).embed_text("hello")
 
 
+def test_tiny_with_the_revision_unset_loads_the_one_limner_writes(
+    registry: limner.Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing written yet
+    backend = ClipBackend(registry.spec(TINY_KEY), limner.ModelSettings(weights=TINY_KEY))
+    backend.load()
+    try:
+        _unit_rows(backend.embed_texts(["a red fox"]), 1)
+    finally:
+        backend.unload()
+    assert _snapshot(tmp_path).is_dir()
+
+
 @pytest.mark.anyio
 async def test_local_dir_with_other_input_size_is_refused(
     registry: limner.Registry, isolated_hf_cache: Path

@@ -368,8 +368,22 @@ def test_corrupt_weights_become_a_load_error(
 
 
 def test_tiny_at_another_revision_is_refused(make_backend: BackendMaker) -> None:
-    with pytest.raises(ModelLoadError, match="leave it unset"):
+    with pytest.raises(ModelLoadError, match="got revision 'main': leave it unset"):
         make_backend(TINY, revision="main").load()
+
+
+def test_tiny_with_the_revision_unset_loads_the_one_limner_writes(
+    registry: limner.Registry,
+) -> None:
+    spec = registry.spec(TINY)
+    backend = FluxBackend(spec, limner.ModelSettings(weights=TINY))  # as a host may build it
+    assert backend.settings.revision is None
+    backend.load()
+    try:
+        _, result = run(backend, steps=1, width=32, height=32, seed=1)
+        assert result.images[0].size == (32, 32)
+    finally:
+        backend.unload()
 
 
 @pytest.mark.real_weights
