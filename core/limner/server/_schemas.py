@@ -85,6 +85,10 @@ class ImageRequest(_Request):
     )
     output_format: Literal["png", "jpeg", "webp"] = "png"
     stream: bool = Field(default=False, description="Server-sent events: progress, then images.")
+    preview: bool = Field(
+        default=False,
+        description="With stream: each progress event carries a small PNG of the image so far.",
+    )
     seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
     steps: int | None = Field(default=None, ge=1, le=1000)
     guidance: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
@@ -109,6 +113,7 @@ class ProgressEvent(BaseModel):
     step: int
     total: int
     elapsed: float
+    preview: str | None = None
 
 
 class ModelCard(BaseModel):
