@@ -378,6 +378,7 @@ def _names(value: str | None) -> tuple[str, ...] | None:
     multiple=True,
     help="Allow browsers on this origin to call the API (repeatable; default: no CORS).",
 )
+@click.option("--no-ui", is_flag=True, help="Do not serve the playground page at /.")
 @click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
@@ -392,12 +393,14 @@ def serve(
     api_key: str | None,
     allow_private_urls: bool,
     cors_origins: tuple[str, ...],
+    no_ui: bool,
     log_level: str,
 ) -> None:
     """Serve the models over HTTP: OpenAI-compatible embeddings and image generation.
 
     Routes: /v1/models, /v1/embeddings, /v1/images/generations (stream: true for progress
-    events), /v1/pool, /metrics, /healthz, /readyz; the OpenAPI schema at /openapi.json.
+    events), /v1/pool, /metrics, /healthz, /readyz; the OpenAPI schema at /openapi.json; a
+    playground page at / to try the models in a browser.
     """
     try:
         import uvicorn
@@ -414,6 +417,7 @@ def serve(
             api_key=api_key or None,
             allow_private_urls=allow_private_urls,
             cors_origins=cors_origins,
+            ui=not no_ui,
         )
     except InvalidInput as error:
         if error.field != "api_key":

@@ -80,7 +80,9 @@ def test_generation_returns_base64_images_and_the_seed(main: Served) -> None:
         assert image.format == "PNG"
         assert image.size == (32, 24)
     again = generate(main, model="fake/generator", prompt="a lighthouse", size="32x24", seed=7)
-    assert again.json()["data"][0]["b64_json"] == body["data"][0]["b64_json"]
+    # The same pixels; the PNGs' text chunks differ, since they record n.
+    first, repeated = (decode(b["data"][0]["b64_json"]) for b in (body, again.json()))
+    assert repeated.tobytes() == first.tobytes()
     drawn = generate(main, model="fake/generator", prompt="a lighthouse")
     assert isinstance(drawn.json()["seed"], int)  # a drawn seed is reported back
 
@@ -237,3 +239,31 @@ def test_tiny_flux_generates_and_streams(make_server: ServerFactory, hf_cache: P
     image = decode(events[2].data["data"][0]["b64_json"])
     assert image.size == (64, 64)
     assert image.getextrema() != ((0, 0), (0, 0), (0, 0))  # not a blank image
+
+
+def test_a_stream_with_preview_sends_a_png_at_every_step(
+    make_server: ServerFactory, hf_cache: Path
+) -> None:
+    limner_flux = pytest.importorskip("limner_flux")
+    registry = Registry(entry_points=False)
+    registry.register_plugin(limner_flux)
+    served = make_server(registry=registry, models=["limner/tiny-flux"])
+    request = {"model": "limner/tiny-flux", "prompt": "a red fox", "size": "128x64", "steps": 3}
+    events = stream(served, **request, preview=True)
+    assert [event.name for event in events] == ["progress"] * 3 + ["completed", "done"]
+    previews = [decode(event.data["preview"]) for event in events[:3]]
+    assert all(preview.format == "PNG" for preview in previews)
+    assert {preview.size for preview in previews} == {(16, 8)}  # one pixel per latent
+    assert "preview" not in stream(served, **request)[0].data
+
+
+def test_png_answers_carry_prompt_seed_model_and_settings(main: Served) -> None:
+    body = {"model": "fake/generator", "prompt": "a lighthouse", "seed": 11, "steps": 2}
+    whole = generate(main, **body).json()
+    streamed = stream(main, **body)[-2].data
+    for answer in (whole, streamed):
+        text = decode(answer["data"][0]["b64_json"]).text  # type: ignore[attr-defined]
+        assert text["prompt"] == "a lighthouse"
+        assert text["seed"] == "11"
+        assert text["model"] == "fake/generator"
+        assert json.loads(text["limner"])["steps"] == 2

@@ -20,6 +20,7 @@ from ._middleware import OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware, Metr
 from ._routes import add_routes
 from ._service import Service
 from ._settings import ServerSettings
+from ._ui import add_ui
 
 __all__ = ["create_app"]
 
@@ -60,6 +61,8 @@ def create_app(
     app.state.limner_metrics = metrics
     install_error_handlers(app)
     add_routes(app)
+    if settings.ui:
+        add_ui(app)
     # Added innermost first: metrics see every answer, CORS answers preflights before the
     # key check, and the key is checked before a body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -16,11 +16,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._errors import error_body
 from ._metrics import Metrics
+from ._ui import UI_PATHS
 
 __all__ = ["APIKeyMiddleware", "BodyLimitMiddleware", "MetricsMiddleware"]
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-"""Probes answer without a key: orchestrators call them and they reveal nothing."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz"}) | UI_PATHS
+"""Probes and the playground's static files answer without a key: they reveal nothing."""
 
 
 async def send_error(

@@ -18,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from limner._embedder import ImageEmbedder
@@ -251,8 +253,9 @@ _SSE_EVENT = {
 
 _STREAM_DOC = (
     "With `stream: true`: `text/event-stream` with one `progress` event per step "
-    '(`{"step","total","elapsed"}`), then `completed` (the JSON body below), then `done` '
-    "(`[DONE]`); a failure is an `error` event in the error shape, with `status`."
+    '(`{"step","total","elapsed"}`, plus `"preview"`, a base64 PNG, with `preview: true`), '
+    "then `completed` (the JSON body below), then `done` (`[DONE]`); a failure is an `error` "
+    "event in the error shape, with `status`."
 )
 
 
@@ -324,6 +327,7 @@ def _config(body: ImageRequest) -> ImageGenerationConfig:
         num_images=body.n,
         negative_prompt=body.negative_prompt,
         output_format=body.output_format,
+        preview=body.preview and body.stream,  # only a stream has somewhere to send them
     )
 
 
@@ -347,7 +351,13 @@ async def _events(
         chunk = first
         while True:
             if isinstance(chunk, Progress):
-                progress = {"step": chunk.step, "total": chunk.total, "elapsed": chunk.elapsed}
+                progress: dict[str, Any] = {
+                    "step": chunk.step,
+                    "total": chunk.total,
+                    "elapsed": chunk.elapsed,
+                }
+                if chunk.preview is not None:
+                    progress["preview"] = await anyio.to_thread.run_sync(_png_b64, chunk.preview)
                 yield sse_event("progress", progress)
             else:
                 payload = await anyio.to_thread.run_sync(_image_payload, chunk, output_format)
@@ -363,11 +373,18 @@ async def _events(
 def _image_payload(result: GenerationResult, output_format: str) -> dict[str, Any]:
     """The OpenAI images body: each image base64-encoded in ``output_format``. Blocking."""
     data = []
-    for image in result.images:
+    for index, image in enumerate(result.images):
         buffer = io.BytesIO()
         if output_format == "jpeg" and image.mode not in ("RGB", "L"):
             image = image.convert("RGB")  # JPEG has no alpha
-        image.save(buffer, format=_PIL_FORMATS[output_format])
+        if output_format == "png":  # the text chunks GenerationResult.save writes: prompt,
+            # seed, model, settings travel with the file wherever it goes
+            info = PngInfo()
+            for key, value in result.text_metadata(index).items():
+                info.add_itxt(key, value)
+            image.save(buffer, format="PNG", pnginfo=info)
+        else:
+            image.save(buffer, format=_PIL_FORMATS[output_format])
         encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
         data.append({"b64_json": encoded, "revised_prompt": None})
     config = result.config
@@ -379,6 +396,12 @@ def _image_payload(result: GenerationResult, output_format: str) -> dict[str, An
         "model": result.model,
         "size": f"{width}x{height}",
     }
+
+
+def _png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 # -- operations -------------------------------------------------------------------------------

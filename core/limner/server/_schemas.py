@@ -88,6 +88,10 @@ class ImageRequest(_Request):
     stream: StrictBool = Field(
         default=False, description="Server-sent events: progress, then images."
     )
+    preview: StrictBool = Field(
+        default=False,
+        description="With stream: each progress event carries a small PNG of the image so far.",
+    )
     seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
     steps: int | None = Field(default=None, ge=1, le=1000)
     guidance: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
@@ -112,6 +116,7 @@ class ProgressEvent(BaseModel):
     step: int
     total: int
     elapsed: float
+    preview: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -78,7 +78,8 @@ class ServerSettings:
     """Keys loaded at startup; ``/readyz`` answers 200 once they all are. They are kept
     loaded (never evicted for idleness) unless ``pool_options`` sets their keep-alive."""
     api_key: str | None = field(default=None, repr=False)
-    """When set, every route but ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer``."""
+    """When set, every route but ``/healthz``, ``/readyz`` and the playground page's files
+    needs ``Authorization: Bearer``."""
     allow_private_urls: bool = False
     """Let URL inputs reach private, loopback, link-local and other non-public addresses."""
     trusted_hosts: Sequence[str] = ()
@@ -104,6 +105,8 @@ class ServerSettings:
     """Origins allowed cross-origin browser access; empty turns CORS off."""
     pool_options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments for the server's :class:`~limner.Pool` (``max_queue``, ...)."""
+    ui: bool = True
+    """Serve the playground page at ``/``: a browser front end to this same API."""
 
     def __post_init__(self) -> None:
         models = _names(self.models, "models")
