@@ -17,12 +17,12 @@ from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImage
 from ._capabilities import ImageEmbeddingCapable, ImageInput, TextToImageCapable
 from ._default_pool import default_pool
 from ._embedder import BlockingImageEmbedder, ImageEmbedder
-from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
+from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
 from ._generator import BlockingImageGenerator, ImageGenerator
 from ._hookspecs import hookimpl, hookspec
 from ._images import DEFAULT_LIMITS, ImageLimits, InputKind, decode_image, fetch_image_bytes
-from ._memory import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from ._pool import Pool, current_pool
+from ._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from ._registry import (
     Model,
     ModelEntry,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ._generation import GenerationResult, ImageGenerationConfig, Progress
+from ._generation_types import GenerationResult, ImageGenerationConfig, Progress
 
 if TYPE_CHECKING:
     from PIL.Image import Image

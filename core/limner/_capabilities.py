@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from ._generation import GenerationChunk, ImageGenerationConfig
+from ._generation_types import GenerationChunk, ImageGenerationConfig
 
 if TYPE_CHECKING:
     from PIL.Image import Image

@@ -293,7 +293,7 @@ def generate(
     """Generate images from PROMPT with a text-to-image model and save them."""
     from tqdm import tqdm
 
-    from ._generation import GenerationResult, ImageGenerationConfig, Progress
+    from ._generation_types import GenerationResult, ImageGenerationConfig, Progress
 
     registry = default_registry()
     _configure(registry, model_key, device, dtype)

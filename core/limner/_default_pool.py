@@ -22,7 +22,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from ._pool import Pool, current_pool
 
 if TYPE_CHECKING:
-    from ._generation import GenerationChunk
+    from ._generation_types import GenerationChunk
     from ._runtime import Runtime
 
 __all__ = ["default_pool", "in_runtime", "iterate_in_runtime", "run_on_default_loop"]

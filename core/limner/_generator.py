@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator, Callable
 from ._backends import TextToImageBackend
 from ._blocking import call_blocking
 from ._default_pool import in_runtime, iterate_in_runtime
-from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig
+from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig
 from ._runtime import Runtime
 from ._spec import ModelSpec
 from .errors import InvalidInput, ModelError

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from ._backends import Backend
-    from ._generation import GenerationChunk, ImageGenerationConfig
+    from ._generation_types import GenerationChunk, ImageGenerationConfig
 
 __all__ = ["KeyStats", "ModelState", "RequestKind", "Runtime"]
 

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
-from ._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
+from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
 from ._runtime import KeyStats, RequestKind
 from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
 from .errors import InvalidInput, LimnerError

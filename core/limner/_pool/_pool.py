@@ -22,8 +22,8 @@ import numpy.typing as npt
 from anyio.abc import TaskGroup
 
 from limner._backends import Backend, TextToImageBackend
-from limner._generation import GenerationChunk, ImageGenerationConfig
-from limner._memory import Clock, MemoryProbe, MonotonicClock, SystemMemory
+from limner._generation_types import GenerationChunk, ImageGenerationConfig
+from limner._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from limner._runtime import KeyStats, RequestKind
 from limner.errors import (
     Cancelled,

@@ -15,7 +15,7 @@ import anyio
 import anyio.lowlevel
 
 from limner._backends import Backend
-from limner._memory import Clock, MemoryProbe
+from limner._readings import Clock, MemoryProbe
 from limner.errors import Cancelled, LimnerError, MemoryExhausted, ModelLoadError
 
 from ._batching import Requeue

@@ -13,8 +13,8 @@ import anyio
 import anyio.abc
 
 from limner._backends import ImageEmbeddingBackend, TextToImageBackend
-from limner._generation import GenerationChunk, ImageGenerationConfig
-from limner._memory import Clock
+from limner._generation_types import GenerationChunk, ImageGenerationConfig
+from limner._readings import Clock
 from limner._vectors import checked_vectors, describe_backend
 from limner.errors import Cancelled, LimnerError, ModelError
 

@@ -21,7 +21,12 @@ import numpy as np
 import numpy.typing as npt
 
 from limner._backends import Backend, ImageEmbeddingBackend, TextToImageBackend
-from limner._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
+from limner._generation_types import (
+    GenerationChunk,
+    GenerationResult,
+    ImageGenerationConfig,
+    Progress,
+)
 from limner._runtime import RequestKind
 from limner.errors import Cancelled
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import limner
 from limner._backends import StepCallback, TextToImageBackend
-from limner._generation import GenerationResult, ImageGenerationConfig, Progress
+from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
 from limner.errors import InvalidInput, ModelError, ModelLoadError
 
 if TYPE_CHECKING:

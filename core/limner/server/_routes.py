@@ -23,7 +23,12 @@ from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from limner._embedder import ImageEmbedder
-from limner._generation import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
+from limner._generation_types import (
+    GenerationChunk,
+    GenerationResult,
+    ImageGenerationConfig,
+    Progress,
+)
 from limner._generator import ImageGenerator
 from limner._registry import ModelEntry
 from limner.errors import InvalidInput, ModelError
