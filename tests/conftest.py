@@ -173,9 +173,11 @@ def _handler_for(server: LocalHTTPServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture(scope="session")
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(scope="session", params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """The core runs on anyio: every async core test runs on asyncio and on trio."""
+    backend: str = request.param
+    return backend
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,10 @@ the call on the default pool's loop (see ``_default_pool``)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+import sniffio
 
 from ._default_pool import run_on_default_loop
 from .errors import BlockingCallInEventLoop
@@ -18,12 +19,12 @@ T = TypeVar("T")
 def ensure_no_running_loop(what: str) -> None:
     """Raise if called from inside a running event loop, where blocking would freeze it."""
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+        library = sniffio.current_async_library()  # asyncio, trio, or anything sniffio knows
+    except sniffio.AsyncLibraryNotFoundError:
         pass
     else:
         raise BlockingCallInEventLoop(
-            f"{what} blocks, and was called from inside a running event loop; "
+            f"{what} blocks, and was called from inside a running {library} event loop; "
             "await the async API instead (drop .blocking())"
         )
 

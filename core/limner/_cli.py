@@ -95,7 +95,7 @@ def models(as_json: bool) -> None:
             "models": [
                 {
                     "key": entry.key,
-                    "capability": str(entry.spec.capability),
+                    "capability": str(entry.capability),
                     "aliases": list(entry.spec.aliases),
                     "embedding_dimension": entry.spec.info.embedding_dimension,
                     "memory_mb": entry.spec.info.memory_mb,
@@ -135,7 +135,7 @@ def models(as_json: bool) -> None:
         rows.append(
             (
                 entry.key + (" (tiny)" if info.tiny else ""),
-                str(entry.spec.capability),
+                str(entry.capability),
                 str(info.embedding_dimension or "-"),
                 f"{info.memory_mb:,.0f} MB",
                 entry.plugin.label,

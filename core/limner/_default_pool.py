@@ -47,7 +47,7 @@ class _DefaultPool:
             if self.portal is None or self.pool is None:
                 stack = contextlib.ExitStack()
                 portal = stack.enter_context(start_blocking_portal())
-                pool = Pool()
+                pool = portal.call(Pool)  # built on its own loop: its locks belong to it
                 stack.enter_context(portal.wrap_async_context_manager(pool))
                 self.thread_id = portal.call(threading.get_ident)
                 self.stack, self.portal, self.pool = stack, portal, pool

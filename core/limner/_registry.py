@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
@@ -14,7 +15,8 @@ from typing import Any
 import pluggy
 
 from . import _hookspecs
-from ._backends import Backend, ImageEmbeddingBackend, TextToImageBackend
+from ._backends import Backend
+from ._capability_table import CAPABILITIES, FrontOptions, Model, row_for, row_of_backend
 from ._embedder import DEFAULT_MAX_TEXT_CHARS, ImageEmbedder, check_max_text_chars
 from ._generator import ImageGenerator
 from ._hookspecs import PROJECT_NAME
@@ -34,8 +36,6 @@ __all__ = [
     "get",
 ]
 
-Model = ImageEmbedder | ImageGenerator
-"""What ``Registry.get`` returns: the async front matching the key's capability."""
 
 HOST = "host"
 """Plugin name recorded for specs a host application registers itself."""
@@ -68,6 +68,12 @@ class ModelEntry:
     @property
     def key(self) -> str:
         return self.spec.key
+
+    @property
+    def capability(self) -> Capability:
+        """The key's capability (the registry derives it when the spec does not declare it)."""
+        assert self.spec.capability is not None, "registered specs have their capability"
+        return self.spec.capability
 
 
 @dataclass
@@ -115,8 +121,9 @@ class Registry:
         self._filter = _PluginFilter.parse(
             plugins if plugins is not None else os.environ.get("LIMNER_PLUGINS")
         )
-        self._limits = limits
-        self._max_text_chars = check_max_text_chars(max_text_chars)
+        self._front_options = FrontOptions(
+            limits=limits, max_text_chars=check_max_text_chars(max_text_chars)
+        )
         self._manager = pluggy.PluginManager(PROJECT_NAME)
         self._manager.add_hookspecs(_hookspecs)
         self._lock = threading.RLock()  # guards discovery and the tables below; never held on I/O
@@ -136,6 +143,7 @@ class Registry:
         self._discover()
         with self._lock:
             record = self._host_record()
+            spec = _with_capability(spec, record)
             if replace:
                 self._forget(spec.key)
             self._add_specs(record, [spec], raise_on_conflict=True)
@@ -182,7 +190,8 @@ class Registry:
     # -- lookup ---------------------------------------------------------------------------
 
     def entries(self) -> list[ModelEntry]:
-        """Every registered key, sorted; builds nothing and imports no model code."""
+        """Every registered key, sorted; builds nothing. Only a spec that leaves its
+        capability to be derived has its factory's module imported (at registration)."""
         self._discover()
         with self._lock:
             return [self._entries[key] for key in sorted(self._entries)]
@@ -229,14 +238,14 @@ class Registry:
         """Like ``get``, for a key that must be an image-embedding model."""
         model = self.get(key)
         if not isinstance(model, ImageEmbedder):
-            raise InvalidInput(f"{model.key} is not an image-embedding model")
+            raise InvalidInput(f"{model.key} is not an {row_for(Capability.IMAGE_EMBEDDING).noun}")
         return model
 
     def generator(self, key: str) -> ImageGenerator:
         """Like ``get``, for a key that must be a text-to-image model."""
         model = self.get(key)
         if not isinstance(model, ImageGenerator):
-            raise InvalidInput(f"{model.key} is not a text-to-image model")
+            raise InvalidInput(f"{model.key} is not a {row_for(Capability.TEXT_TO_IMAGE).noun}")
         return model
 
     # -- internals ------------------------------------------------------------------------
@@ -272,21 +281,14 @@ class Registry:
         return backend
 
     def _wrap(self, spec: ModelSpec, backend: Backend) -> Model:
-        if spec.capability is Capability.IMAGE_EMBEDDING:
-            if not isinstance(backend, ImageEmbeddingBackend):
-                raise PluginError(
-                    f"the factory of {spec.key} returned {type(backend).__name__}, "
-                    "not an ImageEmbeddingBackend"
-                )
-            return ImageEmbedder(
-                spec, backend, limits=self._limits, max_text_chars=self._max_text_chars
-            )
-        if not isinstance(backend, TextToImageBackend):
+        assert spec.capability is not None
+        row = row_for(spec.capability)
+        if not isinstance(backend, row.backend):
             raise PluginError(
                 f"the factory of {spec.key} returned {type(backend).__name__}, "
-                "not a TextToImageBackend"
+                f"not an {row.backend.__name__}"
             )
-        return ImageGenerator(spec, backend)
+        return row.front(spec, backend, self._front_options)
 
     def _resolve_name(self, name: str) -> str:
         self._discover()
@@ -364,6 +366,7 @@ class Registry:
                     if impl.plugin is plugin:
                         impl.function(**_hook_kwargs(impl.argnames, specs.append))
                 _check_specs(specs)
+                specs = [_with_capability(spec, record) for spec in specs]
             except Exception as error:
                 self._manager.unregister(plugin)
                 self._plugins.append(_broken(record, f"limner_register_models failed: {error!r}"))
@@ -447,6 +450,27 @@ def _import_factory(path: str, entry: ModelEntry) -> BackendFactory:
             f"{entry.spec.key}: {error!r}"
         ) from error
     return factory
+
+
+def _with_capability(spec: ModelSpec, record: PluginRecord) -> ModelSpec:
+    """``spec`` with its capability, derived from its backend class when not declared.
+
+    A declared capability is kept as is: the backend's class is checked against it when
+    the model is built.
+    """
+    if spec.capability is not None:
+        return spec
+    factory = spec.factory
+    if isinstance(factory, str):
+        factory = _import_factory(factory, ModelEntry(spec, record))
+    row = row_of_backend(factory) if isinstance(factory, type) else None
+    if row is None:
+        bases = ", ".join(row.backend.__name__ for row in CAPABILITIES)
+        raise PluginError(
+            f"{record.label} gives {spec.key} a factory that is not a backend class "
+            f"(a subclass of {bases}); pass the class, or declare capability="
+        )
+    return dataclasses.replace(spec, capability=row.capability)
 
 
 _default: Registry | None = None

@@ -67,12 +67,15 @@ _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 class ModelSpec:
     """One model key a plugin serves.
 
-    ``factory`` is a callable or an import path ``"package.module:name"``; an import path keeps
-    the plugin's heavy module unimported until the model is first asked for.
+    ``factory`` is a backend class (or a callable building one) or an import path
+    ``"package.module:name"``. ``capability`` need not be declared: the registry derives it
+    from the backend class's base (importing an import path's module, which plugins keep
+    cheap: torch and weights load in ``load``). A factory that is a plain function, not a
+    class, declares it.
     """
 
     key: str
-    capability: Capability
+    capability: Capability | None = None
     factory: str | BackendFactory
     info: ModelInfo
     aliases: tuple[str, ...] = ()
@@ -84,7 +87,8 @@ class ModelSpec:
                     f"model key or alias {name!r} must start with a letter or digit and contain "
                     "only letters, digits, '.', '_', '-' and '/'"
                 )
-        object.__setattr__(self, "capability", Capability(self.capability))
+        if self.capability is not None:
+            object.__setattr__(self, "capability", Capability(self.capability))
         object.__setattr__(self, "aliases", tuple(self.aliases))
         if isinstance(self.factory, str) and ":" not in self.factory:
             raise ValueError(f"factory import path {self.factory!r} must look like 'module:name'")

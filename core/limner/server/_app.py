@@ -95,7 +95,7 @@ def _openapi(app: FastAPI, service: Service, *, with_key: bool) -> dict[str, Any
     )
     names: dict[Capability, list[str]] = {capability: [] for capability in Capability}
     for entry in service.entries():
-        names[entry.spec.capability].extend((entry.key, *entry.spec.aliases))
+        names[entry.capability].extend((entry.key, *entry.spec.aliases))
     bodies = {
         "EmbeddingRequest": Capability.IMAGE_EMBEDDING,
         "ImageRequest": Capability.TEXT_TO_IMAGE,

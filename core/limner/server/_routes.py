@@ -119,7 +119,7 @@ def _card(entry: ModelEntry, created: int) -> ModelCard:
         id=spec.key,
         created=created,
         owned_by=entry.plugin.distribution or entry.plugin.name,
-        capability=spec.capability.value,
+        capability=entry.capability.value,
         embedding_dimension=spec.info.embedding_dimension,
         tiny=spec.info.tiny,
         aliases=list(spec.aliases),
