@@ -29,9 +29,10 @@ from limner.testing import (
 
 pytestmark = pytest.mark.anyio
 
-#: No single call may take longer than this, whatever the pool goes through meanwhile; a
-#: caller left waiting forever fails the test instead of hanging it.
-CALL_BOUND_S = 20.0
+#: A hang detector, not a speed check: a caller left waiting forever fails the test instead of
+#: hanging it. Generous, since every eviction runs a full gc.collect() in this (large) test
+#: process, which a busy machine can stretch to seconds.
+CALL_BOUND_S = 60.0
 
 
 def colour(index: int) -> Image.Image:
