@@ -106,6 +106,19 @@ async def test_explicit_methods_check_the_input_kind(registry: Registry, red_pat
 
 
 @pytest.mark.anyio
+async def test_embed_image_base64_takes_either_encoding_as_the_classifier_sees_it(
+    registry: Registry, red_path: Path
+) -> None:
+    model = registry.embedder("fake")
+    encoded = base64.b64encode(red_path.read_bytes()).decode()
+    expected = await model.embed_image(red_path)
+    for data in (encoded, f"DATA:image/png;base64,{encoded}", f" data:image/png;base64,{encoded}"):
+        assert np.allclose(await model.embed_image_base64(data), expected), data[:12]
+    with pytest.raises(InvalidInput, match="expected base64 or data URL, got path"):
+        await model.embed_image_base64(str(red_path))
+
+
+@pytest.mark.anyio
 async def test_text_embedding(registry: Registry) -> None:
     model = registry.embedder("fake")
     one = await model.embed_text("a red square")

@@ -27,7 +27,9 @@ from limner._images import (
     ImageLimits,
     InputKind,
     _pixel_size_problem,
+    classify_input,
     decode_image,
+    encoded_bytes,
     fetch_image_bytes,
     input_kind,
 )
@@ -167,6 +169,222 @@ def test_input_kind_refuses_other_types(value: object, type_name: str) -> None:
     with pytest.raises(InvalidInput, match=f"unsupported image input type {type_name}") as error:
         input_kind(value)
     assert repr(value)[:10] in message(error)
+
+
+# -- classify_input: one classifier for the Python API and the server --------------------------
+
+
+def server_kind(source: object) -> InputKind:
+    """As the HTTP server classifies an item: never a path, and other strings are text."""
+    return classify_input(source, allow_paths=False, texts=True)
+
+
+def b64_of(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_input_kind_is_the_python_apis_classification(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(PNG)
+    for source in (path, str(path), "missing.png", B64, "data:;base64,", "http://a.example/"):
+        assert input_kind(source) is classify_input(source, allow_paths=True, texts=False)
+
+
+def test_without_paths_an_existing_file_is_never_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "secret.png"
+    path.write_bytes(PNG)
+    base64_name = "A" * 40  # a file in the working directory, and valid base64
+    (tmp_path / base64_name).write_bytes(PNG)
+    monkeypatch.chdir(tmp_path)
+    assert server_kind(str(path)) is InputKind.TEXT
+    assert server_kind(base64_name) is InputKind.TEXT  # base64, but not of an image
+    assert classify_input(base64_name, allow_paths=False, texts=False) is InputKind.BASE64
+    with pytest.raises(InvalidInput, match="not an image: pass an http") as error:
+        classify_input(str(path), allow_paths=False, texts=False)
+    assert "a path" not in message(error)
+    for texts in (False, True):
+        with pytest.raises(InvalidInput, match="a file path is not accepted here"):
+            classify_input(path, allow_paths=False, texts=texts)
+
+
+def test_with_paths_and_texts_a_file_still_wins(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(PNG)
+    assert classify_input(str(path), allow_paths=True, texts=True) is InputKind.PATH
+    assert classify_input("missing.png", allow_paths=True, texts=True) is InputKind.TEXT
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("a red fox", InputKind.TEXT),
+        ("", InputKind.TEXT),
+        ("/etc/hostname", InputKind.TEXT),
+        ("data: 3 apples, 2 pears", InputKind.TEXT),  # a data URL's header has no spaces
+        ("data:image/png;base64" + B64, InputKind.TEXT),  # no comma: no data URL
+        ("data:image/png;base64," + B64, InputKind.DATA_URL),
+        ("DATA:,", InputKind.DATA_URL),
+        (" \n data:image/png;base64," + B64 + "\n", InputKind.DATA_URL),
+        ("https://example.com/cat.jpg", InputKind.URL),
+        ("  https://example.com/cat.jpg\n", InputKind.URL),
+        (B64, InputKind.BASE64),
+        (base64.urlsafe_b64encode(PNG).decode().rstrip("="), InputKind.BASE64),
+        (base64.encodebytes(PNG).decode(), InputKind.BASE64),
+        (b64_of(b"plain words, long enough to pass for base64"), InputKind.TEXT),
+        (b64_of(PNG[:8]), InputKind.TEXT),  # an image's signature, but under 32 characters
+        ("QUJD" * 10 + "QQ=", InputKind.TEXT),  # bad padding, and not an image either
+    ],
+)
+def test_with_texts_only_an_images_shape_is_an_image(text: str, kind: InputKind) -> None:
+    assert server_kind(text) is kind
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", " ftp://example.com/cat.png"])
+def test_other_url_schemes_are_refused_with_texts_too(url: str) -> None:
+    with pytest.raises(InvalidInput, match="unsupported URL scheme"):
+        server_kind(url)
+
+
+def test_whitespace_around_a_url_or_data_url_is_no_part_of_it(tmp_path: Path) -> None:
+    assert input_kind("  http://example.com/cat.jpg\n") is InputKind.URL
+    padded = "\n data:image/png;base64," + B64 + " \n"
+    assert input_kind(padded) is InputKind.DATA_URL
+    assert pixel(decode_image(padded), (0, 0)) == RED
+    spaced = tmp_path / " spaced.png"  # a path is taken as it is
+    spaced.write_bytes(PNG)
+    assert input_kind(str(spaced)) is InputKind.PATH
+
+
+@pytest.mark.anyio
+async def test_a_url_is_fetched_without_the_whitespace_around_it(
+    http_server: LocalHTTPServer,
+) -> None:
+    data = await fetch_image_bytes("  " + http_server.url("/image.png") + "\n")
+    assert pixel(decode_image(data), (0, 0)) == RED
+
+
+def _every_format() -> dict[str, bytes]:
+    image = two_colour((8, 4))
+    encoded = {
+        fmt: encode(image, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        for fmt in ACCEPTED_FORMATS
+    }
+    encoded["BigTIFF"] = encode(image, "TIFF", big_tiff=True)
+    encoded["GIF87a"] = b"GIF87a" + encoded["GIF"][6:]
+    return encoded
+
+
+@pytest.mark.parametrize("fmt", [*ACCEPTED_FORMATS, "BigTIFF", "GIF87a"])
+def test_base64_of_every_accepted_format_is_an_image_among_texts(fmt: str) -> None:
+    data = _every_format()[fmt]
+    assert server_kind(b64_of(data)) is InputKind.BASE64
+    assert server_kind("data:image/x;base64," + b64_of(data)) is InputKind.DATA_URL
+    image = decode_image(encoded_bytes(b64_of(data), kind=InputKind.BASE64))
+    assert image.size == (8, 4)
+
+
+FILLER = b"\x00" * 40
+
+
+@pytest.mark.parametrize(
+    ("data", "kind", "reason"),
+    [
+        # WebP: RIFF, then WEBP, then a VP8 chunk; WEBP alone at offset 8 is not one.
+        (b"RIFF\x30\x00\x00\x00WEBPVP8L" + FILLER, InputKind.BASE64, "corrupt image header"),
+        (b"RIFX\x30\x00\x00\x00WEBPVP8L" + FILLER, InputKind.TEXT, "not an image"),
+        (b"RIFF\x30\x00\x00\x00WEBPJUNK" + FILLER, InputKind.TEXT, "not an image"),
+        (b"RIFF\x30\x00\x00\x00WAVEfmt " + FILLER, InputKind.TEXT, "not an image"),
+        # ISO media: an image brand in the ftyp box, not any ftyp (MP4, QuickTime, 3GP, ...).
+        (b"\x00\x00\x00\x1cftypavif" + FILLER, InputKind.BASE64, "AVIF images are not accepted"),
+        (b"\x00\x00\x00\x1cftypavis" + FILLER, InputKind.BASE64, "AVIF images are not accepted"),
+        (b"\x00\x00\x00\x1cftypmif1" + FILLER, InputKind.BASE64, "HEIF images are not accepted"),
+        (b"\x00\x00\x00\x1cftypheix" + FILLER, InputKind.BASE64, "HEIC images are not accepted"),
+        (b"\x00\x00\x00\x18ftypisom" + FILLER, InputKind.TEXT, "not an image"),
+        (b"\x00\x00\x00\x14ftypqt  " + FILLER, InputKind.TEXT, "not an image"),
+        # GIF: GIF87a or GIF89a, as Pillow checks.
+        (b"GIF89a" + FILLER, InputKind.BASE64, "corrupt GIF header"),
+        (b"GIF80a" + FILLER, InputKind.TEXT, "not an image"),
+        # Refused formats are still images: a 400 naming the format, never text.
+        (b"\x00\x00\x01\x00\x01\x00" + FILLER, InputKind.BASE64, "ICO images are not accepted"),
+        (b"qoif" + FILLER, InputKind.BASE64, "QOI images are not accepted"),
+        (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + FILLER, InputKind.BASE64, "JPEG 2000 images"),
+        (b"\x00\x00\x00\x0cjP  \x00\x00\x00\x00" + FILLER, InputKind.TEXT, "not an image"),
+    ],
+    ids=lambda value: repr(value[:16]) if isinstance(value, bytes) else None,
+)
+def test_one_signature_table_decides_images_and_names_formats(
+    data: bytes, kind: InputKind, reason: str
+) -> None:
+    assert server_kind(b64_of(data)) is kind
+    with pytest.raises(InvalidInput, match=reason):
+        decode_image(data)
+
+
+def _png_padded_with(padding: str) -> bytes:
+    """PNG bytes (trailing bytes after IEND are ignored) whose base64 ends in ``padding``."""
+    wanted = {"": 0, "=": 2, "==": 1}[padding]
+    data = PNG
+    while len(data) % 3 != wanted:
+        data += b"\x00"
+    text = b64_of(data)
+    assert len(text) - len(text.rstrip("=")) == len(padding)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("mistake", "text"),
+    [
+        ("one '=' where two are due", b64_of(_png_padded_with("=="))[:-1]),
+        ("two '=' where one is due", b64_of(_png_padded_with("=")) + "="),
+        ("'=' where none is due", b64_of(_png_padded_with("")) + "=="),
+        ("a length no base64 can have", b64_of(_png_padded_with(""))[:-3]),
+    ],
+)
+def test_base64_padding_is_strict_for_every_caller(mistake: str, text: str) -> None:
+    assert server_kind(text) is InputKind.BASE64, mistake  # an image, not text
+    assert input_kind(text) is InputKind.BASE64, mistake
+    with pytest.raises(InvalidInput, match="not valid base64: wrong length or padding"):
+        encoded_bytes(text, kind=InputKind.BASE64)
+    with pytest.raises(InvalidInput, match="not valid base64: wrong length or padding"):
+        decode_image(text)
+
+
+@pytest.mark.parametrize("padding", ["", "=", "=="])
+def test_base64_with_its_padding_or_none_decodes(padding: str) -> None:
+    data = _png_padded_with(padding)
+    for text in (b64_of(data), b64_of(data).rstrip("=")):
+        assert server_kind(text) is InputKind.BASE64
+        assert encoded_bytes(text, kind=InputKind.BASE64) == data
+        assert pixel(decode_image(text), (0, 0)) == RED
+
+
+def test_a_data_urls_payload_is_decoded_however_short_and_percent_encoded() -> None:
+    short = "data:image/png;base64," + b64_of(PNG[:8])  # under 32 characters
+    assert server_kind(short) is InputKind.DATA_URL
+    assert encoded_bytes(short, kind=InputKind.DATA_URL) == PNG[:8]
+    encoded = "data:image/png;base64," + B64.replace("+", "%2B").replace("/", "%2F")
+    assert "%2F" in encoded
+    assert encoded_bytes(encoded, kind=InputKind.DATA_URL) == PNG
+    with pytest.raises(InvalidInput, match="not valid base64: there is nothing to decode"):
+        encoded_bytes("data:image/png;base64,", kind=InputKind.DATA_URL)
+
+
+def test_encoded_bytes_reads_nothing_but_the_text(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(PNG)
+    for kind in (InputKind.PATH, InputKind.URL, InputKind.TEXT, InputKind.BYTES):
+        with pytest.raises(ValueError, match="takes a data URL or base64"):
+            encoded_bytes(str(path), kind=kind)
+    with pytest.raises(InvalidInput, match="over the limit") as error:
+        encoded_bytes(B64, kind=InputKind.BASE64, limits=ImageLimits(max_bytes=10), name="it")
+    assert error.value.input == "it"
+
+
+def test_text_is_not_decoded_as_an_image() -> None:
+    with pytest.raises(InvalidInput, match="text is not an image"):
+        decode_image("a red fox", kind=InputKind.TEXT)
 
 
 def test_decode_refuses_other_types() -> None:

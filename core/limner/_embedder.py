@@ -19,9 +19,9 @@ from ._images import (
     DEFAULT_LIMITS,
     ImageLimits,
     InputKind,
+    classify_input,
     decode_image,
     fetch_image_bytes,
-    input_kind,
 )
 from ._runtime import RequestKind, Runtime
 from ._spec import ModelSpec
@@ -97,19 +97,18 @@ class ImageEmbedder:
     # -- the capability -------------------------------------------------------------------
 
     async def embed_image(self, path: str | os.PathLike[str]) -> Vector:
-        return _first(await self._embed([path], expect=InputKind.PATH))
+        return _first(await self._embed([path], expect=(InputKind.PATH,)))
 
     async def embed_image_url(self, url: str) -> Vector:
-        return _first(await self._embed([url], expect=InputKind.URL))
+        return _first(await self._embed([url], expect=(InputKind.URL,)))
 
     async def embed_image_base64(self, data: str | bytes) -> Vector:
         if isinstance(data, bytes):
             data = data.decode("ascii", errors="replace")
-        expect = InputKind.DATA_URL if data.startswith("data:") else InputKind.BASE64
-        return _first(await self._embed([data], expect=expect))
+        return _first(await self._embed([data], expect=(InputKind.BASE64, InputKind.DATA_URL)))
 
     async def batch_embed_images(self, paths: Sequence[str | os.PathLike[str]]) -> Vector:
-        return await self._embed(list(paths), expect=InputKind.PATH)
+        return await self._embed(list(paths), expect=(InputKind.PATH,))
 
     async def embed_images(self, inputs: Sequence[ImageInput]) -> Vector:
         return await self._embed(list(inputs), expect=None)
@@ -158,7 +157,7 @@ class ImageEmbedder:
 
     # -- the machinery --------------------------------------------------------------------
 
-    async def _embed(self, inputs: list[Any], *, expect: InputKind | None) -> Vector:
+    async def _embed(self, inputs: list[Any], *, expect: tuple[InputKind, ...] | None) -> Vector:
         if not inputs:
             return np.zeros((0, self.embedding_dimension), dtype=np.float32)
         # A decoded image may take hundreds of megabytes and a call may hold thousands of
@@ -182,16 +181,17 @@ class ImageEmbedder:
         self,
         index: int,
         source: Any,
-        expect: InputKind | None,
+        expect: tuple[InputKind, ...] | None,
         decode_slots: anyio.CapacityLimiter,
         out: list[Any],
         errors: list[LimnerError | None],
     ) -> None:
         """Decode and prepare one input; every failure is recorded, typed, for its caller."""
         try:
-            kind = input_kind(source)
-            if expect is not None and kind is not expect:
-                raise InvalidInput(f"expected {expect.value}, got {kind.value}", input=source)
+            kind = classify_input(source, allow_paths=True, texts=False)  # the Python API's
+            if expect is not None and kind not in expect:
+                expected = " or ".join(each.value for each in expect)
+                raise InvalidInput(f"expected {expected}, got {kind.value}", input=source)
             data: Any = source
             name: str | None = None
             if kind is InputKind.URL:

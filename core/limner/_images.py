@@ -6,6 +6,10 @@ any pixel is decoded), and every failure becomes an :class:`~limner.errors.Inval
 names the input, never a bare Pillow or httpx exception. Only formats whose decoded size is
 known from the header are opened (``ACCEPTED_FORMATS``): containers such as ICO decode an
 inner image while Pillow opens them, before any size could be checked.
+
+One classifier, :func:`classify_input`, tells the kinds apart for the Python API (where a
+string may name a file) and for the HTTP server (where a string never does, and one that is no
+image is text).
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ __all__ = [
     "DEFAULT_LIMITS",
     "ImageLimits",
     "InputKind",
+    "classify_input",
     "decode_image",
+    "encoded_bytes",
     "fetch_image_bytes",
     "input_kind",
 ]
@@ -50,6 +56,9 @@ class InputKind(enum.Enum):
     BASE64 = "base64"
     BYTES = "bytes"
     PIL = "PIL image"
+    TEXT = "text"
+    """Not an image: what :func:`classify_input` makes of other strings when texts are
+    allowed."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,36 +97,66 @@ DEFAULT_LIMITS = ImageLimits()
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _FETCHED_SCHEMES = frozenset({"http", "https"})
+# A data URL's header (media type and parameters) has no whitespace, and a comma ends it.
+_DATA_URL = re.compile(r"data:[^\s,]*,", re.IGNORECASE)
 # One alphabet or the other, never a mix, then at most two padding characters.
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]+|[A-Za-z0-9_-]+)={0,2}")
 # The smallest real image files are a few dozen bytes; shorter strings are far likelier to be
-# (misspelt) file names than base64, and "no such file" is the more useful error for them.
+# (misspelt) file names or words than base64, and "no such file" (or text) is the more useful
+# answer for them.
 _MIN_BASE64_CHARS = 32
+# Base64 characters decoded to tell an image from text: 18 bytes, more than any signature
+# needs, and never into the padding (at most the last two of at least _MIN_BASE64_CHARS).
+_SNIFFED_BASE64_CHARS = 24
 # Longer strings cannot be paths on any common file system; skip the stat call for them.
 _MAX_PATH_CHARS = 4096
 _WHITESPACE = re.compile(r"\s+")
 
 
-def input_kind(source: object) -> InputKind:
-    """Classify an image input without reading it.
+def classify_input(source: object, *, allow_paths: bool, texts: bool) -> InputKind:
+    """Classify an input without reading it: no file is opened, no URL fetched, and of base64
+    only the first few bytes are decoded.
 
-    Strings are ambiguous, so the order matters: URLs and ``data:`` URLs by prefix, then an
-    existing file, then base64 by its strict alphabet, and otherwise a path, so that a missing
-    file is reported as one.
+    ``allow_paths`` says whether a string may name a file: yes for the Python API; never for a
+    server, where every string comes from a client. ``texts`` says whether a string that is no
+    image is text (an embeddings request mixes texts and images in one list), in which case
+    only strings with an image's shape are taken for images.
+
+    Strings are ambiguous, so the order matters (whitespace around a URL, data URL or base64
+    is ignored; a path is taken as it is):
+
+    1. ``scheme://``: an http(s) URL; any other scheme is refused;
+    2. a ``data:`` URL: with ``texts``, only one whose header has no whitespace and ends at a
+       comma ("data: 3 apples, 2 pears" is text); without, anything starting ``data:``, so
+       that a malformed one is reported as such;
+    3. with ``allow_paths``, an existing file;
+    4. base64: one alphabet (standard or URL-safe), at most two ``=`` at the end, at least 32
+       characters. With ``texts``, only when its first bytes are the signature of an image
+       format limner knows (accepted or refused by name); its length and padding are checked
+       strictly when it is decoded;
+    5. anything else: text with ``texts``; otherwise a path with ``allow_paths``, so that a
+       missing file is reported as one; otherwise refused.
     """
     if isinstance(source, Image.Image):
         return InputKind.PIL
     if isinstance(source, (bytes, bytearray, memoryview)):
         return InputKind.BYTES
     if isinstance(source, os.PathLike):
-        return InputKind.PATH
-    if not isinstance(source, str):
+        if allow_paths:
+            return InputKind.PATH
         raise InvalidInput(
-            f"unsupported image input type {type(source).__name__}; pass a path, an http(s) "
-            "URL, base64, a data: URL, bytes or a PIL image",
+            "a file path is not accepted here; pass "
+            + _what_to_pass(allow_paths=False, texts=texts),
             input=source,
         )
-    scheme = _SCHEME.match(source)
+    if not isinstance(source, str):
+        raise InvalidInput(
+            f"unsupported image input type {type(source).__name__}; pass "
+            + _what_to_pass(allow_paths=allow_paths, texts=texts),
+            input=source,
+        )
+    trimmed = source.strip()
+    scheme = _SCHEME.match(trimmed)
     if scheme is not None:
         if scheme.group(1).lower() in _FETCHED_SCHEMES:
             return InputKind.URL
@@ -125,13 +164,34 @@ def input_kind(source: object) -> InputKind:
             f"unsupported URL scheme {scheme.group(1)!r}; only http and https URLs are fetched",
             input=source,
         )
-    if source[:5].lower() == "data:":
+    if _DATA_URL.match(trimmed) if texts else trimmed[:5].lower() == "data:":
         return InputKind.DATA_URL
-    if _is_existing_path(source):
+    if allow_paths and _is_existing_path(source):
         return InputKind.PATH
-    if _looks_like_base64(source):
+    compact = _as_base64(source)
+    if compact is not None and (not texts or _base64_is_image(compact)):
         return InputKind.BASE64
-    return InputKind.PATH
+    if texts:
+        return InputKind.TEXT
+    if allow_paths:
+        return InputKind.PATH
+    raise InvalidInput(
+        "not an image: pass " + _what_to_pass(allow_paths=False, texts=False), input=source
+    )
+
+
+def input_kind(source: object) -> InputKind:
+    """Classify an input as the Python API takes it: strings may name files, and are never
+    text (:func:`classify_input` with ``allow_paths=True, texts=False``)."""
+    return classify_input(source, allow_paths=True, texts=False)
+
+
+def _what_to_pass(*, allow_paths: bool, texts: bool) -> str:
+    kinds = ["a path"] if allow_paths else []
+    kinds += ["an http(s) URL", "base64", "a data: URL", "bytes", "a PIL image"]
+    if texts:
+        kinds.append("text")
+    return ", ".join(kinds[:-1]) + " or " + kinds[-1]
 
 
 def _is_existing_path(text: str) -> bool:
@@ -140,9 +200,19 @@ def _is_existing_path(text: str) -> bool:
     return os.path.exists(text)
 
 
-def _looks_like_base64(text: str) -> bool:
+def _as_base64(text: str) -> str | None:
+    """``text`` without whitespace if it passes for base64, else None."""
     compact = _WHITESPACE.sub("", text)
-    return len(compact) >= _MIN_BASE64_CHARS and _BASE64.fullmatch(compact) is not None
+    if len(compact) < _MIN_BASE64_CHARS or _BASE64.fullmatch(compact) is None:
+        return None
+    return compact
+
+
+def _base64_is_image(compact: str) -> bool:
+    """Whether base64 (as :func:`_as_base64` returns it) starts with an image's signature."""
+    head = compact[:_SNIFFED_BASE64_CHARS]
+    altchars = b"-_" if ("-" in head or "_" in head) else None
+    return _sniff_format(base64.b64decode(head, altchars=altchars, validate=True)) is not None
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -174,6 +244,8 @@ def decode_image(
             "bytes then decoded",
             input=label,
         )
+    if kind is InputKind.TEXT:
+        raise InvalidInput("text is not an image", input=label)
     if kind is InputKind.PIL:
         if not isinstance(source, Image.Image):
             raise _wrong_type(kind, source, label)
@@ -182,15 +254,31 @@ def decode_image(
         if not isinstance(source, (str, os.PathLike)):
             raise _wrong_type(kind, source, label)
         data = _read_file(source, limits=limits, label=label)
-    elif kind is InputKind.DATA_URL:
-        data = _decode_data_url(_as_text(source, kind, label), limits=limits, label=label)
-    elif kind is InputKind.BASE64:
-        data = _decode_base64(_as_text(source, kind, label), limits=limits, label=label)
+    elif kind in (InputKind.DATA_URL, InputKind.BASE64):
+        data = encoded_bytes(_as_text(source, kind, label), kind=kind, limits=limits, name=label)
     else:
         if not isinstance(source, (bytes, bytearray, memoryview)):
             raise _wrong_type(kind, source, label)
         data = bytes(source)
     return _decode_bytes(data, limits=limits, draft_size=draft_size, label=label)
+
+
+def encoded_bytes(
+    text: str, *, kind: InputKind, limits: ImageLimits = DEFAULT_LIMITS, name: object = None
+) -> bytes:
+    """The image file a ``data:`` URL or base64 string carries, as bytes, within
+    ``limits.max_bytes``; no pixel is decoded, and nothing is read from anywhere else.
+
+    ``kind`` is :attr:`InputKind.DATA_URL` or :attr:`InputKind.BASE64`, as
+    :func:`classify_input` found; base64 is decoded strictly (one alphabet, padding absent or
+    exactly right). ``name`` stands for the input in error messages.
+    """
+    label = text if name is None else name
+    if kind is InputKind.DATA_URL:
+        return _decode_data_url(text, limits=limits, label=label)
+    if kind is InputKind.BASE64:
+        return _decode_base64(text, limits=limits, label=label)
+    raise ValueError(f"encoded_bytes takes a data URL or base64, not a {kind.value}")
 
 
 def _label(source: object) -> object:
@@ -253,14 +341,14 @@ def _read_file(source: str | os.PathLike[str], *, limits: ImageLimits, label: ob
 
 
 def _decode_data_url(text: str, *, limits: ImageLimits, label: object) -> bytes:
-    header, comma, payload = text[5:].partition(",")
+    header, comma, payload = text.lstrip()[5:].partition(",")
     if not comma:
         raise InvalidInput("malformed data URL: no ',' before the payload", input=label)
     params = [part.strip().lower() for part in header.split(";")]
     media_type = params[0]
     if media_type and not media_type.startswith("image/"):
         raise InvalidInput(
-            f"data URL media type is {media_type!r}, not an image/* type", input=label
+            f"data URL media type is {media_type!r}, not an image (not image/*)", input=label
         )
     if "base64" not in params[1:]:
         raise InvalidInput(
@@ -278,6 +366,8 @@ def _decode_base64(text: str, *, limits: ImageLimits, label: object) -> bytes:
         raise InvalidInput(
             _too_many_bytes(len(compact) // 4 * 3, limits, "decoded base64"), input=label
         )
+    if not compact:
+        raise InvalidInput("not valid base64: there is nothing to decode", input=label)
     if _BASE64.fullmatch(compact) is None:
         raise InvalidInput(
             "not valid base64: characters outside the base64 alphabet, a mix of the standard "
@@ -302,34 +392,42 @@ reads without decoding pixels, so the pixel limit is checked first; multi-frame 
 APNG, animated WebP, multi-page TIFF, MPO) decode their first frame only. Containers (ICO,
 ICNS, ...) are refused: Pillow decodes their inner image while opening them."""
 
-# Magic numbers, to tell "a broken PNG" and "an ICO, which is refused" from "not an image".
-_SIGNATURES = (
-    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
-    (0, b"\xff\xd8\xff", "JPEG"),
-    (0, b"GIF8", "GIF"),
-    (0, b"BM", "BMP"),
-    (0, b"II*\x00", "TIFF"),
-    (0, b"MM\x00*", "TIFF"),
-    (8, b"WEBP", "WebP"),
-    (0, b"\x00\x00\x01\x00", "ICO"),
-    (0, b"\x00\x00\x02\x00", "CUR"),
-    (0, b"icns", "ICNS"),
-    (0, b"8BPS", "PSD"),
-    (0, b"DDS ", "DDS"),
-    (0, b"qoif", "QOI"),
-    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
-    (0, b"\xffO\xffQ", "JPEG 2000"),
-    (4, b"ftypavif", "AVIF"),
-    (4, b"ftypheic", "HEIC"),
-    (4, b"ftypmif1", "HEIF"),
+# Magic numbers of the image formats limner knows, accepted or refused: they tell "a broken
+# PNG" and "an ICO, which is refused" from "not an image", and base64 of an image from text.
+# Each is what Pillow itself checks before opening that format (a WebP is RIFF, WEBP and a VP8
+# chunk; an AVIF or HEIF file's ftyp box names an image brand, not just any ISO media file),
+# so that no file Pillow would open is mistaken for text, and no text for a file.
+_TIFF_PREFIXES = (b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")
+_SIGNATURES: tuple[tuple[str, tuple[tuple[int, bytes], ...]], ...] = (
+    ("PNG", ((0, b"\x89PNG\r\n\x1a\n"),)),
+    ("JPEG", ((0, b"\xff\xd8\xff"),)),
+    ("GIF", ((0, b"GIF87a"),)),
+    ("GIF", ((0, b"GIF89a"),)),
+    ("BMP", ((0, b"BM"),)),
+    *(("TIFF", ((0, prefix),)) for prefix in _TIFF_PREFIXES),
+    *(("WebP", ((0, b"RIFF"), (8, b"WEBP" + chunk))) for chunk in (b"VP8 ", b"VP8L", b"VP8X")),
+    ("ICO", ((0, b"\x00\x00\x01\x00"),)),
+    ("CUR", ((0, b"\x00\x00\x02\x00"),)),
+    ("ICNS", ((0, b"icns"),)),
+    ("PSD", ((0, b"8BPS"),)),
+    ("DDS", ((0, b"DDS "),)),
+    ("QOI", ((0, b"qoif"),)),
+    ("JPEG 2000", ((0, b"\x00\x00\x00\x0cjP  \r\n\x87\n"),)),
+    ("JPEG 2000", ((0, b"\xffO\xffQ"),)),
+    *(("AVIF", ((4, b"ftyp" + brand),)) for brand in (b"avif", b"avis")),
+    *(("HEIF", ((4, b"ftyp" + brand),)) for brand in (b"mif1", b"msf1")),
+    *(
+        ("HEIC", ((4, b"ftyp" + brand),))
+        for brand in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx")
+    ),
 )
 _ACCEPTED_NAMES = ", ".join(ACCEPTED_FORMATS[:-1]) + " and " + ACCEPTED_FORMATS[-1]
 
 
 def _sniff_format(data: bytes) -> str | None:
-    """The format ``data``'s magic number names, if it is one of the common ones."""
-    for offset, magic, name in _SIGNATURES:
-        if data[offset : offset + len(magic)] == magic:
+    """The image format ``data``'s magic number names, if it is one limner knows."""
+    for name, parts in _SIGNATURES:
+        if all(data[offset : offset + len(magic)] == magic for offset, magic in parts):
             return name
     return None
 
@@ -566,7 +664,7 @@ async def _follow(
     check_url: Callable[[httpx.URL], Awaitable[None]] | None,
 ) -> bytes:
     try:
-        current = httpx.URL(url)
+        current = httpx.URL(url.strip())  # whitespace around a URL is no part of it
     except httpx.InvalidURL as error:
         raise FetchError(f"not a valid URL: {error}", input=url) from None
     for hop in range(limits.max_redirects + 1):

@@ -125,6 +125,103 @@ def test_text_that_merely_looks_like_other_inputs_stays_text(main: Served) -> No
         assert float(rows[index] @ alone) > 0.999
 
 
+def _png_padded_with(padding: str) -> bytes:
+    """A PNG (bytes after IEND are ignored) whose base64 ends in ``padding``."""
+    data = png()
+    while len(data) % 3 != {"": 0, "=": 2, "==": 1}[padding]:
+        data += b"\x00"
+    return data
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        b64(_png_padded_with("=="))[:-1],  # one '=' where two are due
+        b64(_png_padded_with("=")) + "=",  # two where one is due
+        b64(_png_padded_with("")) + "==",  # padding where none is due
+        b64(_png_padded_with(""))[:-3],  # a length no base64 can have
+    ],
+)
+def test_base64_of_an_image_with_wrong_padding_is_400_never_text(
+    main: Served, error_of: ErrorOf, item: str
+) -> None:
+    response = embed(main, TINY_CLIP, ["fine text", item])
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "input[1]"
+    assert "not valid base64: wrong length or padding" in error["message"]
+
+
+def test_base64_without_padding_is_the_same_image(main: Served) -> None:
+    image = _png_padded_with("==")
+    rows = vectors(embed(main, TINY_CLIP, [b64(image), b64(image).rstrip("=")]))
+    assert np.allclose(rows[0], rows[1], atol=1e-5)
+
+
+def test_webp_and_gif87a_in_base64_are_images(main: Served) -> None:
+    def encoded(fmt: str, **params: Any) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 30, 40)).save(buffer, fmt, **params)
+        return buffer.getvalue()
+
+    gif = encoded("GIF")
+    gif87a = b"GIF87a" + gif[6:]
+    items = [b64(png()), b64(encoded("WEBP", lossless=True)), b64(gif87a)]
+    rows = vectors(embed(main, TINY_CLIP, items))
+    for row in rows[1:]:
+        assert float(row @ rows[0]) > 0.99  # the same picture, not a text
+
+
+@pytest.mark.parametrize(
+    ("header", "refused"),
+    [
+        (b"RIFX\x30\x00\x00\x00WEBPVP8L", None),  # WEBP at 8 without RIFF: no WebP
+        (b"RIFF\x30\x00\x00\x00WAVEfmt ", None),
+        (b"\x00\x00\x00\x18ftypisom", None),  # an MP4: ftyp, but no image brand
+        (b"\x00\x00\x00\x1cftypavif", "AVIF images are not accepted"),
+        (b"\x00\x00\x00\x1cftypheic", "HEIC images are not accepted"),
+        (b"qoif\x00\x00\x00\x10", "QOI images are not accepted"),
+        (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000 images are not accepted"),
+    ],
+)
+def test_base64_is_an_image_exactly_when_it_starts_with_an_image_signature(
+    main: Served, error_of: ErrorOf, header: bytes, refused: str | None
+) -> None:
+    item = b64(header + b"\x00" * 40)
+    response = embed(main, TINY_CLIP, ["fine text", item])
+    if refused is None:  # text, embedded as any other
+        assert vectors(response).shape == (2, 64)
+    else:  # an image of a format that is refused by name
+        assert response.status_code == 400, response.text
+        assert error_of(response)["param"] == "input[1]"
+        assert refused in error_of(response)["message"]
+
+
+def test_data_urls_are_decoded_however_short_or_percent_encoded(
+    main: Served, error_of: ErrorOf
+) -> None:
+    image = png()
+    payload = b64(image).replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+    assert "%" in payload
+    escaped = "data:image/png;base64," + payload
+    rows = vectors(embed(main, TINY_CLIP, [data_url(image), escaped]))
+    assert np.allclose(rows[0], rows[1], atol=1e-5)
+    short = embed(main, TINY_CLIP, "data:image/png;base64," + b64(image[:8]))
+    assert short.status_code == 400
+    assert "not valid base64" not in error_of(short)["message"]  # decoded, then refused
+    assert "PNG" in error_of(short)["message"]
+
+
+def test_whitespace_around_a_url_or_data_url_is_ignored(
+    main: Served, http_server: LocalServer
+) -> None:
+    image = png()
+    url = http_server.route("/server-tests/padded.png", body=image, content_type="image/png")
+    rows = vectors(embed(main, TINY_CLIP, [data_url(image), f" {data_url(image)}\n", f"\t{url} "]))
+    assert np.allclose(rows[0], rows[1], atol=1e-5)
+    assert np.allclose(rows[0], rows[2], atol=1e-5)
+
+
 def test_text_on_an_image_only_model_is_400_naming_the_item(
     main: Served, error_of: ErrorOf
 ) -> None:

@@ -1,88 +1,32 @@
 """Turning the strings of an embeddings request into image bytes or texts.
 
-The server never hands a client's string to the library's input detection, which would read
-a file path: it decides per item, decodes data URLs and base64 itself, fetches URLs through
-the guard, and passes only bytes (or texts) to the model.
+Each item is classified by the library's one classifier with ``allow_paths=False`` (a client's
+string is never a file path) and ``texts=True`` (a string with no image's shape is text). Data
+URLs and base64 are decoded by the library's decoders, URLs fetched through the guarded
+client, at most ``max_concurrent_fetches`` at once server-wide; only bytes (or texts) reach
+the model.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
 import httpx
 
-from limner._images import ImageLimits, fetch_image_bytes
+from limner._images import (
+    ImageLimits,
+    InputKind,
+    classify_input,
+    encoded_bytes,
+    fetch_image_bytes,
+)
 from limner.errors import FetchError, InvalidInput
 
 __all__ = ["SplitInputs", "split_inputs"]
 
-_SCHEME = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://")
-# A data URL's header has no spaces: "data: 3 apples, 2 pears" is text.
-_DATA_URL = re.compile(r"\s*data:[^\s,]*,", re.IGNORECASE)
-_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}|[A-Za-z0-9_-]+={0,2}")
-_WHITESPACE = re.compile(r"\s+")
-# Below this a string is far likelier to be a word than an image: the smallest PNG is ~90
-# base64 characters.
-_MIN_BASE64_CHARS = 32
-# File signatures of the formats a base64 item is taken for. A string that is valid base64
-# but does not start with one of these is text.
-_SIGNATURES: tuple[tuple[int, bytes], ...] = (
-    (0, b"\x89PNG\r\n\x1a\n"),
-    (0, b"\xff\xd8\xff"),
-    (0, b"GIF87a"),
-    (0, b"GIF89a"),
-    (0, b"BM"),
-    (0, b"II*\x00"),
-    (0, b"MM\x00*"),
-    (0, b"\x00\x00\x01\x00"),
-    (4, b"ftyp"),  # AVIF, HEIC
-)
-
 CheckURL = Callable[[httpx.URL], Awaitable[None]]
-
-
-def _is_image(data: bytes) -> bool:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return True
-    return any(data[offset : offset + len(sig)] == sig for offset, sig in _SIGNATURES)
-
-
-def _decode_base64(text: str, *, limits: ImageLimits, label: str) -> bytes | None:
-    """The bytes ``text`` encodes, or None when it is not base64; too large raises."""
-    compact = _WHITESPACE.sub("", text)
-    if len(compact) < _MIN_BASE64_CHARS or not _BASE64.fullmatch(compact):
-        return None
-    if len(compact) * 3 // 4 > limits.max_bytes:
-        raise InvalidInput(
-            f"base64 image is over the limit of {limits.max_bytes} bytes", input=label
-        )
-    if "-" in compact or "_" in compact:
-        compact = compact.translate(str.maketrans("-_", "+/"))
-    compact += "=" * (-len(compact) % 4)
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
-def _decode_data_url(text: str, *, limits: ImageLimits) -> bytes:
-    header, comma, payload = text.strip()[5:].partition(",")
-    if not comma:
-        raise InvalidInput("malformed data URL: no ',' before the payload", input=text)
-    params = [part.strip().lower() for part in header.split(";")]
-    if params[0] and not params[0].startswith("image/"):
-        raise InvalidInput(f"data URL media type is {params[0]!r}, not image/*", input=text)
-    if "base64" not in params[1:]:
-        raise InvalidInput("data URL is not base64; use data:image/...;base64,...", input=text)
-    data = _decode_base64(payload, limits=limits, label=text) if payload.strip() else None
-    if data is None:
-        raise InvalidInput("data URL payload is not valid base64", input=text)
-    return data
 
 
 @dataclass
@@ -105,8 +49,8 @@ async def split_inputs(
 ) -> SplitInputs:
     """Classify every item and fetch the URLs; the first bad item raises, with its index.
 
-    Data URLs, http(s) URLs and base64 that decodes to a known image format are images; any
-    other string is text for a model that embeds text, and an error otherwise.
+    Data URLs, http(s) URLs and base64 of a known image format are images; any other string
+    is text for a model that embeds text, and an error otherwise.
     """
     # Decoding megabytes of base64 is CPU work: off the event loop, like any decoding.
     split, urls = await anyio.to_thread.run_sync(_classify, items, supports_text, model, limits)
@@ -127,32 +71,21 @@ def _classify(
     urls: list[tuple[int, str]] = []
     for index, item in enumerate(items):
         try:
-            scheme = _SCHEME.match(item)
-            if scheme is not None:
-                if scheme.group(1).lower() not in ("http", "https"):
+            kind = classify_input(item, allow_paths=False, texts=True)
+            if kind is InputKind.URL:
+                urls.append((index, item.strip()))
+            elif kind is InputKind.TEXT:
+                if not item.strip():
+                    raise InvalidInput("is empty", input=item)
+                if not supports_text:
                     raise InvalidInput(
-                        f"unsupported URL scheme {scheme.group(1)!r}; only http and https URLs "
-                        "are fetched",
+                        f"is neither an image (a data: URL, an http(s) URL, or base64 of an "
+                        f"image file) nor text that {model} can embed: it embeds images only",
                         input=item,
                     )
-                urls.append((index, item.strip()))
-                continue
-            if _DATA_URL.match(item):
-                split.images.append((index, _decode_data_url(item, limits=limits)))
-                continue
-            data = _decode_base64(item, limits=limits, label=item)
-            if data is not None and _is_image(data):
-                split.images.append((index, data))
-                continue
-            if not item.strip():
-                raise InvalidInput("is empty", input=item)
-            if not supports_text:
-                raise InvalidInput(
-                    f"is neither an image (a data: URL, an http(s) URL, or base64 of an image "
-                    f"file) nor text that {model} can embed: it embeds images only",
-                    input=item,
-                )
-            split.texts.append((index, item))
+                split.texts.append((index, item))
+            else:  # a data URL or base64: without allow_paths, never a path
+                split.images.append((index, encoded_bytes(item, kind=kind, limits=limits)))
         except InvalidInput as error:
             raise error.at_index(index) from None
     return split, urls
