@@ -190,7 +190,18 @@ def main() -> None:
         run(args.warmup, 1000)
         rss_warm = process.memory_info().rss / 2**20
         statuses.clear()
+        samples: list[float] = []
+        sampling = threading.Event()
+
+        def sample() -> None:  # RSS every 10 s: a leak climbs, a warm heap levels off
+            while not sampling.wait(10.0):
+                samples.append(process.memory_info().rss / 2**20)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
         run(args.seconds, 0)
+        sampling.set()
+        sampler.join()
         time.sleep(1.0)
         rss_end = process.memory_info().rss / 2**20
         threads_after = process.num_threads()
@@ -206,6 +217,7 @@ def main() -> None:
             f"server RSS after warm-up {rss_warm:.0f} MB, at the end {rss_end:.0f} MB "
             f"(growth {rss_end - rss_warm:+.0f} MB)"
         )
+        print("server RSS every 10 s:", " ".join(f"{mb:.0f}" for mb in samples), "MB")
         print(f"server threads before {threads_before}, after {threads_after}")
         if lost or any(status.startswith("500") for status in statuses):
             raise SystemExit(1)

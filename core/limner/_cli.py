@@ -406,6 +406,7 @@ def serve(
         import uvicorn
 
         from .server import ServerSettings, create_app
+        from .server._heap import limit_malloc_arenas
     except ImportError as error:
         raise click.ClickException(
             f"the server needs its extra: pip install 'limner[server]' ({error})"
@@ -425,6 +426,7 @@ def serve(
         hint = "'--api-key' / LIMNER_API_KEY"
         raise click.BadParameter(error.reason, param_hint=hint) from None
     app = create_app(settings=settings)
+    limit_malloc_arenas(2)  # before the worker threads start: a flat heap under steady load
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: serving on {host} without an API key (--api-key).", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
