@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
-from limner._images import ImageLimits, fetch_image_bytes
+from limner import ImageLimits, fetch_image_bytes
 from limner.errors import FetchError, InvalidInput
 
 __all__ = ["SplitInputs", "split_inputs"]
