@@ -25,9 +25,9 @@ import anyio
 import numpy as np
 from clip_e2e import write_images, write_model  # benchmarks/ is on sys.path when run
 
-import limner
 import limner_clip
 from limner import Pool, Registry, decode_image
+from limner.plugin import ImageEmbeddingBackend
 
 KEY = "openai/clip-vit-base-patch32"
 
@@ -36,7 +36,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def direct_call(backend: limner.ImageEmbeddingBackend, path: Path) -> np.ndarray:
+def direct_call(backend: ImageEmbeddingBackend, path: Path) -> np.ndarray:
     """One request without a pool: decode, preprocess, embed, in the calling thread."""
     image = decode_image(path, draft_size=backend.image_size)
     return backend.embed_prepared([backend.prepare(image)])

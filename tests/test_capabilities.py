@@ -12,6 +12,7 @@ import pytest
 import limner
 from limner import Capability, ModelInfo, ModelSpec, PluginError, Registry
 from limner._capability_table import CAPABILITIES, row_for, row_of_backend
+from limner.plugin import hookimpl
 from limner.testing import FakeEmbeddingBackend, FakeTextToImageBackend
 
 
@@ -63,11 +64,11 @@ def test_a_plugin_whose_factory_is_no_backend_breaks_alone() -> None:
     good = types.ModuleType("good_plugin")
     bad = types.ModuleType("bad_plugin")
 
-    @limner.hookimpl
+    @hookimpl
     def good_hook(register: Any) -> None:
         register(undeclared("good/model", FakeEmbeddingBackend))
 
-    @limner.hookimpl
+    @hookimpl
     def bad_hook(register: Any) -> None:
         register(undeclared("bad/model", "limner.testing:FakeClock"))
 

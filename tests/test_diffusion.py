@@ -1,12 +1,11 @@
-"""limner.diffusion: cheap to import, its names sorted and importable."""
+"""limner.diffusion's backend on a pipeline of another family (its import cost and names are
+checked in test_plugin_contract.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,38 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-import limner.diffusion
 from limner import Capability, ImageGenerationConfig, ModelInfo, ModelSettings, ModelSpec
-from limner.diffusion import (
-    CLIP_BOS_ID,
-    CLIP_EOS_ID,
-    CLIP_MAX_LENGTH,
-    CLIP_VOCAB_SIZE,
-    DiffusersBackend,
-    resolve_seed,
-    tiny_clip_tokenizer,
-)
-
-
-def test_importing_it_imports_no_heavy_library() -> None:
-    code = (
-        "import sys, limner.diffusion\n"
-        "heavy = {'torch', 'diffusers', 'transformers'} & set(sys.modules)\n"
-        "assert not heavy, heavy\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def test_public_names_are_sorted_and_importable() -> None:
-    def isort_style(name: str) -> tuple[int, str]:  # ruff's RUF022 order
-        group = 0 if name.isupper() else 1 if name[0].isupper() else 2
-        return group, name
-
-    names = limner.diffusion.__all__
-    assert names == sorted(names, key=isort_style)
-    for name in names:
-        assert hasattr(limner.diffusion, name), name
-
+from limner.diffusion import DiffusersBackend, resolve_seed
+from limner.plugin import tiny_clip_text_encoder, tiny_clip_tokenizer
 
 # -- a Stable Diffusion 1.x pipeline on DiffusersBackend --------------------------------------
 
@@ -80,7 +50,6 @@ class _SD15Backend(DiffusersBackend[_Variant]):
 def _write_tiny_sd15(directory: Path) -> None:
     """A random-weight SD 1.x pipeline of the real classes, saved without a safety checker."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     diffusers: Any = pytest.importorskip("diffusers")
     torch.manual_seed(0)
@@ -103,19 +72,7 @@ def _write_tiny_sd15(directory: Path) -> None:
         latent_channels=4,
         norm_num_groups=4,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=CLIP_BOS_ID,
-            eos_token_id=CLIP_EOS_ID,
-            pad_token_id=CLIP_EOS_ID,
-        )
-    )
+    text_encoder = tiny_clip_text_encoder(16, layers=1)
     pipeline = diffusers.StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -19,6 +19,7 @@ from PIL import Image
 
 import limner
 from limner import ModelError, Pool, PoolBusy, Registry
+from limner.plugin import ImageEmbeddingBackend
 from limner.testing import (
     FakeClock,
     FakeEmbeddingBackend,
@@ -325,7 +326,7 @@ class Weights:
     """Stands for a model object; a weakref to it tells whether anything still holds it."""
 
 
-class DocsStylePlugin(limner.ImageEmbeddingBackend):
+class DocsStylePlugin(ImageEmbeddingBackend):
     """Written as docs/plugins.md shows: ``load`` sets ``self.model``, no ``unload``."""
 
     image_size = 8

@@ -16,7 +16,7 @@ from limner import Capability, ModelInfo, ModelSpec, PluginError, Registry, Unkn
 from limner.testing import FakeEmbeddingBackend, fake_embedding_spec
 
 PLUGIN_TEMPLATE = """
-import limner
+import limner.plugin
 from limner.testing import FakeEmbeddingBackend
 
 BUILT = []
@@ -25,7 +25,7 @@ def build(spec, settings):
     BUILT.append(spec.key)
     return FakeEmbeddingBackend(spec, settings)
 
-@limner.hookimpl
+@limner.plugin.hookimpl
 def limner_register_models(register):
 {body}
 """
@@ -169,8 +169,8 @@ def test_a_hook_with_a_wrong_signature_breaks_only_its_plugin(
     monkeypatch.delenv("LIMNER_PLUGINS", raising=False)
     add_plugin(site, "good-vision", spec_line("good/model"))
     (site / "bad_signature_plugin.py").write_text(
-        "import limner\n\n"
-        "@limner.hookimpl\n"
+        "import limner.plugin\n\n"
+        "@limner.plugin.hookimpl\n"
         "def limner_register_models(register, extra):\n"
         "    raise AssertionError('pluggy refuses this hook before calling it')\n"
     )

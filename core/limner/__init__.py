@@ -7,20 +7,28 @@ Host code asks the registry for a model by key and calls its capability::
     model = limner.get("openai/clip-vit-base-patch32")
     vector = await model.embed_image("cat.jpg")
 
-Plugins are found through the ``limner`` entry-point group; see docs/plugins.md.
+Plugins are found through the ``limner`` entry-point group; what they implement and the
+helpers they share are in :mod:`limner.plugin` (see docs/plugins.md). This module is the
+host's API.
 """
 
 from __future__ import annotations
 
 from . import errors
-from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
 from ._capabilities import ImageEmbeddingCapable, ImageInput, TextToImageCapable
 from ._default_pool import default_pool
-from ._embedder import BlockingImageEmbedder, ImageEmbedder
+from ._embedder import DEFAULT_MAX_TEXT_CHARS, BlockingImageEmbedder, ImageEmbedder
 from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
 from ._generator import BlockingImageGenerator, ImageGenerator
-from ._hookspecs import hookimpl, hookspec
-from ._images import DEFAULT_LIMITS, ImageLimits, InputKind, decode_image, fetch_image_bytes
+from ._images import (
+    DEFAULT_LIMITS,
+    ImageLimits,
+    InputKind,
+    classify_input,
+    decode_image,
+    encoded_bytes,
+    fetch_image_bytes,
+)
 from ._pool import Pool, current_pool
 from ._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from ._registry import (
@@ -35,7 +43,6 @@ from ._registry import (
 )
 from ._runtime import KeyStats, Runtime
 from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
-from ._weights import hf_cache_dir, materialize_in_hf_cache, tiny_revision
 from .errors import (
     BlockingCallInEventLoop,
     Cancelled,
@@ -54,7 +61,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_LIMITS",
-    "Backend",
+    "DEFAULT_MAX_TEXT_CHARS",
     "BlockingCallInEventLoop",
     "BlockingImageEmbedder",
     "BlockingImageGenerator",
@@ -65,7 +72,6 @@ __all__ = [
     "GenerationChunk",
     "GenerationResult",
     "ImageEmbedder",
-    "ImageEmbeddingBackend",
     "ImageEmbeddingCapable",
     "ImageGenerationConfig",
     "ImageGenerator",
@@ -92,24 +98,19 @@ __all__ = [
     "Progress",
     "Registry",
     "Runtime",
-    "StepCallback",
     "SystemMemory",
-    "TextToImageBackend",
     "TextToImageCapable",
     "UnknownModelError",
     "__version__",
+    "classify_input",
     "current_pool",
     "decode_image",
     "default_pool",
     "default_registry",
     "embedder",
+    "encoded_bytes",
     "errors",
     "fetch_image_bytes",
     "generator",
     "get",
-    "hf_cache_dir",
-    "hookimpl",
-    "hookspec",
-    "materialize_in_hf_cache",
-    "tiny_revision",
 ]

@@ -1,7 +1,9 @@
 """Where a model's weights come from: the Hugging Face cache, a pinned revision, a local dir.
 
 No torch here: this module only decides paths and revisions. Plugins load with their
-libraries' own ``from_pretrained``, which honours ``HF_HUB_OFFLINE`` and ``HF_HOME``.
+libraries' own ``from_pretrained``, which honours ``HF_HUB_OFFLINE`` and ``HF_HOME``;
+:func:`locate_weights` tells them what to pass it, and fails early, with advice, when the
+weights are neither cached nor downloadable.
 """
 
 from __future__ import annotations
@@ -11,9 +13,28 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["hf_cache_dir", "materialize_in_hf_cache", "models_dir_override", "tiny_revision"]
+from ._devices import TRUE_STRINGS
+from .errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from ._spec import ModelSettings
+
+__all__ = [
+    "TinyModel",
+    "WeightSource",
+    "download_advice",
+    "hf_cache_dir",
+    "hf_offline",
+    "locate_weights",
+    "materialize_in_hf_cache",
+    "models_dir_override",
+    "tiny_revision",
+    "weights_where",
+]
 
 
 def hf_cache_dir() -> Path:
@@ -82,3 +103,130 @@ def materialize_in_hf_cache(
         temp.write_text(revision)
         temp.replace(ref)
     return snapshot
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A generated tiny model: the repo id it is served under, the one revision limner
+    writes of it (see :func:`tiny_revision`), and ``ensure(cache_dir)``, which writes it into
+    that Hugging Face cache when missing (with :func:`materialize_in_hf_cache`)."""
+
+    key: str
+    revision: str
+    ensure: Callable[[Path], object]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """What ``from_pretrained`` reads: ``path``, a repo id or a directory, and ``kwargs``
+    (``revision``, ``cache_dir`` and ``local_files_only`` for a repo; none for a directory)."""
+
+    path: str
+    kwargs: dict[str, Any]
+
+
+def hf_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) forbids downloads."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return any(flag.strip().lower() in TRUE_STRINGS for flag in flags) or bool(
+        constants.HF_HUB_OFFLINE
+    )
+
+
+def weights_where(settings: ModelSettings) -> str:
+    """Where ``settings`` point, for messages: the directory, or the repo and its revision."""
+    if settings.local_dir:
+        return settings.weights
+    revision = f"@{settings.revision}" if settings.revision else ""
+    return f"the Hugging Face repo {settings.weights}{revision}"
+
+
+def download_advice(
+    repo: str,
+    *,
+    key: str,
+    revision: str | None = None,
+    size: str | None = None,
+    gated: bool = False,
+) -> str:
+    """How to get the weights of ``key`` from ``repo``: download, or a local copy."""
+    pinned = f" --revision {revision}" if revision else ""
+    about = f" (about {size})" if size else ""
+    advice = (
+        f"Download it with `hf download {repo}{pinned}`{about}, or point LIMNER_MODELS_DIR at "
+        f"a directory holding a copy as {key}/."
+    )
+    if gated:
+        advice += (
+            f" {repo} is gated: accept its licence on huggingface.co and log in with "
+            "`hf auth login` first."
+        )
+    return advice
+
+
+def locate_weights(
+    settings: ModelSettings,
+    *,
+    key: str,
+    marker: str,
+    source_repo: str,
+    writer: str = "save_pretrained",
+    tiny: TinyModel | None = None,
+    size: str | None = None,
+    gated: bool = False,
+) -> WeightSource:
+    """What ``from_pretrained`` should read for ``settings``, failing early with advice.
+
+    A local directory (``settings.local_dir``, or ``weights`` naming a directory) must hold
+    ``marker`` (``config.json``, ``model_index.json``), else the error says to fill it with
+    ``writer``. A repo is read from the Hugging Face cache at ``settings.revision``, without
+    network round trips when ``marker`` is cached there; when it is not and
+    ``HF_HUB_OFFLINE`` is set, the error says how to download it (``size``, and whether the
+    repo is ``gated``, go into that advice). The ``tiny`` model's key is written into the
+    cache first, at the one revision limner writes, which an unset revision means.
+    """
+    path = Path(settings.weights).expanduser()
+    if settings.local_dir or path.is_dir():
+        if not (path / marker).is_file():
+            raise ModelLoadError(
+                f"{path} holds no {marker}; point the local dir of {key} at a directory "
+                f"written by {writer} (or downloaded with `hf download {source_repo}`)"
+            )
+        return WeightSource(str(path), {})
+    cache = hf_cache_dir()
+    kwargs: dict[str, Any] = {"cache_dir": str(cache), "revision": settings.revision}
+    if tiny is not None and settings.weights == tiny.key:
+        if settings.revision not in (None, tiny.revision):
+            raise ModelLoadError(
+                f"{tiny.key} exists only at revision {tiny.revision}, which limner writes into "
+                "the Hugging Face cache itself, so leave the revision unset; got revision "
+                f"{settings.revision!r}: leave it unset or set it to {tiny.revision}"
+            )
+        tiny.ensure(cache)
+        # local_files_only: it is not on the hub.
+        kwargs.update(revision=tiny.revision, local_files_only=True)
+        return WeightSource(settings.weights, kwargs)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(
+            settings.weights, marker, cache_dir=cache, revision=settings.revision
+        )
+    except ValueError as error:  # not a valid repo id
+        raise ModelLoadError(
+            f"{settings.weights!r} is neither a directory nor a Hugging Face repo id: {error}"
+        ) from error
+    if isinstance(cached, str):
+        kwargs["local_files_only"] = True  # cached: no network round trips
+    elif hf_offline():
+        at = f"@{settings.revision}" if settings.revision else ""
+        raise ModelLoadError(
+            f"{settings.weights}{at} is not in the Hugging Face cache ({cache}) and "
+            "HF_HUB_OFFLINE is set. "
+            + download_advice(
+                settings.weights, key=key, revision=settings.revision, size=size, gated=gated
+            )
+        )
+    return WeightSource(settings.weights, kwargs)

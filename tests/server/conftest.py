@@ -26,7 +26,8 @@ pytest.importorskip("fastapi", reason="the server tests need the server extra")
 import uvicorn  # after the skip, so that a missing extra skips cleanly
 from fastapi import FastAPI
 
-from limner import ImageEmbeddingBackend, ModelSpec, Registry
+from limner import ModelSpec, Registry
+from limner.plugin import ImageEmbeddingBackend
 from limner.server import ServerSettings, create_app
 from limner.testing import (
     FakeEmbeddingBackend,

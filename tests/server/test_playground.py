@@ -25,7 +25,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from limner import GenerationResult, ImageGenerationConfig, Progress, Registry, StepCallback
+from limner import GenerationResult, ImageGenerationConfig, Progress, Registry
+from limner.plugin import StepCallback
 from limner.server import ServerSettings, create_app
 from limner.testing import fake_embedding_spec
 

@@ -1,10 +1,13 @@
 """Building blocks for plugins that wrap a diffusers text-to-image pipeline.
 
 :class:`DiffusersBackend` holds what every such backend needs: device, dtype and flag
-settings, loading with CPU offload and load-error advice, concurrent generations on shared
+settings, loading with CPU offload and load-error advice, request validation against each
+:class:`Checkpoint`'s limits (:func:`resolve_config`), concurrent generations on shared
 weights (a per-call pipeline view with its own scheduler and per-thread tokenizers), step
 progress and cancellation, cheap latent previews, result metadata and memory measurement. A
-model family subclasses it and overrides a few hooks; see docs/plugins.md.
+model family subclasses it, describes its checkpoints, builds its tiny model with
+:func:`tiny_pipeline`, and overrides a few hooks; see docs/plugins.md. Its tests subclass
+:class:`limner.diffusion.testing.DiffusionFamilyContract`.
 
 Importing this package is cheap: torch, diffusers and transformers are imported only when a
 model loads, generates or writes its tiny weights. They are the plugin's dependencies, not
@@ -17,16 +20,14 @@ from ._backend import (
     DiffusersBackend,
     DiffusionVariant,
     LoadedPipeline,
-    parse_device,
-    parse_dtype,
-    parse_flag,
-    resolve_device,
-    resolve_dtype,
+    diffusion_dtype,
     select_variant,
 )
+from ._checkpoint import Checkpoint
 from ._config import (
     MAX_NUM_IMAGES,
     MAX_SEED,
+    resolve_config,
     resolve_guidance,
     resolve_integer,
     resolve_number,
@@ -36,41 +37,19 @@ from ._config import (
     resolve_side,
 )
 from ._preview import LatentRGB, fit_latent_rgb
-from ._tokenizers import (
-    CLIP_BOS_ID,
-    CLIP_EOS_ID,
-    CLIP_MAX_LENGTH,
-    CLIP_VOCAB_SIZE,
-    T5_EOS_ID,
-    T5_PAD_ID,
-    T5_VOCAB_SIZE,
-    clip_vocab,
-    t5_vocab,
-    tiny_clip_tokenizer,
-    tiny_t5_tokenizer,
-)
+from ._tiny import tiny_pipeline, tiny_vae, write_tiny_pipeline
 
 __all__ = [
-    "CLIP_BOS_ID",
-    "CLIP_EOS_ID",
-    "CLIP_MAX_LENGTH",
-    "CLIP_VOCAB_SIZE",
     "MAX_NUM_IMAGES",
     "MAX_SEED",
-    "T5_EOS_ID",
-    "T5_PAD_ID",
-    "T5_VOCAB_SIZE",
+    "Checkpoint",
     "DiffusersBackend",
     "DiffusionVariant",
     "LatentRGB",
     "LoadedPipeline",
-    "clip_vocab",
+    "diffusion_dtype",
     "fit_latent_rgb",
-    "parse_device",
-    "parse_dtype",
-    "parse_flag",
-    "resolve_device",
-    "resolve_dtype",
+    "resolve_config",
     "resolve_guidance",
     "resolve_integer",
     "resolve_number",
@@ -79,7 +58,7 @@ __all__ = [
     "resolve_seed",
     "resolve_side",
     "select_variant",
-    "t5_vocab",
-    "tiny_clip_tokenizer",
-    "tiny_t5_tokenizer",
+    "tiny_pipeline",
+    "tiny_vae",
+    "write_tiny_pipeline",
 ]

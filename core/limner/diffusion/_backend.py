@@ -11,24 +11,35 @@ and ``generate``: importing this module, or a plugin's module built on it, stays
 from __future__ import annotations
 
 import copy
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-import limner
-from limner._backends import StepCallback, TextToImageBackend
-from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
 from limner.errors import InvalidInput, ModelError, ModelLoadError
+from limner.plugin import (
+    GenerationResult,
+    ImageGenerationConfig,
+    ModelSettings,
+    ModelSpec,
+    Placement,
+    Progress,
+    StepCallback,
+    TextToImageBackend,
+    TinyModel,
+    download_advice,
+    locate_weights,
+    parse_flag,
+    weights_where,
+)
+
+from ._checkpoint import Checkpoint
+from ._config import resolve_config
 
 if TYPE_CHECKING:
     import torch
-
-    from limner._spec import ModelSettings, ModelSpec
 
     from ._preview import LatentRGB
 
@@ -36,105 +47,23 @@ __all__ = [
     "DiffusersBackend",
     "DiffusionVariant",
     "LoadedPipeline",
-    "parse_device",
-    "parse_dtype",
-    "parse_flag",
-    "resolve_device",
-    "resolve_dtype",
+    "diffusion_dtype",
     "select_variant",
 ]
 
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-}
-_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
 _SEED_SPACE = 2**64
 
 
-# -- settings ---------------------------------------------------------------------------------
-
-
-def parse_device(value: str) -> str | None:
-    """Validate a device setting without importing torch; ``None`` means auto."""
-    device = value.strip().lower()
-    if device == "auto":
-        return None
-    if not _DEVICE.match(device):
-        raise InvalidInput(
-            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}",
-            field="device",
-        )
-    return device
-
-
-def parse_dtype(value: str) -> str | None:
-    """Validate a dtype setting without importing torch; ``None`` means auto."""
-    dtype = value.strip().lower()
-    if dtype == "auto":
-        return None
-    if dtype not in _DTYPES:
-        raise InvalidInput(
-            "dtype must be 'auto', 'bfloat16' (bf16), 'float16' (fp16) or 'float32' (fp32), "
-            f"got {value!r}",
-            field="dtype",
-        )
-    return _DTYPES[dtype]
-
-
-def parse_flag(name: str, value: object) -> bool:
-    """A boolean option, also from the strings an environment or a config file gives."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise InvalidInput(f"must be true or false, got {value!r}", field=name)
-
-
-def resolve_device(requested: str | None) -> torch.device:
-    """The torch device for a parsed setting: CUDA when there is one, else the CPU."""
-    import torch
-
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"device {requested!r} was asked for, but torch sees no CUDA device; "
-                "set device to 'cpu' or 'auto', or install a CUDA build of torch"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelLoadError(
-                f"device {requested!r} was asked for, but there are only "
-                f"{torch.cuda.device_count()} CUDA devices"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError(f"device {requested!r} was asked for, but MPS is not available")
-    return device
-
-
-def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """As asked, else bf16 on accelerators and fp32 on the CPU.
+def diffusion_dtype(device: torch.device) -> str:
+    """What ``dtype="auto"`` means for a diffusion pipeline: bf16 on accelerators, fp32 on
+    the CPU.
 
     The large diffusion transformers (FLUX.1, SD3.5) are shipped in bf16, and their T5
     encoders overflow in fp16 (NaNs, black images), so auto never picks fp16. On the CPU, bf16
     matrix products are emulated unless the CPU has AVX512-BF16/AMX, and several of diffusers'
     ops upcast anyway, so fp32 is both the faster and the safer choice there.
     """
-    import torch
-
-    if requested is not None:
-        dtype: torch.dtype = getattr(torch, requested)
-        return dtype
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return "float32" if device.type == "cpu" else "bfloat16"
 
 
 # -- variants ---------------------------------------------------------------------------------
@@ -195,9 +124,10 @@ class LoadedPipeline:
 class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     """A text-to-image backend serving one diffusers pipeline class.
 
-    A model family subclasses it, sets :attr:`pipeline_class` (and the tiny model's
-    :attr:`tiny_key` and :attr:`tiny_revision`), and implements :meth:`find_variant`,
-    :meth:`ensure_tiny` and :meth:`resolve_config`. Hooks it may override:
+    A model family subclasses it, sets :attr:`pipeline_class` (and its generated :attr:`tiny`
+    model, see :func:`tiny_pipeline`) and implements :meth:`find_variant`. When its variants
+    are :class:`Checkpoint` objects, :meth:`resolve_config` checks requests against their
+    limits; a family with other variants overrides it. Hooks it may override:
     :meth:`from_pretrained_kwargs`, :meth:`call_kwargs`, :meth:`preview_latents`,
     :meth:`extra_metadata`, :meth:`gated`; :attr:`download_size` goes into load-error advice.
 
@@ -208,17 +138,15 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
 
     #: The diffusers pipeline class, by name (``diffusers.<name>.from_pretrained`` loads it).
     pipeline_class: ClassVar[str]
-    #: The generated tiny model's repo id and revision, or ``None`` when there is none.
-    tiny_key: ClassVar[str | None] = None
-    tiny_revision: ClassVar[str | None] = None
+    #: The generated tiny model, written into the cache when its key is loaded, or ``None``.
+    tiny: ClassVar[TinyModel | None] = None
     #: Rough download size for load-error advice, e.g. ``"34 GB"``.
     download_size: ClassVar[str | None] = None
 
     def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
         super().__init__(spec, settings)
         self.variant: VariantT = self.find_variant(spec)
-        self._device_setting = parse_device(settings.device)
-        self._dtype_setting = parse_dtype(settings.dtype)
+        self.placement = Placement.of(settings)
         self._cpu_offload = parse_flag("cpu_offload", settings.options.get("cpu_offload", False))
         self._loaded: LoadedPipeline | None = None
 
@@ -232,11 +160,16 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         in ``__init__``; raise ``InvalidInput`` for a key the family does not serve."""
         raise NotImplementedError
 
-    def ensure_tiny(self, cache_dir: Path) -> None:
-        """Write the tiny model into the Hugging Face cache ``cache_dir`` if missing (with
-        ``limner.materialize_in_hf_cache``). Called in ``load`` when the weights are
-        :attr:`tiny_key`."""
-        raise NotImplementedError
+    def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
+        """The variant's defaults filled into ``config`` and every field checked against its
+        limits (see :func:`resolve_config`); needs no weights."""
+        variant = self.variant
+        if not isinstance(variant, Checkpoint):
+            raise NotImplementedError(
+                f"{type(self).__name__} must override resolve_config: its variants are not "
+                "limner.diffusion.Checkpoint objects"
+            )
+        return resolve_config(variant, config)
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for ``from_pretrained``, e.g. ``{"text_encoder_3": None}``
@@ -263,8 +196,9 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         return {}
 
     def gated(self) -> bool:
-        """Whether the variant's repo needs its licence accepted before download."""
-        return False
+        """Whether the variant's repo needs its licence accepted before download: the
+        variant's ``gated`` (see :class:`Checkpoint`), else false."""
+        return bool(getattr(self.variant, "gated", False))
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -272,23 +206,32 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         started = time.perf_counter()
         import torch
 
-        device = resolve_device(self._device_setting)
-        dtype = resolve_dtype(self._dtype_setting, device)
+        device = self.placement.torch_device()
+        dtype = self.placement.torch_dtype(device, auto=diffusion_dtype)
         offload = self._cpu_offload and device.type != "cpu"  # on the CPU it changes nothing
         if offload and device.type != "cuda":
             raise ModelLoadError(
                 f"cpu_offload needs a CUDA device, but {self.spec.key} is set to run on "
                 f"{device}; turn cpu_offload off"
             )
-        source, kwargs = self._locate()
-        kwargs.update(self.from_pretrained_kwargs())
+        source = locate_weights(
+            self.settings,
+            key=self.spec.key,
+            marker="model_index.json",
+            source_repo=self.variant.source_repo,
+            writer=f"{self.pipeline_class}.save_pretrained",
+            tiny=self.tiny,
+            size=self.download_size,
+            gated=self.gated(),
+        )
+        kwargs = {**source.kwargs, **self.from_pretrained_kwargs()}
         try:
             pipeline = getattr(_diffusers(), self.pipeline_class).from_pretrained(
-                source, dtype=dtype, **kwargs
+                source.path, dtype=dtype, **kwargs
             )
         except Exception as error:
             raise ModelLoadError(
-                f"could not load {self.spec.key} from {self._where()}: {error}. "
+                f"could not load {self.spec.key} from {weights_where(self.settings)}: {error}. "
                 + self.load_advice()
             ) from error
         try:
@@ -347,79 +290,16 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
 
     def memory_device(self) -> str:
         """``"cpu"`` or ``"cuda:N"``: resolves ``auto`` (imports torch) without loading."""
-        device = resolve_device(self._device_setting)
-        if device.type == "cuda":
-            import torch
-
-            index = torch.cuda.current_device() if device.index is None else device.index
-            return f"cuda:{index}"
-        return "cpu"  # the CPU, and MPS's unified memory, are system RAM
-
-    def _locate(self) -> tuple[str, dict[str, Any]]:
-        """What ``from_pretrained`` reads (the source and its keyword arguments, the revision
-        among them), failing early with advice when a repo is neither cached nor
-        downloadable."""
-        settings = self.settings
-        if settings.local_dir:
-            path = Path(settings.weights).expanduser()
-            if not (path / "model_index.json").is_file():
-                raise ModelLoadError(
-                    f"{path} holds no model_index.json; point the local dir of {self.spec.key} "
-                    f"at a directory written by {self.pipeline_class}.save_pretrained (or "
-                    f"downloaded with `hf download {self.variant.source_repo}`)"
-                )
-            return str(path), {}
-        from huggingface_hub import try_to_load_from_cache
-
-        cache = limner.hf_cache_dir()
-        kwargs: dict[str, Any] = {"cache_dir": str(cache), "revision": settings.revision}
-        if self.tiny_key is not None and settings.weights == self.tiny_key:
-            # Unset means the only revision there is: the one limner writes itself.
-            if settings.revision not in (None, self.tiny_revision):
-                raise ModelLoadError(
-                    f"{self.tiny_key} exists only at revision {self.tiny_revision}, which "
-                    "limner writes into the cache itself; got revision "
-                    f"{settings.revision!r}: leave it unset"
-                )
-            self.ensure_tiny(cache)
-            # local_files_only: it is not on the hub.
-            return settings.weights, {
-                **kwargs,
-                "revision": self.tiny_revision,
-                "local_files_only": True,
-            }
-        cached = try_to_load_from_cache(
-            settings.weights, "model_index.json", cache_dir=cache, revision=settings.revision
-        )
-        if isinstance(cached, str):
-            kwargs["local_files_only"] = True  # cached: no network round trips
-        elif _offline():
-            raise ModelLoadError(
-                f"{self.spec.key} ({self._where()}) is not in the Hugging Face cache ({cache}) "
-                "and HF_HUB_OFFLINE is set. " + self.load_advice()
-            )
-        return settings.weights, kwargs
-
-    def _where(self) -> str:
-        if self.settings.local_dir:
-            return self.settings.weights
-        revision = f"@{self.settings.revision}" if self.settings.revision else ""
-        return f"the Hugging Face repo {self.settings.weights}{revision}"
+        return self.placement.memory_device()
 
     def load_advice(self) -> str:
         """How to get the weights, appended to load errors."""
-        repo = self.variant.source_repo
-        size = f" (about {self.download_size})" if self.download_size else ""
-        advice = (
-            f"Download it with `hf download {repo}`{size}, or point LIMNER_MODELS_DIR at a "
-            "directory holding a local copy."
+        return download_advice(
+            self.variant.source_repo,
+            key=self.spec.key,
+            size=self.download_size,
+            gated=self.gated(),
         )
-        if self.gated():
-            advice += (
-                f" {repo} is gated: accept its licence on huggingface.co and log in with "
-                "`hf auth login` first."
-            )
-        return advice
 
     # -- generating ---------------------------------------------------------------------------
 
@@ -599,12 +479,3 @@ def _diffusers() -> Any:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _offline() -> bool:
-    import os
-
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(flag.strip().lower() in _TRUE for flag in flags) or bool(constants.HF_HUB_OFFLINE)

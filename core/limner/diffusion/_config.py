@@ -1,19 +1,26 @@
-"""Checks shared by the diffusion plugins' ``resolve_config``. No torch here.
+"""Request validation for diffusion families: ``resolve_config`` and its checks. No torch.
 
-Each checks one field of an ``ImageGenerationConfig`` and returns its resolved value, or
-raises ``InvalidInput`` naming the field; the plugin decides the limits and the order.
+:func:`resolve_config` fills a :class:`Checkpoint`'s defaults into an
+``ImageGenerationConfig`` and checks every field against its limits. The checks it is made
+of are public too, for a family with rules of its own: each checks one field and returns its
+resolved value, or raises ``InvalidInput`` naming the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 
 from limner.errors import InvalidInput
+from limner.plugin import ImageGenerationConfig
+
+from ._checkpoint import Checkpoint
 
 __all__ = [
     "MAX_NUM_IMAGES",
     "MAX_SEED",
+    "resolve_config",
     "resolve_guidance",
     "resolve_integer",
     "resolve_number",
@@ -27,6 +34,99 @@ __all__ = [
 MAX_NUM_IMAGES = 4
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 _FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
+
+
+def resolve_config(checkpoint: Checkpoint, config: ImageGenerationConfig) -> ImageGenerationConfig:
+    """``config`` with the checkpoint's defaults filled in and every field checked; a seed is
+    drawn when none was given. Raises ``InvalidInput`` naming the first bad field.
+
+    Idempotent: a resolved config resolves to itself, so ``generate`` can resolve again.
+    """
+    if not isinstance(config, ImageGenerationConfig):
+        raise InvalidInput(
+            f"expected an ImageGenerationConfig, got {type(config).__name__}", field="config"
+        )
+    width = _side(checkpoint, "width", config.width)
+    height = _side(checkpoint, "height", config.height)
+    steps = resolve_integer(
+        "steps", config.steps, checkpoint.default_steps, 1, checkpoint.max_steps
+    )
+    guidance = _guidance(checkpoint, config.guidance)
+    num_images = resolve_integer("num_images", config.num_images, 1, 1, MAX_NUM_IMAGES)
+    seed = resolve_seed(config.seed)
+    negative_prompt = _negative_prompt(checkpoint, config, guidance)
+    max_sequence_length = resolve_integer(
+        "max_sequence_length",
+        config.max_sequence_length,
+        checkpoint.default_prompt_tokens,
+        1,
+        checkpoint.max_prompt_tokens,
+    )
+    output_format = resolve_output_format(config.output_format)
+    resolve_preview(config.preview)
+    return dataclasses.replace(
+        config,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        num_images=num_images,
+        negative_prompt=negative_prompt,
+        max_sequence_length=max_sequence_length,
+        output_format=output_format,  # type: ignore[arg-type]
+    )
+
+
+def _side(checkpoint: Checkpoint, name: str, value: object) -> int:
+    return resolve_side(
+        name,
+        value,
+        default=checkpoint.default_size,
+        low=checkpoint.min_size,
+        high=checkpoint.max_size,
+        multiple=checkpoint.size_multiple,
+        key=checkpoint.key,
+    )
+
+
+def _guidance(checkpoint: Checkpoint, value: object) -> float:
+    distilled_away = checkpoint.guidance_distilled_away and value is not None
+    if distilled_away and resolve_number("guidance", value) != 0:
+        raise InvalidInput(
+            f"{checkpoint.key} has no guidance input (it was distilled to run without); "
+            f"leave guidance unset or 0, got {value}",
+            field="guidance",
+        )
+    return resolve_guidance(
+        value, default=checkpoint.default_guidance, high=checkpoint.max_guidance
+    )
+
+
+def _negative_prompt(
+    checkpoint: Checkpoint, config: ImageGenerationConfig, guidance: float
+) -> str | None:
+    """The negative prompt, ``None`` for an empty one; refused where it would do nothing."""
+    negative_prompt = config.negative_prompt
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise InvalidInput("must be a string or None", field="negative_prompt")
+    if not negative_prompt:
+        return None
+    if checkpoint.negative_prompt_refusal is not None:
+        raise InvalidInput(
+            f"{checkpoint.key} does not take a negative prompt: "
+            + checkpoint.negative_prompt_refusal,
+            field="negative_prompt",
+        )
+    if guidance <= 1:
+        raise InvalidInput(
+            "a negative prompt takes effect only with classifier-free guidance, which needs "
+            f"guidance above 1 (it is {guidance:g}"
+            + (f", the default of {checkpoint.key}" if config.guidance is None else "")
+            + "); raise guidance or drop the negative prompt",
+            field="negative_prompt",
+        )
+    return negative_prompt
 
 
 def resolve_integer(name: str, value: object, default: int, low: int, high: int) -> int:

@@ -10,9 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
-from limner import __version__
-from limner._registry import Registry, default_registry
-from limner._spec import Capability
+from limner import Capability, Registry, __version__, default_registry
 
 from ._errors import install_error_handlers
 from ._metrics import Metrics

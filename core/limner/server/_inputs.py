@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
-from limner._images import (
+from limner import (
     ImageLimits,
     InputKind,
     classify_input,

@@ -22,15 +22,15 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from limner._embedder import ImageEmbedder
-from limner._generation_types import (
+from limner import (
     GenerationChunk,
     GenerationResult,
+    ImageEmbedder,
     ImageGenerationConfig,
+    ImageGenerator,
+    ModelEntry,
     Progress,
 )
-from limner._generator import ImageGenerator
-from limner._registry import ModelEntry
 from limner.errors import InvalidInput, ModelError
 
 from ._errors import APIError, input_param, to_api_error

@@ -13,11 +13,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from limner._embedder import ImageEmbedder
-from limner._generator import ImageGenerator
-from limner._pool import Pool
-from limner._registry import Model, ModelEntry, Registry
-from limner._spec import Capability
+from limner import Capability, ImageEmbedder, ImageGenerator, Model, ModelEntry, Pool, Registry
 from limner.errors import InvalidInput, UnknownModelError
 
 from ._errors import APIError

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from limner._embedder import DEFAULT_MAX_TEXT_CHARS
-from limner._images import ImageLimits
-from limner._pool import Pool
+from limner import DEFAULT_MAX_TEXT_CHARS, ImageLimits, Pool
 from limner.errors import InvalidInput
 
 from ._guard import canonical_host

@@ -6,13 +6,11 @@ when a model is first used (see ``limner_clip._backend``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import limner
-from limner import Capability, ModelInfo, ModelSpec
+from limner.plugin import Capability, ModelInfo, ModelSpec, RegisterModel, hookimpl
 
-from ._memory import weights_mb, working_mb
+from ._footprint import weights_mb, working_mb
 from ._tiny import TINY_IMAGE_SIZE, TINY_KEY, TINY_PROJECTION_DIM, TINY_REVISION
 
 __all__ = ["FACTORY", "limner_register_models", "specs"]
@@ -153,7 +151,7 @@ def specs() -> list[ModelSpec]:
     ]
 
 
-@limner.hookimpl
-def limner_register_models(register: Callable[[ModelSpec], None]) -> None:
+@hookimpl
+def limner_register_models(register: RegisterModel) -> None:
     for spec in specs():
         register(spec)

@@ -15,7 +15,6 @@ import contextlib
 import copy
 import functools
 import json
-import os
 import re
 import threading
 from collections.abc import Sequence
@@ -27,18 +26,20 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-import limner
-from limner import (
+from limner.errors import InvalidInput, ModelError, ModelLoadError
+from limner.plugin import (
     ImageEmbeddingBackend,
-    InvalidInput,
-    ModelError,
-    ModelLoadError,
     ModelSettings,
     ModelSpec,
+    Placement,
+    WeightSource,
+    locate_weights,
+    weights_where,
 )
+from limner.plugin import resolve_dtype as resolve_any_dtype
 
-from ._memory import MIB, working_mb
-from ._tiny import TINY_KEY, TINY_REVISION, ensure_tiny_clip
+from ._footprint import MIB, working_mb
+from ._tiny import TINY
 
 if TYPE_CHECKING:
     import tokenizers
@@ -49,12 +50,10 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "ClipBackend",
+    "clip_dtype",
     "cpu_has_fast_bf16",
     "cpuinfo_has_bf16",
-    "parse_device",
-    "parse_dtype",
     "resize_crop_box",
-    "resolve_device",
     "resolve_dtype",
     "token_prefix",
 ]
@@ -64,17 +63,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_IMAGE_SIZE = 224
 
-_DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-}
-_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
-_TRUE = {"1", "on", "yes", "true"}
 # A word: a run of anything but Unicode White_Space, the characters tokenizers' \s matches.
 _WORD = re.compile(r"[^\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
@@ -83,33 +71,6 @@ TokenIds = list[int]
 
 
 # -- settings ---------------------------------------------------------------------------------
-
-
-def parse_device(value: str) -> str | None:
-    """Validate a device setting without importing torch; ``None`` means auto."""
-    device = value.strip().lower()
-    if device == "auto":
-        return None
-    if not _DEVICE.match(device):
-        raise InvalidInput(
-            f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}",
-            field="device",
-        )
-    return device
-
-
-def parse_dtype(value: str) -> str | None:
-    """Validate a dtype setting without importing torch; ``None`` means auto."""
-    dtype = value.strip().lower()
-    if dtype == "auto":
-        return None
-    if dtype not in _DTYPES:
-        raise InvalidInput(
-            "dtype must be 'auto', 'float32' (fp32), 'bfloat16' (bf16) or 'float16' (fp16), "
-            f"got {value!r}",
-            field="dtype",
-        )
-    return _DTYPES[dtype]
 
 
 @functools.cache
@@ -132,40 +93,17 @@ def cpuinfo_has_bf16(cpuinfo: str) -> bool:
     return False
 
 
-def resolve_device(requested: str | None) -> torch.device:
-    """The torch device for a parsed setting: CUDA when there is one, else the CPU."""
-    import torch
-
-    if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"device {requested!r} was asked for, but torch sees no CUDA device; "
-                "set device to 'cpu' or 'auto', or install a CUDA build of torch"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelLoadError(
-                f"device {requested!r} was asked for, but there are only "
-                f"{torch.cuda.device_count()} CUDA devices"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ModelLoadError(f"device {requested!r} was asked for, but MPS is not available")
-    return device
+def clip_dtype(device: torch.device) -> str:
+    """What ``dtype="auto"`` means for CLIP: fp16 on accelerators, bf16 on CPUs that do it
+    natively, fp32 elsewhere."""
+    if device.type in ("cuda", "mps"):
+        return "float16"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
 
 
 def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """The weights' dtype: as asked, else fp16 on accelerators, bf16 on CPUs that do it
-    natively, fp32 elsewhere."""
-    import torch
-
-    if requested is not None:
-        dtype: torch.dtype = getattr(torch, requested)
-        return dtype
-    if device.type in ("cuda", "mps"):
-        return torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    """The weights' dtype: as asked, else :func:`clip_dtype`."""
+    return resolve_any_dtype(requested, device, auto=clip_dtype)
 
 
 def resize_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
@@ -211,13 +149,6 @@ def token_prefix(text: str, nonspace_chars: int) -> str:
     return text
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return any(flag.strip().lower() in _TRUE for flag in flags) or bool(constants.HF_HUB_OFFLINE)
-
-
 # -- the backend ------------------------------------------------------------------------------
 
 
@@ -259,8 +190,7 @@ class ClipBackend(ImageEmbeddingBackend):
 
     def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
         super().__init__(spec, settings)
-        self._device_setting = parse_device(settings.device)
-        self._dtype_setting = parse_dtype(settings.dtype)
+        self.placement = Placement.of(settings)
         size = settings.options.get(
             "image_size", spec.info.default_settings.get("image_size", DEFAULT_IMAGE_SIZE)
         )
@@ -282,8 +212,8 @@ class ClipBackend(ImageEmbeddingBackend):
         import torch
         from transformers import CLIPConfig, CLIPModel
 
-        device = resolve_device(self._device_setting)
-        dtype = resolve_dtype(self._dtype_setting, device)
+        device = self.placement.torch_device()
+        dtype = resolve_dtype(self.placement.dtype, device)
         source = self._locate()
         try:
             # The config and preprocessing first: a mismatch fails before reading the weights.
@@ -353,66 +283,21 @@ class ClipBackend(ImageEmbeddingBackend):
 
     def memory_device(self) -> str:
         """``"cpu"`` or ``"cuda:N"``: resolves ``auto`` (imports torch) without loading."""
-        device = resolve_device(self._device_setting)
-        if device.type == "cuda":
-            import torch
-
-            index = torch.cuda.current_device() if device.index is None else device.index
-            return f"cuda:{index}"
-        return "cpu"  # the CPU, and MPS's unified memory, are system RAM
+        return self.placement.memory_device()
 
     def _where(self) -> str:
-        if self.settings.local_dir:
-            return self.settings.weights
-        revision = f"@{self.settings.revision}" if self.settings.revision else ""
-        return f"the Hugging Face repo {self.settings.weights}{revision}"
+        return weights_where(self.settings)
 
-    def _locate(self) -> _Source:
+    def _locate(self) -> WeightSource:
         """Where ``from_pretrained`` reads from, failing early with advice when a repo is
         neither cached nor downloadable."""
-        settings = self.settings
-        path = Path(settings.weights).expanduser()
-        if settings.local_dir or path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(
-                    f"{path} holds no config.json; point the local dir of {self.spec.key} at a "
-                    "directory written by save_pretrained (or downloaded with `hf download`)"
-                )
-            return _Source(str(path), {})
-        from huggingface_hub import try_to_load_from_cache
-
-        cache = limner.hf_cache_dir()
-        tiny = settings.weights == TINY_KEY
-        # For the tiny key, unset means the only revision there is: the one limner writes.
-        revision = TINY_REVISION if tiny and settings.revision is None else settings.revision
-        if tiny and revision == TINY_REVISION:
-            ensure_tiny_clip(cache)
-        kwargs: dict[str, Any] = {"revision": revision, "cache_dir": str(cache)}
-        try:
-            cached = try_to_load_from_cache(
-                settings.weights, "config.json", cache_dir=cache, revision=revision
-            )
-        except ValueError as error:  # not a valid repo id
-            raise ModelLoadError(
-                f"{settings.weights!r} is neither a directory nor a Hugging Face repo id: {error}"
-            ) from error
-        if isinstance(cached, str):
-            kwargs["local_files_only"] = True  # every file is cached: no network round trips
-        elif tiny:
-            raise ModelLoadError(
-                f"{self.spec.key} at revision {settings.revision} is not in the Hugging Face "
-                f"cache ({cache}) and does not exist on the hub; limner writes only revision "
-                f"{TINY_REVISION}, so leave the revision unset"
-            )
-        elif _offline():
-            repo, revision = settings.weights, settings.revision
-            at, pinned = (f"@{revision}", f" --revision {revision}") if revision else ("", "")
-            raise ModelLoadError(
-                f"{repo}{at} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is "
-                f"set; download it with `hf download {repo}{pinned}` or point "
-                f"LIMNER_MODELS_DIR at a directory holding a copy as {self.spec.key}/"
-            )
-        return _Source(settings.weights, kwargs)
+        return locate_weights(
+            self.settings,
+            key=self.spec.key,
+            marker="config.json",
+            source_repo=self.spec.info.source_repo or self.spec.key,
+            tiny=TINY,
+        )
 
     def _check_config(self, config: CLIPConfig, activation_bytes: int) -> float:
         """Check the weights take the image size ``prepare`` produces; the working memory of
@@ -451,7 +336,7 @@ class ClipBackend(ImageEmbeddingBackend):
             )
         return value
 
-    def _normalisation(self, source: _Source) -> tuple[Sequence[float], Sequence[float]]:
+    def _normalisation(self, source: WeightSource) -> tuple[Sequence[float], Sequence[float]]:
         """Mean and std from the repo's preprocessor_config.json (CLIP's if it has none),
         after checking it asks for the resize and crop ``prepare`` does."""
         from transformers.utils.hub import cached_file
@@ -605,12 +490,6 @@ class ClipBackend(ImageEmbeddingBackend):
             pad_id=pad_id if isinstance(pad_id, int) else 0,
             pad_left=tokenizer.padding_side == "left",
         )
-
-
-@dataclass(frozen=True)
-class _Source:
-    path: str
-    kwargs: dict[str, Any]
 
 
 def _turn(lock: threading.Lock | None) -> contextlib.AbstractContextManager[object]:

@@ -11,53 +11,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-import limner
+from limner.plugin import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    TinyModel,
+    clip_vocab,
+    materialize_in_hf_cache,
+    tiny_revision,
+)
 
-__all__ = ["TINY_KEY", "TINY_REVISION", "ensure_tiny_clip", "write_tiny_clip"]
+__all__ = ["TINY", "TINY_KEY", "TINY_REVISION", "ensure_tiny_clip", "write_tiny_clip"]
 
 TINY_KEY = "limner/tiny-clip"
 #: Bump the recipe whenever the architecture, seed or files below change, so caches holding
 #: the old snapshot are not reused for a different model.
-TINY_REVISION = limner.tiny_revision("limner/tiny-clip@1")
+TINY_REVISION = tiny_revision("limner/tiny-clip@1")
 
 TINY_IMAGE_SIZE = 224
 TINY_PROJECTION_DIM = 64
 _SEED = 20240531
-
-# The tokenizer: byte-level BPE without merges, so every byte is a token and every text
-# tokenizes. Ids follow the layout of the real CLIP vocabulary: the 256 byte symbols, their
-# end-of-word variants, then the two special tokens.
-_BOS = "<|startoftext|>"
-_EOS = "<|endoftext|>"
-_BOS_ID = 512
-_EOS_ID = 513
-_VOCAB_SIZE = 514
-_MAX_TEXT_POSITIONS = 77
-
-
-def _byte_symbols() -> list[str]:
-    """GPT-2's printable stand-in for each byte, in byte order (what ByteLevel emits)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    symbols: dict[int, str] = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in symbols:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    return [symbols[byte] for byte in range(256)]
-
-
-def tiny_vocab() -> dict[str, int]:
-    symbols = _byte_symbols()
-    vocab = {symbol: index for index, symbol in enumerate(symbols)}
-    vocab.update({symbol + "</w>": 256 + index for index, symbol in enumerate(symbols)})
-    vocab[_BOS] = _BOS_ID
-    vocab[_EOS] = _EOS_ID
-    return vocab
 
 
 def write_tiny_clip(directory: Path) -> None:
@@ -67,15 +41,15 @@ def write_tiny_clip(directory: Path) -> None:
 
     config = CLIPConfig(
         text_config={
-            "vocab_size": _VOCAB_SIZE,
+            "vocab_size": CLIP_VOCAB_SIZE,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "max_position_embeddings": _MAX_TEXT_POSITIONS,
-            "bos_token_id": _BOS_ID,
-            "eos_token_id": _EOS_ID,
-            "pad_token_id": _EOS_ID,
+            "max_position_embeddings": CLIP_MAX_LENGTH,
+            "bos_token_id": CLIP_BOS_ID,
+            "eos_token_id": CLIP_EOS_ID,
+            "pad_token_id": CLIP_EOS_ID,
         },
         vision_config={
             "image_size": TINY_IMAGE_SIZE,
@@ -93,13 +67,15 @@ def write_tiny_clip(directory: Path) -> None:
 
     _image_processor_class()().save_pretrained(directory)  # preprocessor_config.json
 
-    (directory / "vocab.json").write_text(json.dumps(tiny_vocab()), encoding="utf-8")
+    # The tokenizer: byte-level BPE without merges, so every byte is a token and every text
+    # tokenizes (see limner.plugin.clip_vocab).
+    (directory / "vocab.json").write_text(json.dumps(clip_vocab()), encoding="utf-8")
     (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     # positional: transformers 5 names them vocab/merges, transformers 4 vocab_file/merges_file
     tokenizer = CLIPTokenizer(
         str(directory / "vocab.json"),
         str(directory / "merges.txt"),
-        model_max_length=_MAX_TEXT_POSITIONS,
+        model_max_length=CLIP_MAX_LENGTH,
     )
     tokenizer.save_pretrained(directory)
 
@@ -119,6 +95,8 @@ def _image_processor_class() -> type[Any]:
 
 def ensure_tiny_clip(cache_dir: Path | None = None) -> Path:
     """The tiny model's snapshot directory in the HF cache, written there if missing."""
-    return limner.materialize_in_hf_cache(
-        TINY_KEY, TINY_REVISION, write_tiny_clip, cache_dir=cache_dir
-    )
+    return materialize_in_hf_cache(TINY_KEY, TINY_REVISION, write_tiny_clip, cache_dir=cache_dir)
+
+
+#: What the backend's weight location writes into the cache when the tiny key is loaded.
+TINY = TinyModel(key=TINY_KEY, revision=TINY_REVISION, ensure=ensure_tiny_clip)

@@ -11,10 +11,11 @@ from PIL import Image
 
 import limner
 import limner_clip
+from limner.plugin import hf_cache_dir
 
 #: The user's Hugging Face cache as it was before the tests redirected it; only the
 #: real-weights test reads it, and nothing writes to it.
-USER_HF_CACHE = limner.hf_cache_dir()
+USER_HF_CACHE = hf_cache_dir()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,6 +8,7 @@ import sys
 import limner
 import limner_clip
 from limner import Capability
+from limner.plugin import tiny_revision
 
 EXPECTED = {
     # key: (alias, dimension, input size)
@@ -72,7 +73,7 @@ def test_tiny_key_is_labelled_tiny_and_pinned(registry: limner.Registry) -> None
     assert info.description.startswith("TINY")
     assert "mean nothing" in info.description
     assert info.embedding_dimension == 64
-    assert info.revision == limner.tiny_revision("limner/tiny-clip@1")
+    assert info.revision == tiny_revision("limner/tiny-clip@1")
     settings = registry.settings("limner/tiny-clip")
     assert (settings.weights, settings.revision) == ("limner/tiny-clip", info.revision)
 

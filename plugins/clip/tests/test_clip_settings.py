@@ -6,14 +6,9 @@ import pytest
 import torch
 
 import limner
+from limner.plugin import parse_device, parse_dtype, resolve_device
 from limner_clip import _backend
-from limner_clip._backend import (
-    cpuinfo_has_bf16,
-    parse_device,
-    parse_dtype,
-    resolve_device,
-    resolve_dtype,
-)
+from limner_clip._backend import cpuinfo_has_bf16, resolve_dtype
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -1,41 +1,25 @@
 """FLUX.1 served through diffusers' ``FluxPipeline``.
 
-The machinery (loading, offload, concurrent calls on shared weights, previews, metadata) is
-``limner.diffusion.DiffusersBackend``; this module adds what is particular to FLUX.1: its
-variants, its tiny model, and its packed latents. Torch and diffusers are imported only in
-``load`` and ``generate``.
+The machinery (loading, offload, concurrent calls on shared weights, request validation,
+previews, metadata) is ``limner.diffusion.DiffusersBackend``; this module adds what is
+particular to FLUX.1: its variants, its tiny model, and its packed latents. Torch and
+diffusers are imported only in ``load`` and ``generate``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from limner import ImageGenerationConfig, ModelSpec
-from limner.diffusion import (
-    DiffusersBackend,
-    parse_device,
-    parse_dtype,
-    parse_flag,
-    resolve_device,
-    resolve_dtype,
-    select_variant,
-)
+from limner.diffusion import DiffusersBackend, select_variant
+from limner.plugin import ImageGenerationConfig, ModelSpec
 
-from ._tiny import TINY_KEY, TINY_REVISION, ensure_tiny_flux
-from ._variants import VARIANTS, FluxVariant, resolve_config
+from ._tiny import TINY
+from ._variants import VARIANTS, FluxVariant
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "FluxBackend",
-    "parse_device",
-    "parse_dtype",
-    "parse_flag",
-    "resolve_device",
-    "resolve_dtype",
-]
+__all__ = ["FluxBackend"]
 
 
 class FluxBackend(DiffusersBackend[FluxVariant]):
@@ -46,21 +30,11 @@ class FluxBackend(DiffusersBackend[FluxVariant]):
     """
 
     pipeline_class = "FluxPipeline"
-    tiny_key = TINY_KEY
-    tiny_revision = TINY_REVISION
+    tiny = TINY
     download_size = "34 GB"
 
     def find_variant(self, spec: ModelSpec) -> FluxVariant:
         return select_variant(spec, VARIANTS, "limner-flux")
-
-    def ensure_tiny(self, cache_dir: Path) -> None:
-        ensure_tiny_flux(cache_dir)
-
-    def gated(self) -> bool:
-        return self.variant.key.endswith("FLUX.1-dev")
-
-    def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
-        return resolve_config(self.variant, config)
 
     def preview_latents(
         self, pipe: Any, latents: torch.Tensor, config: ImageGenerationConfig

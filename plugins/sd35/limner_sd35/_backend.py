@@ -1,39 +1,22 @@
 """Stable Diffusion 3.5 served through diffusers' ``StableDiffusion3Pipeline``.
 
-The machinery (loading, offload, concurrent calls on shared weights, previews, metadata) is
-``limner.diffusion.DiffusersBackend``; this module adds what is particular to SD3.5: its
-variants, its tiny model, the negative prompt and the ``drop_t5`` option. Torch and diffusers
-are imported only in ``load`` and ``generate``.
+The machinery (loading, offload, concurrent calls on shared weights, request validation,
+previews, metadata) is ``limner.diffusion.DiffusersBackend``; this module adds what is
+particular to SD3.5: its variants, its tiny model, the negative prompt and the ``drop_t5``
+option. Torch and diffusers are imported only in ``load`` and ``generate``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from limner import ImageGenerationConfig, ModelSettings, ModelSpec
-from limner.diffusion import (
-    DiffusersBackend,
-    LoadedPipeline,
-    parse_device,
-    parse_dtype,
-    parse_flag,
-    resolve_device,
-    resolve_dtype,
-    select_variant,
-)
+from limner.diffusion import DiffusersBackend, LoadedPipeline, select_variant
+from limner.plugin import ImageGenerationConfig, ModelSettings, ModelSpec, parse_flag
 
-from ._tiny import TINY_KEY, TINY_REVISION, ensure_tiny_sd35
-from ._variants import VARIANTS, SD35Variant, resolve_config
+from ._tiny import TINY
+from ._variants import VARIANTS, SD35Variant
 
-__all__ = [
-    "SD35Backend",
-    "parse_device",
-    "parse_dtype",
-    "parse_flag",
-    "resolve_device",
-    "resolve_dtype",
-]
+__all__ = ["SD35Backend"]
 
 
 class SD35Backend(DiffusersBackend[SD35Variant]):
@@ -47,8 +30,7 @@ class SD35Backend(DiffusersBackend[SD35Variant]):
     """
 
     pipeline_class = "StableDiffusion3Pipeline"
-    tiny_key = TINY_KEY
-    tiny_revision = TINY_REVISION
+    tiny = TINY
 
     def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
         super().__init__(spec, settings)
@@ -56,15 +38,6 @@ class SD35Backend(DiffusersBackend[SD35Variant]):
 
     def find_variant(self, spec: ModelSpec) -> SD35Variant:
         return select_variant(spec, VARIANTS, "limner-sd35")
-
-    def ensure_tiny(self, cache_dir: Path) -> None:
-        ensure_tiny_sd35(cache_dir)
-
-    def gated(self) -> bool:
-        return self.variant.gated
-
-    def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
-        return resolve_config(self.variant, config)
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         return {"text_encoder_3": None, "tokenizer_3": None} if self._drop_t5 else {}

@@ -1,10 +1,12 @@
-"""Tokenizers for tiny generated text encoders: every text tokenizes, no vocabulary files.
+"""Tiny text encoders for generated models, and tokenizers for them that need no files.
 
-The CLIP tokenizer is byte-level BPE without merges, so every byte is a token. Ids follow the
-real CLIP vocabulary's layout: the 256 byte symbols, their end-of-word variants, then the two
-special tokens. The T5 tokenizer is a unigram model over single characters (with and without
-the word-start marker), so every ASCII text tokenizes; anything else becomes ``<unk>``. Ids
-0-2 are T5's. transformers is imported only when a tokenizer is built.
+The encoders are transformers' CLIP and T5 v1.1 text encoders with tiny widths. Every text
+tokenizes with the tokenizers. The CLIP tokenizer is byte-level BPE without merges, so every
+byte is a token. Ids follow the real CLIP vocabulary's layout: the 256 byte symbols, their
+end-of-word variants, then the two special tokens. The T5 tokenizer is a unigram model over
+single characters (with and without the word-start marker), so every ASCII text tokenizes;
+anything else becomes ``<unk>``. Ids 0-2 are T5's. transformers is imported only when an
+encoder or a tokenizer is built.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ __all__ = [
     "T5_VOCAB_SIZE",
     "clip_vocab",
     "t5_vocab",
+    "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
+    "tiny_t5_encoder",
     "tiny_t5_tokenizer",
 ]
 
@@ -98,3 +102,48 @@ def tiny_t5_tokenizer() -> Any:
     from transformers import T5Tokenizer
 
     return T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
+
+
+def tiny_clip_text_encoder(width: int, *, projection: bool = False, layers: int = 2) -> Any:
+    """A CLIP text encoder ``width`` wide over :func:`tiny_clip_tokenizer`'s vocabulary:
+    ``CLIPTextModelWithProjection`` when the pipeline reads the projected pooled vector
+    (SD3), else ``CLIPTextModel``. Random weights: seed torch first."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model_class = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return model_class(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            projection_dim=width,
+            bos_token_id=CLIP_BOS_ID,
+            eos_token_id=CLIP_EOS_ID,
+            pad_token_id=CLIP_EOS_ID,
+        )
+    )
+
+
+def tiny_t5_encoder(width: int) -> Any:
+    """A T5 v1.1 encoder ``width`` wide (gated GELU, like the real t5-v1_1-xxl) over
+    :func:`tiny_t5_tokenizer`'s vocabulary. Random weights: seed torch first."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=T5_VOCAB_SIZE,
+            d_model=width,
+            d_ff=2 * width,
+            d_kv=16,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=T5_PAD_ID,
+            eos_token_id=T5_EOS_ID,
+        )
+    )

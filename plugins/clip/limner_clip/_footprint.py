@@ -1,4 +1,4 @@
-"""How much memory a CLIP worker needs, from the numbers of its config; no torch.
+"""A CLIP worker's memory footprint, estimated from the numbers of its config; no torch.
 
 The same arithmetic serves the estimates declared before loading (``ModelInfo.memory_mb``)
 and the working-memory part of the footprint reported after loading, which cannot be

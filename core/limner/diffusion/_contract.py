@@ -1,0 +1,433 @@
+"""The parts of :class:`limner.diffusion.testing.DiffusionFamilyContract`: the family's
+facts and fixtures, and the tests of its tiny model generating through the real pipeline."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+
+import limner
+from limner import (
+    GenerationResult,
+    ImageGenerationConfig,
+    Pool,
+    Progress,
+)
+from limner.plugin import hf_cache_dir
+from limner.testing import FakeClock, FakeMemory
+
+from ._backend import DiffusersBackend
+
+__all__ = ["USER_CACHE", "BackendMaker", "FamilyFixtures", "GenerationTests", "pixels", "run"]
+
+#: The user's own Hugging Face cache, read when this module is imported, before any test
+#: redirects the cache: the real-weights test looks for the weights there.
+USER_CACHE = hf_cache_dir()
+
+BackendMaker = Callable[..., DiffusersBackend[Any]]
+"""``make_backend(key, **configure)``: a backend as the core builds it, not loaded."""
+
+
+def run(
+    backend: DiffusersBackend[Any], prompt: str = "a lighthouse at dusk", **fields: Any
+) -> tuple[list[Progress], GenerationResult]:
+    """Generate with ``backend`` (loaded): each step's progress, then the result."""
+    steps: list[Progress] = []
+    config = backend.resolve_config(ImageGenerationConfig(**fields))
+    result = backend.generate(prompt, config, on_step=steps.append)
+    return steps, result
+
+
+def pixels(image: Image.Image) -> npt.NDArray[np.uint8]:
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _offline_env(patch: pytest.MonkeyPatch, cache: Path) -> None:
+    patch.setenv("HF_HUB_CACHE", str(cache))
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("LIMNER_MODELS_DIR", "LIMNER_DEVICE", "LIMNER_DTYPE"):
+        patch.delenv(name, raising=False)
+
+
+class FamilyFixtures:
+    """What a family's tests say about it, and the fixtures the tests use."""
+
+    #: The plugin module (what its entry point names) and its entry point and distribution.
+    plugin: ClassVar[ModuleType]
+    entry_point: ClassVar[str]
+    distribution: ClassVar[str]
+    backend_class: ClassVar[type[DiffusersBackend[Any]]]
+    #: How the tiny model's description names the family: "TINY random-weight <name> ...".
+    family_name: ClassVar[str]
+    #: A real key: its defaults, its load-error advice, and the real-weights test.
+    real_key: ClassVar[str]
+    #: Files the tiny model's snapshot holds, besides its weights.
+    tiny_files: ClassVar[tuple[str, ...]]
+    #: ``(key, field, value)``: a config field each key refuses, naming it.
+    bad_fields: ClassVar[Sequence[tuple[str, str, Any]]]
+    #: ``(setting, value)``: a setting or option the backend refuses when it is built.
+    bad_settings: ClassVar[Sequence[tuple[str, object]]]
+
+    @classmethod
+    def tiny_key(cls) -> str:
+        tiny = cls.backend_class.tiny
+        assert tiny is not None, f"{cls.backend_class.__name__} has no tiny model"
+        return tiny.key
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        if "bad_field" in metafunc.fixturenames:
+            metafunc.parametrize(
+                "bad_field", self.bad_fields, ids=[f"{k}-{f}-{v!r}" for k, f, v in self.bad_fields]
+            )
+        if "bad_setting" in metafunc.fixturenames:
+            metafunc.parametrize(
+                "bad_setting", self.bad_settings, ids=[f"{s}-{v!r}" for s, v in self.bad_settings]
+            )
+
+    # -- fixtures -----------------------------------------------------------------------------
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def anyio_backend(cls) -> str:
+        return "asyncio"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def user_cache(cls) -> Path:
+        return USER_CACHE
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def hf_cache(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """A fresh HF cache for the class: the tiny model is written there on first load."""
+        return tmp_path_factory.mktemp("hf-cache")
+
+    @pytest.fixture(autouse=True)
+    def offline_cache(self, hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        """Every test sees only the class's cache; other test directories are untouched."""
+        _offline_env(monkeypatch, hf_cache)
+        return hf_cache
+
+    @pytest.fixture
+    def registry(self) -> limner.Registry:
+        registry = limner.Registry(entry_points=False)
+        registry.register_plugin(self.plugin)
+        return registry
+
+    @classmethod
+    def build_backend(
+        cls, registry: limner.Registry, key: str, **configure: Any
+    ) -> DiffusersBackend[Any]:
+        """The backend exactly as the core builds it: the spec's factory, the registry's
+        settings."""
+        if configure:
+            registry.configure(key, **configure)
+        spec = registry.spec(key)
+        assert isinstance(spec.factory, str)
+        module, _, name = spec.factory.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+        backend = factory(spec, registry.settings(key))
+        assert isinstance(backend, cls.backend_class)
+        return backend
+
+    @pytest.fixture
+    def make_backend(self, registry: limner.Registry) -> BackendMaker:
+        def make(key: str | None = None, **configure: Any) -> DiffusersBackend[Any]:
+            return self.build_backend(registry, key or self.tiny_key(), **configure)
+
+        return make
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def tiny(cls, hf_cache: Path) -> Iterator[DiffusersBackend[Any]]:
+        """The tiny model, loaded once and shared: generation never mutates a backend."""
+        registry = limner.Registry(entry_points=False)
+        registry.register_plugin(cls.plugin)
+        with pytest.MonkeyPatch.context() as patch:
+            _offline_env(patch, hf_cache)
+            backend = cls.build_backend(registry, cls.tiny_key())
+            backend.load()
+        yield backend
+        backend.unload()
+
+
+class GenerationTests(FamilyFixtures):
+    """The tiny model generating through the real pipeline, directly and through the pool."""
+
+    def test_tiny_model_is_written_in_the_hub_cache_layout(
+        self, tiny: DiffusersBackend[Any], hf_cache: Path
+    ) -> None:
+        revision = tiny.settings.revision
+        assert self.backend_class.tiny is not None
+        assert revision == self.backend_class.tiny.revision
+        repo = hf_cache / ("models--" + self.tiny_key().replace("/", "--"))
+        assert (repo / "refs" / "main").read_text() == revision
+        snapshot = repo / "snapshots" / revision
+        for name in self.tiny_files:
+            assert (snapshot / name).is_file()
+
+    def test_steps_then_result(self, tiny: DiffusersBackend[Any]) -> None:
+        steps, result = run(tiny, steps=3, num_images=2, width=48, height=32, seed=11)
+        assert [p.step for p in steps] == [1, 2, 3]
+        assert {p.total for p in steps} == {3}
+        elapsed = [p.elapsed for p in steps]
+        assert elapsed == sorted(elapsed) and elapsed[0] > 0
+        assert all(p.preview is None for p in steps)
+        assert len(result.images) == 2
+        assert {image.size for image in result.images} == {(48, 32)}
+        assert {image.mode for image in result.images} == {"RGB"}
+        assert result.model == self.tiny_key() and result.prompt == "a lighthouse at dusk"
+        assert result.seed == 11 and result.config.seed == 11
+        assert result.config.steps == 3 and result.config.width == 48
+        assert result.timings["generate"] >= result.timings["decode"] > 0
+        assert result.timings["load"] > 0
+        assert result.metadata["seeds"] == [11, 12]
+        assert result.metadata["steps"] == 3 and result.metadata["scheduler"]
+        assert result.metadata["dtype"] == "float32" and result.metadata["device"] == "cpu"
+
+    def test_random_seed_is_reported_and_reproduces(self, tiny: DiffusersBackend[Any]) -> None:
+        _, first = run(tiny, steps=1)
+        _, again = run(tiny, steps=1, seed=first.seed)
+        assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+
+    def test_same_seed_same_pixels_other_seed_other_pixels(
+        self, tiny: DiffusersBackend[Any]
+    ) -> None:
+        _, one = run(tiny, steps=2, seed=1234)
+        _, same = run(tiny, steps=2, seed=1234)
+        _, other = run(tiny, steps=2, seed=1235)
+        assert np.array_equal(pixels(one.images[0]), pixels(same.images[0]))
+        assert not np.array_equal(pixels(one.images[0]), pixels(other.images[0]))
+        assert pixels(one.images[0]).std() > 0  # noise, but not a flat image
+
+    def test_each_image_of_a_batch_has_its_own_seed(self, tiny: DiffusersBackend[Any]) -> None:
+        """Image k of a batch starts from seed + k, so any one image can be made again alone."""
+        _, batch = run(tiny, steps=2, seed=50, num_images=2)
+        _, alone = run(tiny, steps=2, seed=51)
+        first, second = (pixels(image).astype(int) for image in batch.images)
+        assert not np.array_equal(first, second)
+        # Same noise, same prompt; only the batched matrix products round differently.
+        assert np.abs(second - pixels(alone.images[0]).astype(int)).max() <= 2
+
+    def test_preview_is_a_small_latent_projection(self, tiny: DiffusersBackend[Any]) -> None:
+        steps, result = run(tiny, steps=2, width=64, height=48, preview=True, seed=3)
+        assert len(steps) == 2
+        for progress in steps:
+            assert progress.preview is not None
+            assert progress.preview.size == (8, 6)  # one pixel per latent
+            assert progress.preview.mode == "RGB"
+        first, last = (pixels(p.preview) for p in steps if p.preview is not None)
+        assert not np.array_equal(first, last)  # it follows the latents
+        assert result.images[0].size == (64, 48)
+
+    def test_preview_projection_is_cheap_at_1024px(self, tiny: DiffusersBackend[Any]) -> None:
+        import torch
+
+        projection = tiny._latent_rgb(tiny._require_loaded())
+        latents = torch.randn(1, 16, 128, 128)  # the (unpacked) latents of a 1024 x 1024 image
+        projection.image(latents)
+        timings = []
+        for _ in range(10):
+            started = time.perf_counter()
+            image = projection.image(latents)
+            timings.append(time.perf_counter() - started)
+        assert image.size == (128, 128)
+        # About 0.25 ms on an idle 2-core CPU, and tens of ms when other jobs crowd it;
+        # decoding the same latents with a VAE of the real size takes seconds there. The
+        # bound tells the two apart on a busy machine.
+        assert min(timings) < 0.1, f"preview took {min(timings) * 1000:.2f} ms per step"
+
+    def test_cancelled_at_step_two_stops_before_decoding(
+        self, tiny: DiffusersBackend[Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        vae = tiny._require_loaded().pipeline.vae
+        decodes: list[int] = []
+        real_decode = vae.decode
+
+        def counting_decode(*args: Any, **kwargs: Any) -> Any:
+            decodes.append(1)
+            return real_decode(*args, **kwargs)
+
+        monkeypatch.setattr(vae, "decode", counting_decode)
+        seen: list[int] = []
+
+        def on_step(progress: Progress) -> None:
+            seen.append(progress.step)
+            if progress.step == 2:
+                raise limner.Cancelled("consumer went away")
+
+        config = tiny.resolve_config(ImageGenerationConfig(steps=6, seed=1))
+        with pytest.raises(limner.Cancelled):
+            tiny.generate("a cat", config, on_step=on_step)
+        assert seen == [1, 2]
+        assert decodes == []
+        # The backend is unharmed: the next generation runs all its steps.
+        steps, result = run(tiny, steps=3)
+        assert [p.step for p in steps] == [1, 2, 3] and len(result.images) == 1
+        assert len(decodes) == 1
+
+    def test_concurrent_generations_match_sequential_ones(
+        self, tiny: DiffusersBackend[Any]
+    ) -> None:
+        seeds = (101, 202)
+        sequential = {seed: pixels(run(tiny, steps=3, seed=seed)[1].images[0]) for seed in seeds}
+        both_started = threading.Barrier(2, timeout=30)
+        results: dict[int, GenerationResult] = {}
+        errors: list[BaseException] = []
+
+        def worker(seed: int) -> None:
+            def on_step(progress: Progress) -> None:
+                if progress.step == 1:
+                    both_started.wait()  # both calls are inside the denoising loop at once
+
+            try:
+                config = tiny.resolve_config(ImageGenerationConfig(steps=3, seed=seed))
+                results[seed] = tiny.generate("a lighthouse at dusk", config, on_step=on_step)
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in seeds]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        for seed in seeds:
+            assert np.array_equal(pixels(results[seed].images[0]), sequential[seed])
+            assert results[seed].config.steps == 3
+
+    def test_many_threads_with_different_prompts_match_sequential_runs(
+        self, tiny: DiffusersBackend[Any]
+    ) -> None:
+        """Prompts and sequence lengths that differ between threads: the tokenizers' padding
+        state, set before every encode, must not leak from one call into another."""
+
+        def generate(index: int) -> npt.NDArray[np.uint8]:
+            words = "a lighthouse at dusk " * (1 + index % 5)
+            length = 8 * (1 + index % 4)
+            _, result = run(
+                tiny, words, steps=1, seed=index, width=32, height=32, max_sequence_length=length
+            )
+            return pixels(result.images[0])
+
+        expected = {index: generate(index) for index in range(8)}
+        failures: list[str] = []
+
+        def worker(offset: int) -> None:
+            for turn in range(8):
+                index = (turn + offset) % 8
+                try:
+                    if not np.array_equal(generate(index), expected[index]):
+                        failures.append(f"image {index} differs")
+                except Exception as error:
+                    failures.append(repr(error))
+
+        threads = [threading.Thread(target=worker, args=(offset,)) for offset in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert failures == []
+
+    @pytest.mark.anyio
+    async def test_streamed_by_an_async_consumer_that_leaves_early(
+        self, tiny: DiffusersBackend[Any]
+    ) -> None:
+        """The way the core drives a backend: chunks cross from the worker thread into a
+        stream, and once the consumer has gone, ``on_step`` raises ``Cancelled`` and
+        generation stops."""
+        send, receive = anyio.create_memory_object_stream[Progress](0)  # a hand-over
+        gone = threading.Event()
+        seen: list[int] = []
+
+        def on_step(progress: Progress) -> None:
+            if gone.is_set():
+                raise limner.Cancelled("consumer left")
+            seen.append(progress.step)
+            try:
+                anyio.from_thread.run(send.send, progress)
+            except anyio.BrokenResourceError:
+                raise limner.Cancelled("consumer left") from None
+
+        config = tiny.resolve_config(ImageGenerationConfig(steps=8, seed=5))
+
+        async def consume() -> list[int]:
+            received = []
+            async for progress in receive:
+                received.append(progress.step)
+                if len(received) == 2:
+                    gone.set()
+                    break
+            return received
+
+        outcome: dict[str, Any] = {}
+
+        async def produce() -> None:
+            try:
+                outcome["result"] = await anyio.to_thread.run_sync(
+                    lambda: tiny.generate("a cat", config, on_step=on_step)
+                )
+            except limner.Cancelled as error:
+                outcome["error"] = error
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(produce)
+            received = await consume()
+            receive.close()
+        assert received == [1, 2]
+        assert isinstance(outcome.get("error"), limner.Cancelled)
+        assert seen in ([1, 2], [1, 2, 3])  # at most one step past the consumer
+
+    @pytest.mark.anyio
+    async def test_served_through_the_core_pool(
+        self,
+        registry: limner.Registry,
+        tiny: DiffusersBackend[Any],
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """End to end: registry, pool worker threads, streamed chunks; a consumer that stops
+        early stops the pipeline before its VAE decode."""
+        model = registry.generator(self.tiny_key())
+        config = ImageGenerationConfig(steps=3, seed=21, num_images=2, width=32, height=48)
+        decodes: list[int] = []
+        async with Pool(memory=FakeMemory(total_mb=10_000), clock=FakeClock()):
+            chunks = [chunk async for chunk in model.generate_image("a lighthouse at dusk", config)]
+            pipeline = model.backend._require_loaded().pipeline  # type: ignore[attr-defined]
+            real_decode = pipeline.vae.decode
+
+            def counting_decode(*args: Any, **kwargs: Any) -> Any:
+                decodes.append(1)
+                return real_decode(*args, **kwargs)
+
+            monkeypatch.setattr(pipeline.vae, "decode", counting_decode)
+            stream = model.generate_image("a cat", ImageGenerationConfig(steps=6, seed=1))
+            early = []
+            async for chunk in stream:
+                early.append(chunk)
+                if len(early) == 2:
+                    break
+            await stream.aclose()
+        assert decodes == []  # the pool has drained: the stopped run never reached its decode
+        kinds = [type(chunk) for chunk in chunks]
+        assert kinds == [Progress, Progress, Progress, GenerationResult]
+        assert [chunk.step for chunk in chunks if isinstance(chunk, Progress)] == [1, 2, 3]
+        result = chunks[-1]
+        assert isinstance(result, GenerationResult)
+        assert [image.size for image in result.images] == [(32, 48), (32, 48)]
+        _, direct = run(tiny, steps=3, seed=21, num_images=2, width=32, height=48)
+        for served, alone in zip(result.images, direct.images):
+            assert np.array_equal(pixels(served), pixels(alone))
+        assert [chunk.step for chunk in early if isinstance(chunk, Progress)] == [1, 2]

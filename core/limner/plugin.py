@@ -1,0 +1,93 @@
+"""The one contract a limner plugin imports, as ``anyio.abc`` is for anyio.
+
+A plugin declares its models with :func:`hookimpl` and :class:`ModelSpec`, and serves them
+with a subclass of :class:`ImageEmbeddingBackend` or :class:`TextToImageBackend`. The helpers
+here are what plugins share: device, dtype and flag settings, where the weights are (with
+advice when they are missing), generated tiny models in the Hugging Face cache, and tiny
+text encoders with tokenizers that need no files. Errors are in :mod:`limner.errors`; a
+diffusers pipeline's backend is in :mod:`limner.diffusion`. Host code imports :mod:`limner`
+instead. See docs/plugins.md.
+
+Importing this module is cheap: torch and transformers are imported only by the helpers
+that need them, when called.
+"""
+
+from __future__ import annotations
+
+from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
+from ._devices import (
+    DtypePolicy,
+    Placement,
+    parse_device,
+    parse_dtype,
+    parse_flag,
+    resolve_device,
+    resolve_dtype,
+)
+from ._generation_types import GenerationResult, ImageGenerationConfig, Progress
+from ._hookspecs import RegisterModel, hookimpl
+from ._spec import BackendFactory, Capability, ModelInfo, ModelSettings, ModelSpec
+from ._tiny_text import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    clip_vocab,
+    tiny_clip_text_encoder,
+    tiny_clip_tokenizer,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
+from ._weights import (
+    TinyModel,
+    WeightSource,
+    download_advice,
+    hf_cache_dir,
+    hf_offline,
+    locate_weights,
+    materialize_in_hf_cache,
+    tiny_revision,
+    weights_where,
+)
+
+__all__ = [
+    "CLIP_BOS_ID",
+    "CLIP_EOS_ID",
+    "CLIP_MAX_LENGTH",
+    "CLIP_VOCAB_SIZE",
+    "Backend",
+    "BackendFactory",
+    "Capability",
+    "DtypePolicy",
+    "GenerationResult",
+    "ImageEmbeddingBackend",
+    "ImageGenerationConfig",
+    "ModelInfo",
+    "ModelSettings",
+    "ModelSpec",
+    "Placement",
+    "Progress",
+    "RegisterModel",
+    "StepCallback",
+    "TextToImageBackend",
+    "TinyModel",
+    "WeightSource",
+    "clip_vocab",
+    "download_advice",
+    "hf_cache_dir",
+    "hf_offline",
+    "hookimpl",
+    "locate_weights",
+    "materialize_in_hf_cache",
+    "parse_device",
+    "parse_dtype",
+    "parse_flag",
+    "resolve_device",
+    "resolve_dtype",
+    "tiny_clip_text_encoder",
+    "tiny_clip_tokenizer",
+    "tiny_revision",
+    "tiny_t5_encoder",
+    "tiny_t5_tokenizer",
+    "weights_where",
+]
