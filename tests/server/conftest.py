@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import pytest
@@ -194,27 +194,6 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     assert set(error) == {"message", "type", "param", "code"}, error
     assert isinstance(error["message"], str) and error["message"]
     return error
-
-
-class LocalServer(Protocol):
-    """What the tests use of ``tests/conftest.py``'s ``http_server`` fixture."""
-
-    hits: list[Any]
-    """Every request received, in order: ``.path`` and ``.headers``."""
-
-    def url(self, path: str) -> str: ...
-
-    def route(
-        self,
-        path: str,
-        *,
-        status: int = 200,
-        body: bytes = b"",
-        content_type: str | None = None,
-        location: str | None = None,
-    ) -> str: ...
-
-    def hits_for(self, prefix: str) -> list[str]: ...
 
 
 ErrorOf = Callable[[httpx.Response], dict[str, Any]]

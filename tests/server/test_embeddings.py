@@ -16,7 +16,9 @@ from PIL import Image
 from limner.testing import FakeMemory, fake_embedding_spec
 
 if TYPE_CHECKING:
-    from tests.server.conftest import ErrorOf, LocalServer, Served, ServerFactory, WaitFor
+    from tests.server.conftest import ErrorOf, Served, ServerFactory, WaitFor
+
+    from tests.conftest import LocalHTTPServer as LocalServer
 
 
 TINY_CLIP = "limner/tiny-clip"

@@ -13,7 +13,9 @@ from limner import ImageLimits
 from limner.testing import fake_embedding_spec
 
 if TYPE_CHECKING:
-    from tests.server.conftest import ErrorOf, LocalServer, Served, ServerFactory
+    from tests.server.conftest import ErrorOf, Served, ServerFactory
+
+    from tests.conftest import LocalHTTPServer as LocalServer
 
 MODEL = "fake/embedder"
 

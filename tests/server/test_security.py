@@ -17,7 +17,9 @@ from limner.server._guard import GuardedTransport, URLGuard, forbidden_reason
 from limner.testing import fake_embedding_spec
 
 if TYPE_CHECKING:
-    from tests.server.conftest import ErrorOf, LocalServer, Served, ServerFactory
+    from tests.server.conftest import ErrorOf, Served, ServerFactory
+
+    from tests.conftest import LocalHTTPServer as LocalServer
 
 
 KEY = "s3cret-key"

@@ -87,17 +87,12 @@ class Pool:
             raise ValueError("memory_budget_fraction must be in (0, 1]")
         if max_queue < 1 or max_workers < 1 or max_threads < 1:
             raise ValueError("max_queue, max_workers and max_threads must be at least 1")
-        self.memory_budget_fraction = memory_budget_fraction
-        self.memory_budget_mb = memory_budget_mb
         self.keep_alive = keep_alive
         self.keep_alive_per_key = dict(keep_alive_per_key or {})
         self.max_queue = max_queue
         self.max_batch_wait = max_batch_wait
-        self.max_workers = max_workers
         self.maintenance_interval = maintenance_interval
         self.drain_timeout = drain_timeout
-        self.load_retry_backoff = load_retry_backoff
-        self.memory: MemoryProbe = memory or SystemMemory()
         self.clock: Clock = clock or MonotonicClock()
         self.executor = ThreadExecutor(max_threads=max_threads)
         self._keys: dict[Backend, KeyState] = {}  # by backend: two registries may share a key
@@ -105,10 +100,11 @@ class Pool:
         self._token: contextvars.Token[Pool | None] | None = None
         self._closing = False
         self._progress = anyio.Event()  # set whenever a batch or generation finishes
+        # Which models are loaded, and where: the memory budget's side of the policy.
         self._residency = Residency(
             owner=self,
             keys=self._keys,
-            memory=self.memory,
+            memory=memory or SystemMemory(),
             clock=self.clock,
             executor=self.executor,
             budget_fraction=memory_budget_fraction,

@@ -86,6 +86,17 @@ def input_param(
     return field
 
 
+_SERVER_ERRORS: tuple[tuple[type[LimnerError], int, str], ...] = (
+    (MemoryExhausted, 503, "memory_exhausted"),
+    (ModelLoadError, 503, "model_load_failed"),
+    (Cancelled, 503, "cancelled"),
+    (ModelError, 500, "model_error"),
+    (PluginError, 500, "plugin_error"),
+    (LimnerError, 500, "limner_error"),
+)
+"""limner's errors that are the server's side, with their status and code."""
+
+
 def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
     """The answer for an exception raised while serving a request."""
     if isinstance(error, APIError):
@@ -105,18 +116,9 @@ def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
             code="pool_busy",
             headers={"Retry-After": str(seconds)},
         )
-    if isinstance(error, MemoryExhausted):
-        return APIError(503, str(error), type="server_error", code="memory_exhausted")
-    if isinstance(error, ModelLoadError):
-        return APIError(503, str(error), type="server_error", code="model_load_failed")
-    if isinstance(error, Cancelled):
-        return APIError(503, str(error), type="server_error", code="cancelled")
-    if isinstance(error, ModelError):
-        return APIError(500, str(error), type="server_error", code="model_error")
-    if isinstance(error, PluginError):
-        return APIError(500, str(error), type="server_error", code="plugin_error")
-    if isinstance(error, LimnerError):
-        return APIError(500, str(error), type="server_error", code="limner_error")
+    for kind, status, code in _SERVER_ERRORS:  # the most specific class first
+        if isinstance(error, kind):
+            return APIError(status, str(error), type="server_error", code=code)
     log.error("unexpected error while serving a request", exc_info=error)
     return APIError(500, "internal server error", type="server_error", code="internal_error")
 

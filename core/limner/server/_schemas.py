@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from limner import KeyStats
+
 __all__ = [
     "EmbeddingData",
     "EmbeddingRequest",
@@ -20,7 +22,6 @@ __all__ = [
     "ImageResponse",
     "ModelCard",
     "ModelList",
-    "PoolModel",
     "PoolResponse",
     "ProgressEvent",
     "Usage",
@@ -135,26 +136,10 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class PoolModel(BaseModel):
-    key: str
-    state: Literal["cold", "loading", "ready"]
-    workers: int
-    queue_depth: int
-    in_flight: int
-    batches: int
-    mean_batch_size: float
-    loads: int
-    load_seconds: float
-    evictions: int
-    memory_mb: float
-    device: str | None
-    last_used: float | None
-
-
 class PoolResponse(BaseModel):
     object: Literal["pool"] = "pool"
     ready: bool
-    models: list[PoolModel]
+    models: list[KeyStats]  # the runtime's own snapshot type, one per model key
 
 
 class ErrorDetail(BaseModel):

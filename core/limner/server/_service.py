@@ -13,7 +13,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from limner import Capability, ImageEmbedder, ImageGenerator, Model, ModelEntry, Pool, Registry
+from limner import ImageEmbedder, ImageGenerator, Model, ModelEntry, Pool, Registry
 from limner.errors import InvalidInput, UnknownModelError
 
 from ._errors import APIError
@@ -156,21 +156,21 @@ class Service:
     async def embedder(self, name: str) -> ImageEmbedder:
         model = await self.model(name)
         if not isinstance(model, ImageEmbedder):
-            raise APIError(
-                400,
-                f"{model.key} is a text-to-image model; use POST /v1/images/generations",
-                param="model",
-                code="wrong_capability",
-            )
+            raise _wrong_capability(model.key, "text-to-image", "/v1/images/generations")
         return model
 
     async def generator(self, name: str) -> ImageGenerator:
         model = await self.model(name)
         if not isinstance(model, ImageGenerator):
-            raise APIError(
-                400,
-                f"{model.key} is an {Capability.IMAGE_EMBEDDING} model; use POST /v1/embeddings",
-                param="model",
-                code="wrong_capability",
-            )
+            raise _wrong_capability(model.key, "image-embedding", "/v1/embeddings")
         return model
+
+
+def _wrong_capability(key: str, capability: str, route: str) -> APIError:
+    return APIError(
+        400,
+        f"{key} is {'an' if capability[0] in 'aeiou' else 'a'} {capability} model; "
+        f"use POST {route}",
+        param="model",
+        code="wrong_capability",
+    )
