@@ -70,7 +70,9 @@ class Block:
 
 def blocks(path: str) -> list[Block]:
     """The fenced code blocks of a Markdown file, in order."""
-    found, lang, start, lines = [], None, 0, []
+    found: list[Block] = []
+    lang: str | None = None
+    start, lines = 0, list[str]()
     for number, line in enumerate((ROOT / path).read_text().splitlines(), start=1):
         if lang is None:
             if line.startswith("```"):
