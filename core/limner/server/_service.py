@@ -93,7 +93,24 @@ class Service:
                 self.pool = self.client = None
                 self._bound.clear()
 
+    def _announce(self) -> None:
+        """Say at start-up what is served and how to call it: the first lines of the log."""
+        keys = [entry.key for entry in self.entries()]
+        scope = "every installed model" if self.served is None else "models"
+        log.info("serving %s (%d): %s", scope, len(keys), ", ".join(keys) or "none")
+        if self.settings.api_key is not None:
+            log.info(
+                "API key required: send 'Authorization: Bearer KEY' (the probes and the "
+                "playground's files need none)"
+            )
+        else:
+            log.info("no API key: any client that can connect may call every route")
+        if self.preload:
+            log.info("preloading %s; /readyz answers 503 until done", ", ".join(self.preload))
+
     async def _preload_all(self) -> None:
+        self._announce()
+        started = time.perf_counter()
         for key in self.preload:
             try:
                 model = await self.model(key)
@@ -102,10 +119,16 @@ class Service:
                 await self.pool.load(model.backend)
             except Exception as error:
                 self.preload_errors[key] = str(error)
-                log.error("preloading %s failed: %s", key, error)
+                log.error("preloading %s failed: %s", key, " ".join(str(error).split()))
         self.ready = not self.preload_errors
         if self.ready and self.preload:
-            log.info("preloaded %s", ", ".join(self.preload))
+            log.info(
+                "ready: %s preloaded in %.1f s",
+                ", ".join(self.preload),
+                time.perf_counter() - started,
+            )
+        elif self.preload_errors:
+            log.error("not ready: /readyz answers 503 (%s failed)", ", ".join(self.preload_errors))
 
     # -- models -----------------------------------------------------------------------------
 
