@@ -352,6 +352,10 @@ class Registry:
 
     def _load_plugin(self, plugin: object, record: PluginRecord) -> None:
         with self._lock:
+            mismatch = _api_mismatch(plugin)
+            if mismatch is not None:
+                self._plugins.append(_broken(record, mismatch))
+                return
             try:
                 self._manager.register(plugin, name=record.name)
             except Exception as error:  # a taken name, or a hook pluggy refuses (its signature)
@@ -420,6 +424,32 @@ class Registry:
 
 def _broken(record: PluginRecord, error: str) -> PluginRecord:
     return PluginRecord(record.name, record.distribution, record.version, error=error)
+
+
+def _api_mismatch(plugin: object) -> str | None:
+    """Why ``plugin`` was written for another plugin API than this limner's, or ``None``.
+
+    A plugin that declares no version is taken to be written for this one.
+    """
+    declared = getattr(plugin, _hookspecs.API_ATTRIBUTE, None)
+    if declared is None or (type(declared) is int and declared == _hookspecs.PLUGIN_API):
+        return None
+    if type(declared) is not int:
+        return (
+            f"{_hookspecs.API_ATTRIBUTE} must be an integer, the major version of the limner "
+            f"plugin API it was written for (this limner's is {_hookspecs.PLUGIN_API}); "
+            f"got {declared!r}"
+        )
+    advice = (
+        "upgrade limner, or install a release of the plugin written for API "
+        f"{_hookspecs.PLUGIN_API}"
+        if declared > _hookspecs.PLUGIN_API
+        else f"upgrade the plugin to a release written for API {_hookspecs.PLUGIN_API}"
+    )
+    return (
+        f"written for limner plugin API {declared}, but this limner implements API "
+        f"{_hookspecs.PLUGIN_API}: {advice}"
+    )
 
 
 def _hook_kwargs(argnames: tuple[str, ...], register: Any) -> dict[str, Any]:

@@ -142,6 +142,17 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     tiny: ClassVar[TinyModel | None] = None
     #: Rough download size for load-error advice, e.g. ``"34 GB"``.
     download_size: ClassVar[str | None] = None
+    #: The family's checkpoints, each key's facts and limits: what the default
+    #: :meth:`find_variant` looks a key up in, and what :meth:`specs` declares.
+    variants: ClassVar[Sequence[Any]] = ()
+
+    @classmethod
+    def specs(cls, **default_settings: Any) -> list[ModelSpec]:
+        """A :class:`~limner.plugin.ModelSpec` for each of :attr:`variants` (which must be
+        :class:`Checkpoint` objects), built by this class; what the plugin's
+        ``limner_register_models`` registers."""
+        factory = f"{cls.__module__}:{cls.__qualname__}"
+        return [variant.spec(factory, **default_settings) for variant in cls.variants]
 
     def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
         super().__init__(spec, settings)
@@ -156,9 +167,15 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     # -- hooks --------------------------------------------------------------------------------
 
     def find_variant(self, spec: ModelSpec) -> VariantT:
-        """This family's facts for ``spec.key`` (see :func:`select_variant`). Called first
-        in ``__init__``; raise ``InvalidInput`` for a key the family does not serve."""
-        raise NotImplementedError
+        """This family's facts for ``spec.key``: by default the one of :attr:`variants` with
+        that key (see :func:`select_variant`). Called first in ``__init__``; raise
+        ``InvalidInput`` for a key the family does not serve."""
+        if not self.variants:
+            raise NotImplementedError(
+                f"{type(self).__name__} must set variants or override find_variant"
+            )
+        variant: VariantT = select_variant(spec, self.variants, type(self).__module__.split(".")[0])
+        return variant
 
     def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
         """The variant's defaults filled into ``config`` and every field checked against its
@@ -339,7 +356,8 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
                 on_step(
                     Progress(
                         step=index + 1,
-                        total=steps,
+                        # PNDM's PLMS runs one more step than asked (the pipeline says so)
+                        total=getattr(pipe, "_num_timesteps", None) or steps,
                         elapsed=last_step - started,
                         preview=image,
                     )

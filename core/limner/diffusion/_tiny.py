@@ -64,9 +64,9 @@ def tiny_pipeline(
     return TinyModel(key=key, revision=revision, ensure=ensure)
 
 
-def tiny_vae(*, scaling_factor: float, shift_factor: float) -> Any:
+def tiny_vae(*, scaling_factor: float, shift_factor: float, latent_channels: int = 16) -> Any:
     """An ``AutoencoderKL`` that downsamples 8x (four blocks) into 16 latent channels, as in
-    FLUX.1 and SD3, with the family's latent statistics."""
+    FLUX.1 and SD3 (4 for Stable Diffusion 1 and 2), with the family's latent statistics."""
     return _diffusers().AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -74,7 +74,7 @@ def tiny_vae(*, scaling_factor: float, shift_factor: float) -> Any:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 8, 8),
         layers_per_block=1,
-        latent_channels=16,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=64,
         scaling_factor=scaling_factor,

@@ -58,7 +58,7 @@ class TestSD35(DiffusionFamilyContract):
         (TURBO, "output_format", "bmp"),
         (TURBO, "preview", 1),
     )
-    bad_settings = (
+    bad_settings = (  # besides the suite's bad device and dtype
         ("device", "tpu"),
         ("dtype", "float8"),
         ("cpu_offload", 2),
