@@ -27,9 +27,8 @@ def write_tiny(directory: Path) -> None:
     vision = {**layers, "image_size": 32, "patch_size": 8}
     config = transformers.SiglipConfig(text_config=text, vision_config=vision)
     transformers.SiglipModel(config).save_pretrained(directory)
-    transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(
-        directory
-    )
+    processor = transformers.SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    processor.save_pretrained(directory)
     tiny_clip_tokenizer().save_pretrained(directory)
 
 
