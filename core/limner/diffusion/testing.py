@@ -8,7 +8,7 @@ generating through the real pipeline, the core pool included, loading errors, of
 dtypes) with the fixtures they use::
 
     class TestAcme(DiffusionFamilyContract):
-        plugin: ClassVar[ModuleType] = limner_acme
+        plugin = limner_acme
         backend_class = AcmeBackend
         ...  # and the other attributes the class declares
 

@@ -116,7 +116,7 @@ class PluginContract:
     #: The key the suite loads and runs: the plugin's tiny model (``ModelInfo(tiny=True)``).
     key: ClassVar[str]
     #: The plugin module its entry point names; ``None``: found through that entry point.
-    plugin: ClassVar[ModuleType | None] = None
+    plugin: ModuleType | None = None
     #: The entry point's name and the distribution, when the test should insist on them.
     entry_point: ClassVar[str | None] = None
     distribution: ClassVar[str | None] = None
@@ -598,7 +598,7 @@ class TextToImageContract(PluginContract):
         drawn = {backend.resolve_config(ImageGenerationConfig()).seed for _ in range(8)}
         assert None not in drawn and len(drawn) > 1, "a seed is drawn when none is given"
         for output_format in ("png", "jpeg", "webp"):
-            config = ImageGenerationConfig(output_format=output_format)  # type: ignore[arg-type]
+            config = ImageGenerationConfig(output_format=output_format)
             assert backend.resolve_config(config).output_format == output_format
 
     def test_resolve_config_refuses_a_bad_field_naming_it(

@@ -3,9 +3,6 @@ through the real FluxPipeline code path, the real one on a GPU), and what only F
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import ClassVar
-
 import pytest
 
 import limner
@@ -20,7 +17,7 @@ DEV = "black-forest-labs/FLUX.1-dev"
 
 
 class TestFlux(DiffusionFamilyContract):
-    plugin: ClassVar[ModuleType] = limner_flux
+    plugin = limner_flux
     entry_point = "flux"
     distribution = "limner-flux"
     backend_class = FluxBackend
