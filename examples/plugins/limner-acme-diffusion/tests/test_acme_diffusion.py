@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import limner_acme_diffusion
-
 from limner.plugin.testing import TextToImageContract
 
 

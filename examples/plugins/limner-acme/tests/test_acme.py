@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import limner_acme
-
 from limner.plugin.testing import ImageEmbeddingContract
 
 
