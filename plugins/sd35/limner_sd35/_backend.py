@@ -40,9 +40,6 @@ class SD35Backend(DiffusersBackend[SD35Variant]):
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         return {"text_encoder_3": None, "tokenizer_3": None} if self._drop_t5 else {}
 
-    def call_kwargs(self, config: ImageGenerationConfig) -> dict[str, Any]:
-        return {"negative_prompt": config.negative_prompt}
-
     def extra_metadata(
         self, loaded: LoadedPipeline, config: ImageGenerationConfig
     ) -> dict[str, Any]:

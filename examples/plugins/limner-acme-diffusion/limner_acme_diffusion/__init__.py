@@ -1,42 +1,22 @@
 """limner-acme-diffusion: Stable Diffusion 1.5 text-to-image through diffusers, for limner."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any
 
-from limner.diffusion import Checkpoint, DiffusersBackend, tiny_pipeline, tiny_vae
-from limner.plugin import (
-    ImageGenerationConfig,
-    RegisterModel,
-    hookimpl,
-    tiny_clip_text_encoder,
-    tiny_clip_tokenizer,
-)
+from limner.diffusion import Checkpoint, DiffusersBackend, tiny_pipeline, tiny_unet, tiny_vae
+from limner.plugin import RegisterModel, hookimpl, tiny_clip_text_encoder, tiny_clip_tokenizer
 
 LIMNER_PLUGIN_API = 1  # the major version of limner's plugin API this plugin is written for
 
 
 def components(diffusers: Any) -> dict[str, Any]:
     """The tiny model: Stable Diffusion 1.5's classes at tiny widths (torch is seeded first)."""
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=16,
-        attention_head_dim=2,
-    )
     return {
-        "unet": unet,
+        "unet": tiny_unet(cross_attention_dim=16),
         "vae": tiny_vae(scaling_factor=0.18215, shift_factor=0.0, latent_channels=4),
         "text_encoder": tiny_clip_text_encoder(16),
         "tokenizer": tiny_clip_tokenizer(),
         "scheduler": diffusers.PNDMScheduler(skip_prk_steps=True, steps_offset=1),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "requires_safety_checker": False,
     }
 
 
@@ -53,8 +33,7 @@ class SD15(Checkpoint):
 
 
 class AcmeDiffusionBackend(DiffusersBackend[SD15]):
-    pipeline_class = "StableDiffusionPipeline"
-    tiny = TINY
+    tiny = TINY  # and its pipeline class, StableDiffusionPipeline
     variants = (
         SD15(
             key="stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -69,11 +48,7 @@ class AcmeDiffusionBackend(DiffusersBackend[SD15]):
         SD15.for_tiny(TINY, family="Stable Diffusion 1.5"),
     )
 
-    def call_kwargs(self, config: ImageGenerationConfig) -> dict[str, Any]:
-        return {"negative_prompt": config.negative_prompt}
-
 
 @hookimpl
 def limner_register_models(register: RegisterModel) -> None:
-    for spec in AcmeDiffusionBackend.specs():
-        register(spec)
+    AcmeDiffusionBackend.register_specs(register)

@@ -1,7 +1,5 @@
 """limner-acme: SigLIP image and text embeddings through transformers, for limner."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from limner.plugin import (
