@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 # build of the same release. Override with e.g. `make test TORCH='torch==2.9.1'`.
 TORCH ?= torch==2.13.0
 PLUGINS := plugins/clip plugins/flux plugins/sd35
+# Tested in place, not installed (see pytest's pythonpath in pyproject.toml).
+EXAMPLES := examples/plugins/limner-acme examples/plugins/limner-acme-diffusion
 DEMO_OUT ?= out
 DIST ?= dist
 
@@ -36,7 +38,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	for plugin in $(PLUGINS); do $(BIN)/mypy $$plugin/tests || exit 1; done
+	for plugin in $(PLUGINS) $(EXAMPLES); do $(BIN)/mypy $$plugin/tests || exit 1; done
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -9,6 +9,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _hookspecs
 from ._backends import Backend
 from ._capability_table import CAPABILITIES, FrontOptions, Model, row_for, row_of_backend
 from ._spec import BackendFactory, Capability, ModelSettings, ModelSpec
@@ -19,6 +20,7 @@ __all__ = [
     "ModelEntry",
     "PluginFilter",
     "PluginRecord",
+    "api_mismatch",
     "broken",
     "build_backend",
     "check_specs",
@@ -90,6 +92,32 @@ class PluginFilter:
         if given & self.deny:
             return False
         return self.allow is None or bool(given & self.allow)
+
+
+def api_mismatch(plugin: object) -> str | None:
+    """Why ``plugin`` was written for another plugin API than this limner's, or ``None``.
+
+    A plugin that declares no version is taken to be written for this one.
+    """
+    declared = getattr(plugin, _hookspecs.API_ATTRIBUTE, None)
+    if declared is None or (type(declared) is int and declared == _hookspecs.PLUGIN_API):
+        return None
+    if type(declared) is not int:
+        return (
+            f"{_hookspecs.API_ATTRIBUTE} must be an integer, the major version of the limner "
+            f"plugin API it was written for (this limner's is {_hookspecs.PLUGIN_API}); "
+            f"got {declared!r}"
+        )
+    advice = (
+        "upgrade limner, or install a release of the plugin written for API "
+        f"{_hookspecs.PLUGIN_API}"
+        if declared > _hookspecs.PLUGIN_API
+        else f"upgrade the plugin to a release written for API {_hookspecs.PLUGIN_API}"
+    )
+    return (
+        f"written for limner plugin API {declared}, but this limner implements API "
+        f"{_hookspecs.PLUGIN_API}: {advice}"
+    )
 
 
 def broken(record: PluginRecord, error: str) -> PluginRecord:

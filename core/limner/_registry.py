@@ -20,6 +20,7 @@ from ._entries import (
     ModelEntry,
     PluginFilter,
     PluginRecord,
+    api_mismatch,
     broken,
     build_backend,
     check_specs,
@@ -272,6 +273,10 @@ class Registry:
 
     def _load_plugin(self, plugin: object, record: PluginRecord) -> None:
         with self._lock:
+            mismatch = api_mismatch(plugin)
+            if mismatch is not None:
+                self._plugins.append(broken(record, mismatch))
+                return
             try:
                 self._manager.register(plugin, name=record.name)
             except Exception as error:  # a taken name, or a hook pluggy refuses (its signature)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._devices import TRUE_STRINGS
+from ._spec import ModelInfo
 from .errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -120,6 +121,22 @@ class TinyModel:
     key: str
     revision: str
     ensure: Callable[[Path], object]
+
+    def info(self, *, family: str, memory_mb: float = 64.0, **fields: Any) -> ModelInfo:
+        """The :class:`~limner.plugin.ModelInfo` of the tiny key: pinned at the one revision
+        limner writes (without it, loading would look for another), marked ``tiny``, and
+        described as a TINY random-weight ``family``; ``fields`` sets the others, such as
+        ``embedding_dimension``."""
+        return ModelInfo(
+            memory_mb=memory_mb,
+            source_repo=self.key,
+            revision=self.revision,
+            tiny=True,
+            description=(
+                f"TINY random-weight {family} for tests and offline demos; its outputs mean nothing"
+            ),
+            **{"license": "apache-2.0", **fields},
+        )
 
 
 @dataclass(frozen=True)
