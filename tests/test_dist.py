@@ -42,7 +42,7 @@ def test_make_dist_builds_the_four_wheels(dist: Path) -> None:
     assert {wheel.name.split("-")[0] for wheel in wheels} == WHEELS
     with zipfile.ZipFile(next(dist.glob("limner-*.whl"))) as core:
         names = set(core.namelist())
-    assert {"limner/py.typed", "limner/server/static/app.js", "limner/_cli.py"} <= names
+    assert {"limner/py.typed", "limner/server/static/app.js", "limner/_cli/__init__.py"} <= names
     assert not any(name.startswith(("tests/", "plugins/")) for name in names)
 
 
