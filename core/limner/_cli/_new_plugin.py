@@ -10,6 +10,7 @@ from limner.errors import InvalidInput
 
 from ._app import cli
 
+
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option(
