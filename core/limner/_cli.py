@@ -385,6 +385,19 @@ def _names(value: str | None) -> tuple[str, ...] | None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--runtime",
+    "runtime_name",
+    type=click.Choice(["pool", "ray"]),
+    default="pool",
+    show_default=True,
+    help="Where models run: this process's pool, or a Ray cluster (pip install 'limner[ray]').",
+)
+@click.option(
+    "--address",
+    help="With --runtime ray: the cluster, 'auto' or ray://HOST:PORT (default: RAY_ADDRESS, "
+    "else a local cluster started for the server).",
+)
 def serve(
     host: str,
     port: int,
@@ -395,6 +408,8 @@ def serve(
     cors_origins: tuple[str, ...],
     no_ui: bool,
     log_level: str,
+    runtime_name: str = "pool",
+    address: str | None = None,
 ) -> None:
     """Serve the models over HTTP: OpenAI-compatible embeddings and image generation.
 
@@ -410,6 +425,8 @@ def serve(
         raise click.ClickException(
             f"the server needs its extra: pip install 'limner[server]' ({error})"
         ) from None
+    if address is not None and runtime_name != "ray":
+        raise click.UsageError("--address needs --runtime ray")
     try:
         settings = ServerSettings(
             models=_names(models),
@@ -418,6 +435,7 @@ def serve(
             allow_private_urls=allow_private_urls,
             cors_origins=cors_origins,
             ui=not no_ui,
+            runtime=_ray_runtime(address, _names(preload)) if runtime_name == "ray" else None,
         )
     except InvalidInput as error:
         if error.field != "api_key":
@@ -428,6 +446,26 @@ def serve(
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: serving on {host} without an API key (--api-key).", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+
+
+def _ray_runtime(address: str | None, preload: tuple[str, ...] | None) -> Callable[[], Any]:
+    """What makes the server's Ray runtime, once Ray Serve is known to be installed.
+    Preloaded keys keep a replica, as the pool keeps them loaded."""
+    try:
+        import ray.serve  # noqa: F401
+
+        from .ray import RayKeyOptions, RayRuntime
+    except ImportError as error:
+        raise click.ClickException(
+            f"--runtime ray needs Ray Serve: pip install 'limner[ray]' ({error})"
+        ) from None
+
+    def make() -> RayRuntime:
+        registry = default_registry()
+        kept = {registry.spec(name).key: RayKeyOptions(min_replicas=1) for name in preload or ()}
+        return RayRuntime(address=address, options_per_key=kept)
+
+    return make
 
 
 def _configure(registry: Registry, key: str, device: str | None, dtype: str | None) -> None:

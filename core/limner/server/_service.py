@@ -17,6 +17,7 @@ from limner._embedder import ImageEmbedder
 from limner._generator import ImageGenerator
 from limner._pool import Pool
 from limner._registry import Model, ModelEntry, Registry
+from limner._runtime import Runtime
 from limner._spec import Capability
 from limner.errors import InvalidInput, UnknownModelError
 
@@ -31,7 +32,8 @@ log = logging.getLogger("limner.server")
 
 @dataclass
 class Service:
-    """What the routes share. ``pool`` exists only while the app's lifespan runs."""
+    """What the routes share. ``pool`` (the runtime: a :class:`~limner.Pool` unless the
+    settings make another) exists only while the app's lifespan runs."""
 
     registry: Registry
     settings: ServerSettings
@@ -40,7 +42,7 @@ class Service:
     preload: tuple[str, ...]
     created: int = field(default_factory=lambda: int(time.time()))
     guard: URLGuard = field(init=False)
-    pool: Pool | None = None
+    pool: Runtime | None = None
     client: httpx.AsyncClient | None = None
     fetch_slots: anyio.CapacityLimiter | None = None
     ready: bool = False
@@ -82,7 +84,12 @@ class Service:
             trust_env=False,
             transport=GuardedTransport(self.guard),
         )
-        async with Pool(**self.settings.pool_arguments(self.preload)) as pool, client:
+        runtime = (
+            self.settings.runtime()
+            if self.settings.runtime is not None
+            else Pool(**self.settings.pool_arguments(self.preload))
+        )
+        async with runtime as pool, client:
             self.pool, self.client = pool, client
             self.fetch_slots = anyio.CapacityLimiter(self.settings.max_concurrent_fetches)
             self._bound.clear()

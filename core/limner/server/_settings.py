@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from limner._embedder import DEFAULT_MAX_TEXT_CHARS
 from limner._images import ImageLimits
 from limner._pool import Pool
+from limner._runtime import Runtime
 from limner.errors import InvalidInput
 
 from ._guard import canonical_host
@@ -107,6 +109,10 @@ class ServerSettings:
     """Keyword arguments for the server's :class:`~limner.Pool` (``max_queue``, ...)."""
     ui: bool = True
     """Serve the playground page at ``/``: a browser front end to this same API."""
+    runtime: Callable[[], AbstractAsyncContextManager[Runtime]] | None = None
+    """Makes the runtime the app serves through, entered for the app's lifespan (a
+    :class:`limner.ray.RayRuntime`, say); ``None`` is a :class:`~limner.Pool` made of
+    ``pool_options``."""
 
     def __post_init__(self) -> None:
         models = _names(self.models, "models")
