@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from limner._budget import MemoryBudget
+from limner._registry import default_registry
 from limner.errors import InvalidInput
 
 from ._app import _memory_option, _names, _os_reason, cli
@@ -65,6 +67,19 @@ Examples:
     show_default=True,
     help="Least severe log lines shown (info: start-up, loads, one line per request).",
 )
+@click.option(
+    "--runtime",
+    "runtime_name",
+    type=click.Choice(["pool", "ray"]),
+    default="pool",
+    show_default=True,
+    help="Where models run: this process's pool, or a Ray cluster (pip install 'limner[ray]').",
+)
+@click.option(
+    "--address",
+    help="With --runtime ray: the cluster, 'auto' or ray://HOST:PORT (default: RAY_ADDRESS, "
+    "else a local cluster started for the server).",
+)
 def serve(
     host: str,
     port: int,
@@ -76,6 +91,8 @@ def serve(
     no_ui: bool,
     memory_budget: MemoryBudget | None,
     log_level: str,
+    runtime_name: str = "pool",
+    address: str | None = None,
 ) -> None:
     """Serve the models over HTTP: OpenAI-compatible embeddings and image generation.
 
@@ -93,6 +110,8 @@ def serve(
         raise click.ClickException(
             f"the server needs its extra: pip install 'limner[server]' ({error})"
         ) from None
+    if address is not None and runtime_name != "ray":
+        raise click.UsageError("--address needs --runtime ray")
     try:
         settings = ServerSettings(
             models=_names(models),
@@ -102,6 +121,7 @@ def serve(
             cors_origins=cors_origins,
             ui=not no_ui,
             pool_options=memory_budget or {},
+            runtime=_ray_runtime(address, _names(preload)) if runtime_name == "ray" else None,
         )
     except InvalidInput as error:
         if error.field != "api_key":
@@ -176,3 +196,23 @@ def _log_to_stderr(log_level: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(log_level.upper())
     logger.propagate = False
+
+
+def _ray_runtime(address: str | None, preload: tuple[str, ...] | None) -> Callable[[], Any]:
+    """What makes the server's Ray runtime, once Ray Serve is known to be installed.
+    Preloaded keys keep a replica, as the pool keeps them loaded."""
+    try:
+        import ray.serve  # noqa: F401
+
+        from limner.ray import RayKeyOptions, RayRuntime
+    except ImportError as error:
+        raise click.ClickException(
+            f"--runtime ray needs Ray Serve: pip install 'limner[ray]' ({error})"
+        ) from None
+
+    def make() -> RayRuntime:
+        registry = default_registry()
+        kept = {registry.spec(name).key: RayKeyOptions(min_replicas=1) for name in preload or ()}
+        return RayRuntime(address=address, options_per_key=kept)
+
+    return make

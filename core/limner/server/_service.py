@@ -13,7 +13,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from limner import ImageEmbedder, ImageGenerator, Model, ModelEntry, Pool, Registry
+from limner import ImageEmbedder, ImageGenerator, Model, ModelEntry, Pool, Registry, Runtime
 from limner.errors import InvalidInput, UnknownModelError
 
 from ._errors import APIError
@@ -27,7 +27,8 @@ log = logging.getLogger("limner.server")
 
 @dataclass
 class Service:
-    """What the routes share. ``pool`` exists only while the app's lifespan runs."""
+    """What the routes share. ``pool`` (the runtime: a :class:`~limner.Pool` unless the
+    settings make another) exists only while the app's lifespan runs."""
 
     registry: Registry
     settings: ServerSettings
@@ -36,7 +37,7 @@ class Service:
     preload: tuple[str, ...]
     created: int = field(default_factory=lambda: int(time.time()))
     guard: URLGuard = field(init=False)
-    pool: Pool | None = None
+    pool: Runtime | None = None
     client: httpx.AsyncClient | None = None
     fetch_slots: anyio.CapacityLimiter | None = None
     ready: bool = False
@@ -78,7 +79,12 @@ class Service:
             trust_env=False,
             transport=GuardedTransport(self.guard),
         )
-        async with Pool(**self.settings.pool_arguments(self.preload)) as pool, client:
+        runtime = (
+            self.settings.runtime()
+            if self.settings.runtime is not None
+            else Pool(**self.settings.pool_arguments(self.preload))
+        )
+        async with runtime as pool, client:
             self.pool, self.client = pool, client
             self.fetch_slots = anyio.CapacityLimiter(self.settings.max_concurrent_fetches)
             self._bound.clear()
