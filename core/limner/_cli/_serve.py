@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -133,11 +134,11 @@ def serve(
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"Warning: serving on {host} without an API key (--api-key).", err=True)
     listener = _listen(host, port)  # a port in use fails here, in one line
-    _log_to_stderr(log_level)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30)
     server = _announcing_server(uvicorn.Server)(config)
     try:
-        server.run(sockets=[listener])
+        with _log_to_stderr(log_level):
+            server.run(sockets=[listener])
     except KeyboardInterrupt:
         pass  # uvicorn already stopped gracefully; Ctrl-C is the way to stop
     finally:
@@ -184,8 +185,10 @@ def _announcing_server(base: type[Any]) -> type[Any]:
     return Server
 
 
-def _log_to_stderr(log_level: str) -> None:
-    """limner's server log beside uvicorn's, in its format: ``INFO:     serving ...``."""
+@contextlib.contextmanager
+def _log_to_stderr(log_level: str) -> Iterator[None]:
+    """limner's server log beside uvicorn's, in its format (``INFO:     serving ...``), while
+    the server runs; the logger is as it was afterwards."""
     import logging
 
     from uvicorn.logging import DefaultFormatter
@@ -193,9 +196,16 @@ def _log_to_stderr(log_level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=None))
     logger = logging.getLogger("limner")
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(log_level.upper())
-    logger.propagate = False
+    logger.propagate = False  # not twice under --verbose, whose handler is the root's
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _ray_runtime(address: str | None, preload: tuple[str, ...] | None) -> Callable[[], Any]:
