@@ -26,9 +26,15 @@ def test_serve_takes_the_ray_runtime_and_its_address(monkeypatch: pytest.MonkeyP
     from limner import _cli
 
     apps: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:  # serves nothing
+        apps.append(server.config.app)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     pytest.importorskip("limner_clip", reason="preloads the CLIP plugin's tiny model")
-    arguments = ["serve", "--runtime", "ray", "--address", "ray://head:10001", "--no-ui"]
+    arguments = ["serve", "--port", "0", "--runtime", "ray", "--address", "ray://head:10001"]
+    arguments.append("--no-ui")
     result = CliRunner().invoke(_cli.cli, [*arguments, "--preload", "limner/tiny-clip"])
     assert result.exit_code == 0, result.output
     [app] = apps
