@@ -256,6 +256,10 @@ def test_every_block_runs_as_written(path: str, workspace: Workspace) -> None:
         print(line)
 
 
+SCAFFOLD_STEPS = frozenset({"cd", "limner", "pip", "pytest"})
+"""The commands a plugin guide's shell block may use: each is run by tests/test_scaffold.py."""
+
+
 @pytest.mark.parametrize("path", COMPILED)
 def test_plugin_pieces_compile(path: str) -> None:
     found = blocks(path)
@@ -265,6 +269,14 @@ def test_plugin_pieces_compile(path: str) -> None:
             ast.parse(block.text, filename=str(block))
         elif block.lang == "toml":
             tomllib.loads(block.text)
+        elif block.lang in ("bash", "sh"):
+            # The scaffold's walk-through: tests/test_scaffold.py runs exactly these steps
+            # (new-plugin, an editable install, the plugin's pytest and its
+            # conformance run, limner models).
+            for line in filter(
+                None, (raw.split("#")[0].strip() for raw in block.text.splitlines())
+            ):
+                assert line.split()[0] in SCAFFOLD_STEPS, f"{block}: {line!r} is run nowhere"
         else:
             assert block.lang in DATA, f"{block}: no rule to check a {block.lang!r} block"
 
