@@ -1,5 +1,6 @@
-"""limner.plugin is the one contract plugins import: its names sorted and importable, and
-neither the plugins nor limner.diffusion or limner.server reach past it into the core."""
+"""limner.plugin is the one contract plugins import, limner.runtime the one runtimes add: their
+names sorted and importable, and neither the plugins nor limner.diffusion, limner.server or
+limner.ray reach past them into the core."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import limner
 import limner.diffusion
 import limner.plugin
+import limner.runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "core" / "limner"
@@ -27,7 +29,9 @@ def isort_style(name: str) -> tuple[int, str]:  # ruff's RUF022 order
     return group, name
 
 
-@pytest.mark.parametrize("module", [limner.plugin, limner.diffusion], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module", [limner.plugin, limner.diffusion, limner.runtime], ids=lambda m: m.__name__
+)
 def test_public_names_are_sorted_and_importable(module: ModuleType) -> None:
     names = module.__all__
     assert names == sorted(names, key=isort_style)
@@ -35,7 +39,7 @@ def test_public_names_are_sorted_and_importable(module: ModuleType) -> None:
         assert hasattr(module, name), name
 
 
-@pytest.mark.parametrize("module", ["limner.plugin", "limner.diffusion"])
+@pytest.mark.parametrize("module", ["limner.plugin", "limner.diffusion", "limner.runtime"])
 def test_importing_it_imports_no_heavy_library(module: str) -> None:
     code = (
         f"import sys, {module}\n"
@@ -124,7 +128,7 @@ def source_files(*directories: Path) -> list[Path]:
 
 @pytest.mark.parametrize(
     "path",
-    source_files(CORE / "diffusion", CORE / "server", *PLUGIN_PACKAGES),
+    source_files(CORE / "diffusion", CORE / "server", CORE / "ray", *PLUGIN_PACKAGES),
     ids=lambda path: str(path.relative_to(ROOT)),
 )
 def test_no_private_core_module_is_imported(path: Path) -> None:

@@ -13,8 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from limner._pool import Pool
-from limner._spec import ModelSettings, ModelSpec
+from limner import ModelSettings, ModelSpec, Pool
 from limner.errors import MemoryExhausted
 
 __all__ = [

@@ -21,14 +21,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from limner._backends import Backend, TextToImageBackend
-from limner._capability_table import row_for
-from limner._generation_types import GenerationChunk, ImageGenerationConfig
-from limner._pool import Pool
-from limner._registry import default_registry
-from limner._runtime import KeyStats, RequestKind
-from limner._spec import ModelSettings, ModelSpec
+from limner import (
+    GenerationChunk,
+    ImageGenerationConfig,
+    KeyStats,
+    ModelSettings,
+    ModelSpec,
+    Pool,
+    default_registry,
+)
 from limner.errors import LimnerError, PluginError
+from limner.plugin import Backend, TextToImageBackend
+from limner.runtime import RequestKind, row_for
 
 __all__ = ["LimnerReplica", "build_backend"]
 

@@ -24,11 +24,10 @@ import numpy.typing as npt
 import sniffio
 from anyio.abc import TaskGroup
 
-from limner._backends import Backend, TextToImageBackend
-from limner._generation_types import GenerationChunk, ImageGenerationConfig
-from limner._runtime import KeyStats, ModelState, RequestKind
-from limner._spec import ModelSettings, ModelSpec
+from limner import GenerationChunk, ImageGenerationConfig, KeyStats, ModelSettings, ModelSpec
 from limner.errors import Cancelled, LimnerError, ModelError, PluginError, PoolBusy
+from limner.plugin import Backend, TextToImageBackend
+from limner.runtime import ModelState, RequestKind
 
 from ._placement import (
     GPU_MB,
