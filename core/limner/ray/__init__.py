@@ -11,13 +11,22 @@
 
 Each model key is one Serve application whose replicas each run a limner
 :class:`~limner.Pool` over a backend built on the replica. Importing this module imports
-no ray: that happens when a runtime starts (``pip install 'limner[ray]'``). See
+no ray: that happens when a runtime starts (``pip install 'limner[ray]'``).
+:func:`http_ingress` serves limner's HTTP API from Serve replicas over the same runtime. See
 docs/distributed.md.
 """
 
 from __future__ import annotations
 
+from ._ingress import http_ingress
 from ._placement import GPU_MB, NoRoomInCluster, RayKeyOptions, ReplicaResources
 from ._runtime import RayRuntime
 
-__all__ = ["GPU_MB", "NoRoomInCluster", "RayKeyOptions", "RayRuntime", "ReplicaResources"]
+__all__ = [
+    "GPU_MB",
+    "NoRoomInCluster",
+    "RayKeyOptions",
+    "RayRuntime",
+    "ReplicaResources",
+    "http_ingress",
+]

@@ -13,9 +13,12 @@ caller goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import importlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,8 +89,14 @@ class LimnerReplica:
     """A Serve deployment's class: one backend, one pool, started on the first call."""
 
     def __init__(
-        self, spec: ModelSpec, settings: ModelSettings, pool_options: Mapping[str, Any]
+        self,
+        spec: ModelSpec,
+        settings: ModelSettings,
+        pool_options: Mapping[str, Any],
+        report: bool = False,
     ) -> None:
+        """``report``: say what this replica does to the cluster's board (see ``_board``)
+        every ``REPORT_SECONDS``, from now until it stops."""
         self.backend = build_backend(spec, settings)
         self.key = spec.key
         self._pool_options = {"drain_timeout": 10.0, **pool_options}
@@ -96,6 +105,25 @@ class LimnerReplica:
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._error: BaseException | None = None
+        self._calls = 0
+        self._last_used: float | None = None  # wall clock: compared across nodes
+        self._reporter: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # a call started on an idle replica, or the last ended
+        if report:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_periodically())
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        self._calls += 1
+        if self._calls == 1:
+            self._changed.set()
+        try:
+            yield
+        finally:
+            self._calls -= 1
+            self._last_used = time.time()
+            if not self._calls:
+                self._changed.set()
 
     async def _running(self) -> Pool:
         """The pool, entered by a task of its own that lives as long as the replica."""
@@ -122,8 +150,9 @@ class LimnerReplica:
             self._ready.set()
 
     async def embed(self, kind: RequestKind, items: Sequence[Any]) -> npt.NDArray[np.float32]:
-        pool = await self._running()
-        return await pool.embed(self.backend, kind, items)
+        with self._call():
+            pool = await self._running()
+            return await pool.embed(self.backend, kind, items)
 
     async def generate(
         self,
@@ -135,6 +164,18 @@ class LimnerReplica:
     ) -> AsyncIterator[GenerationChunk]:
         """The pool's stream, at most ``window`` chunks ahead of the consumer (``credits``
         is the window's actor, or None for no window)."""
+        with self._call():
+            async for chunk in self._stream(prompt, config, stream, credits, window):
+                yield chunk
+
+    async def _stream(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        stream: str,
+        credits: Any,
+        window: int,
+    ) -> AsyncIterator[GenerationChunk]:
         pool = await self._running()
         assert isinstance(self.backend, TextToImageBackend)
         chunks = pool.generate(self.backend, prompt, config)
@@ -155,8 +196,9 @@ class LimnerReplica:
             await chunks.aclose()  # type: ignore[attr-defined]
 
     async def load(self) -> None:
-        pool = await self._running()
-        await pool.load(self.backend)
+        with self._call():
+            pool = await self._running()
+            await pool.load(self.backend)
 
     async def node(self) -> str:
         """The id of the Ray node this replica runs on."""
@@ -166,14 +208,58 @@ class LimnerReplica:
         return node_id
 
     async def stats(self) -> KeyStats | None:
+        """This replica's pool figures (None before its first call)."""
         pool = self._pool
         if pool is None:
             return None
-        return next(iter(pool.stats().values()), None)
+        stats = next(iter(pool.stats().values()), None)
+        if stats is not None and self._calls > stats.in_flight + stats.queue_depth:
+            # waiting for the pool to start, or for the consumer of a stream
+            stats = dataclasses.replace(stats, in_flight=self._calls - stats.queue_depth)
+        return stats
+
+    async def _report_periodically(self) -> None:
+        """Until the replica stops: tell the board what this replica does, every
+        ``REPORT_SECONDS`` and soon after it turns busy or idle (at most ten times a
+        second); its row goes when it stops."""
+        import ray
+        from ray import serve
+
+        from ._board import BOARD_NAME, BOARD_NAMESPACE, REPORT_SECONDS, ReplicaReport
+
+        context = serve.get_replica_context()
+        app, replica = context.app_name, context.replica_id.unique_id
+        board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+        resources = dict(ray.get_runtime_context().get_assigned_resources())
+        try:
+            while not self._stop.is_set():
+                self._changed.clear()
+                report = ReplicaReport(
+                    app=app,
+                    replica=replica,
+                    calls=self._calls,
+                    stats=await self.stats(),
+                    last_used=self._last_used,
+                    resources=resources,
+                )
+                try:
+                    await board.report.remote(report)
+                except Exception as error:  # the board is gone: no one reads it now
+                    log.debug("reporting to the board failed: %r", error)
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), REPORT_SECONDS)
+        finally:
+            with contextlib.suppress(Exception):
+                await board.forget.remote(app, replica)
 
     async def __del__(self) -> None:
         """Serve's shutdown hook: drain and close the pool, unloading the weights."""
         self._stop.set()
+        self._changed.set()
+        if self._reporter is not None:
+            with contextlib.suppress(BaseException):
+                await self._reporter
         if self._host is not None:
             try:
                 await self._host

@@ -29,6 +29,7 @@ from limner.errors import Cancelled, LimnerError, ModelError, PluginError, PoolB
 from limner.plugin import Backend, TextToImageBackend
 from limner.runtime import ModelState, RequestKind
 
+from ._board import BOARD_NAME, BOARD_NAMESPACE, AppUsage, Board, ReplicaReport, app_usage
 from ._placement import (
     GPU_MB,
     RayKeyOptions,
@@ -90,7 +91,8 @@ class _Key:
     loads: int = 0
     load_seconds: float = 0.0
     evictions: int = 0
-    replica_stats: KeyStats | None = None
+    usage: AppUsage | None = None  # its replicas' reports, summed, as of the last refresh
+    owned: bool = True  # deployed by this runtime (deleted when it closes), not adopted
 
     @property
     def state(self) -> ModelState:
@@ -153,6 +155,7 @@ class RayRuntime:
         self._closing = False
         self._started_ray = False
         self._credits: Any = None
+        self._board: Any = None  # the cluster's Board actor, while connected
         self._settled = anyio.Event()  # set whenever a call ends
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -202,6 +205,17 @@ class RayRuntime:
             self._started_ray = True
         try:  # Serve's HTTP proxies are not needed: calls go through handles
             serve.start(proxy_location="Disabled", logging_config={"log_level": self.log_level})
+            self._board = (
+                ray.remote(Board)
+                .options(
+                    name=BOARD_NAME,
+                    namespace=BOARD_NAMESPACE,
+                    lifetime="detached",
+                    get_if_exists=True,
+                    num_cpus=0,
+                )
+                .remote()
+            )
         except BaseException:
             if self._started_ray:
                 ray.shutdown()
@@ -215,16 +229,17 @@ class RayRuntime:
         try:
             deleting = set()
             for entry in self._keys.values():
-                if entry.handle is not None or entry.status != "NOT_STARTED":
-                    entry.handle, entry.replicas, entry.status = None, 0, "NOT_STARTED"
+                if entry.owned and (entry.handle is not None or entry.status != "NOT_STARTED"):
                     serve.delete(entry.app, _blocking=False)
                     deleting.add(entry.app)
+                entry.handle, entry.replicas, entry.status = None, 0, "NOT_STARTED"
             deadline = time.monotonic() + 30
             while deleting & set(self._statuses()) and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self._credits is not None:
                 ray.kill(self._credits)
                 self._credits = None
+            self._board = None
         finally:
             if self._started_ray:
                 ray.shutdown()
@@ -284,25 +299,38 @@ class RayRuntime:
             self._finished(entry)
 
     def stats(self) -> dict[str, KeyStats]:
-        """Per key: ``workers`` is its running replicas (as last read from Serve, see
-        ``refresh_interval``), ``in_flight`` this host's calls, ``loads`` and
-        ``load_seconds`` its deployments by this runtime, ``evictions`` the times this
-        runtime scaled it to zero, ``memory_mb`` what its replicas reserve; batches are one
-        replica's, as of the last :meth:`refresh`."""
+        """Per key, as of the last :meth:`refresh` (every ``refresh_interval``): ``workers``
+        is its running replicas, ``batches`` and ``mean_batch_size`` summed over them (each
+        replica's pool, whoever called it), ``memory_mb`` what they reserve;
+        ``in_flight`` is this host's calls now, ``loads`` and ``load_seconds`` its
+        deployments by this runtime, ``evictions`` the times this runtime scaled it to
+        zero."""
         return {key: _snapshot(entry) for key, entry in sorted(self._keys.items())}
 
-    async def refresh(self, *, replica_stats: bool = True) -> dict[str, KeyStats]:
-        """Read the replica counts from Serve now (and, when ``replica_stats``, one
-        replica's pool figures per running key); return :meth:`stats`."""
+    async def refresh(self) -> dict[str, KeyStats]:
+        """Read the replica counts from Serve and the replicas' figures from the cluster's
+        board now; return :meth:`stats`."""
         statuses = await anyio.to_thread.run_sync(self._statuses)
+        usage = await self._usage()
         for entry in self._keys.values():
             found = statuses.get(entry.app, _NOT_DEPLOYED)
             entry.status = found.status
+            if entry.app not in statuses and entry.handle is not None and not entry.lock.locked():
+                entry.handle = None  # deleted by another runtime: the next call deploys it
             entry.replicas = found.running if entry.handle is not None else 0
-            if replica_stats and entry.state == "ready":
-                with anyio.move_on_after(5):
-                    entry.replica_stats = await self.replica_stats(entry.key)
+            entry.usage = usage.get(entry.app)
         return self.stats()
+
+    async def _usage(self) -> dict[str, AppUsage]:
+        """Every limner application's replicas' reports, summed per application."""
+        if self._board is None:
+            return {}
+        with anyio.move_on_after(5):
+            reports: list[ReplicaReport] = await _result(
+                self._board.reports.remote(self.app_prefix), "the cluster's board"
+            )
+            return app_usage(reports)
+        return {}
 
     async def replica_stats(self, key: str) -> KeyStats | None:
         """One running replica's pool figures for ``key`` (None when none runs, as last
@@ -385,8 +413,15 @@ class RayRuntime:
         )
         need = entry.resources.as_ray()
         check_fits(entry.key, need, totals, busy=False)
+        running = (await anyio.to_thread.run_sync(self._statuses)).get(entry.app)
+        if running is not None and running.status == "RUNNING" and running.running:
+            # Another runtime (or an HTTP ingress replica) serves it already: share it.
+            entry.handle = await anyio.to_thread.run_sync(_app_handle, entry.app)
+            entry.replicas, entry.status, entry.owned = running.running, running.status, False
+            return
         await self._make_room(entry)
         handle = await anyio.to_thread.run_sync(self._run_application, entry)
+        entry.owned = True
         deadline = started + self.deploy_timeout
         while True:
             statuses = await anyio.to_thread.run_sync(self._statuses)
@@ -415,22 +450,16 @@ class RayRuntime:
 
     async def _make_room(self, entry: _Key) -> None:
         """Until a node has room for one replica: scale the least recently used idle key of
-        this runtime to zero; with none left, fail with the largest room there is."""
+        the cluster to zero (any limner application under ``app_prefix``, whichever runtime
+        deployed it); with none left, wait ``room_timeout`` for room, then fail with the
+        largest room there is."""
         assert entry.resources is not None
         need = entry.resources.as_ray()
         while True:
             available = await anyio.to_thread.run_sync(_nodes, "available")
             if any(fits(need, node) for node in available):
                 return
-            idle = [
-                (other.key, other.last_used)
-                for other in self._keys.values()
-                if other is not entry
-                and other.handle is not None
-                and other.replicas > 0
-                and other.in_flight == 0
-            ]
-            victim = least_recently_used(idle)
+            victim = await self._least_recently_used_idle(entry)
             if victim is None:
                 # Room may still come: a replica stopping here or elsewhere.
                 with anyio.move_on_after(self.room_timeout):
@@ -439,17 +468,60 @@ class RayRuntime:
                         available = await anyio.to_thread.run_sync(_nodes, "available")
                 check_fits(entry.key, need, available, busy=True)
                 return
-            retired = self._keys[victim]
-            freed = retired.resources.as_ray() if retired.resources is not None else {}
             before = _free(available)
-            await self._retire(retired, reason=f"to make room for {entry.key}")
+            await self._scale_to_zero(victim.app, reason=f"to make room for {entry.key}")
             with anyio.move_on_after(self.room_timeout):  # until Ray counts what it freed
                 while not any(fits(need, node) for node in available) and not all(
                     _free(available).get(name, 0.0) + 1e-9 >= before.get(name, 0.0) + amount
-                    for name, amount in freed.items()
+                    for name, amount in victim.resources.items()
                 ):
                     await anyio.sleep(0.1)
                     available = await anyio.to_thread.run_sync(_nodes, "available")
+
+    async def _least_recently_used_idle(self, entry: _Key) -> AppUsage | None:
+        """The cluster's idle application used longest ago, other than ``entry``'s: idle by
+        its replicas' reports and, for this runtime's own keys, by the calls in flight here."""
+        statuses = await anyio.to_thread.run_sync(self._statuses)
+        usage = await self._usage()
+        mine = {other.app: other for other in self._keys.values()}
+        idle: list[tuple[str, float | None]] = []
+        for app, status in statuses.items():
+            own = mine.get(app)
+            if app == entry.app or not status.running or (own is not None and own.in_flight):
+                continue
+            found = usage.get(app)
+            if found is not None and found.busy:
+                continue
+            last_used = found.last_used if found is not None else None
+            if own is not None and own.last_used is not None:  # this host's calls count too
+                last_used = max(last_used or 0.0, _wall_clock(own.last_used))
+            idle.append((app, last_used))
+        oldest = least_recently_used(idle)
+        if oldest is None:
+            return None
+        app, own = oldest, mine.get(oldest)
+        freed = usage[app].resources if app in usage else {}
+        if own is not None and own.resources is not None:
+            freed = {k: v * statuses[app].running for k, v in own.resources.as_ray().items()}
+        return AppUsage(
+            app=app,
+            replicas=statuses[app].running,
+            busy=False,
+            last_used=None,
+            resources=freed,
+            batches=0,
+            mean_batch_size=0.0,
+        )
+
+    async def _scale_to_zero(self, app: str, *, reason: str) -> None:
+        """Delete an application: this runtime's through its entry, another's directly (that
+        runtime deploys it again on its next call)."""
+        own = next((other for other in self._keys.values() if other.app == app), None)
+        if own is not None and own.handle is not None:
+            await self._retire(own, reason=reason)
+            return
+        log.info("scaling %s to zero: %s", app, reason)
+        await anyio.to_thread.run_sync(self._delete_application, app)
 
     async def _retire(self, entry: _Key, *, reason: str) -> None:
         async with entry.lock:
@@ -491,7 +563,10 @@ class RayRuntime:
             warnings.simplefilter("ignore", DeprecationWarning)
             deployment = self._deployment(serve, LimnerReplica, entry)
             return serve._run(
-                deployment.bind(*arguments), name=entry.app, route_prefix=None, _blocking=False
+                deployment.bind(*arguments, True),
+                name=entry.app,
+                route_prefix=None,
+                _blocking=False,
             )
 
     def _deployment(self, serve: Any, replica: type, entry: _Key) -> Any:
@@ -532,7 +607,7 @@ class RayRuntime:
         while True:
             await anyio.sleep(self.refresh_interval)
             try:
-                await self.refresh(replica_stats=False)
+                await self.refresh()
             except Exception:
                 log.exception("reading the Ray applications' status failed")
 
@@ -557,8 +632,20 @@ def _free(nodes: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return total
 
 
+def _app_handle(app: str) -> Any:
+    from ray import serve
+
+    return serve.get_app_handle(app)
+
+
+def _wall_clock(monotonic: float) -> float:
+    """A ``time.monotonic()`` reading of this process as wall-clock time, which the
+    replicas' reports use."""
+    return time.time() - (time.monotonic() - monotonic)
+
+
 def _snapshot(entry: _Key) -> KeyStats:
-    sample = entry.replica_stats
+    usage = entry.usage
     memory = 0.0
     if entry.resources is not None:
         memory = entry.resources.memory_mb or entry.resources.gpu_memory_mb
@@ -568,8 +655,8 @@ def _snapshot(entry: _Key) -> KeyStats:
         workers=entry.replicas,
         queue_depth=0,
         in_flight=entry.in_flight,
-        batches=sample.batches if sample else 0,
-        mean_batch_size=sample.mean_batch_size if sample else 0.0,
+        batches=usage.batches if usage else 0,
+        mean_batch_size=usage.mean_batch_size if usage else 0.0,
         loads=entry.loads,
         load_seconds=entry.load_seconds,
         evictions=entry.evictions,

@@ -1,0 +1,84 @@
+"""The replica deployment class in Serve's local testing mode: the same handle calls as on a
+cluster, run in this process, so embed, the generation stream and the typed errors are
+checked in seconds without one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from limner import GenerationResult, ImageGenerationConfig, ModelError, Pool, Progress
+from limner.ray._replica import LimnerReplica
+from limner.ray._runtime import _next, _result
+
+from .conftest import fake_registry, import_ray
+
+pytestmark = pytest.mark.anyio
+
+IMAGES = [Image.new("RGB", (8, 8), (i * 40, 90, 7)) for i in range(3)]
+
+
+def local_handle(key: str) -> Any:
+    """A handle to one in-process replica of ``key``, as the runtime deploys it."""
+    import_ray()
+    from ray import serve
+
+    registry = fake_registry()
+    spec, settings = registry.spec(key), registry.settings(key)
+    deployment = serve.deployment(LimnerReplica).options(name="LimnerReplica")
+    return serve.run(
+        deployment.bind(spec, settings, {}),
+        name=f"limner:{key}",
+        route_prefix=None,
+        _local_testing_mode=True,
+    )
+
+
+async def test_embed_answers_the_rows_of_the_in_process_pool() -> None:
+    registry = fake_registry()
+    backend = registry.embedder("fake/embedder").backend
+    prepared = [backend.prepare(image) for image in IMAGES]
+    async with Pool() as pool:
+        expected = await pool.embed(backend, "image", prepared)
+        expected_text = await pool.embed(backend, "text", ["a fox"])
+    handle = local_handle("fake/embedder")
+    rows = await _result(handle.embed.remote("image", prepared), "fake/embedder")
+    np.testing.assert_array_equal(rows, expected)
+    text = await _result(handle.embed.remote("text", ["a fox"]), "fake/embedder")
+    np.testing.assert_array_equal(text, expected_text)
+    stats = await handle.stats.remote()
+    assert (stats.key, stats.batches, stats.in_flight) == ("fake/embedder", 2, 0)
+
+
+async def stream(handle: Any, key: str, steps: int) -> list[Any]:
+    config = ImageGenerationConfig(steps=steps, seed=3, width=16, height=16)
+    response = handle.options(stream=True).generate.remote("a fox", config, "s", None, 0)
+    chunks = []
+    while True:
+        try:
+            chunks.append(await _next(response, key))
+        except StopAsyncIteration:
+            return chunks
+
+
+async def test_a_generation_streams_its_progress_then_its_image() -> None:
+    chunks = await stream(local_handle("fake/generator"), "fake/generator", steps=3)
+    assert [type(chunk) for chunk in chunks] == [Progress] * 3 + [GenerationResult]
+    assert [chunk.step for chunk in chunks[:3]] == [1, 2, 3]
+    assert chunks[-1].seed == 3
+
+
+async def test_a_replica_s_failures_come_back_as_limner_s_typed_errors() -> None:
+    failing = local_handle("fake/failing-batch")
+    backend = fake_registry().embedder("fake/failing-batch").backend
+    prepared = [backend.prepare(image) for image in IMAGES]
+    with pytest.raises(ModelError, match="injected failure on a batch of 3") as caught:
+        await _result(failing.embed.remote("image", prepared), "fake/failing-batch")
+    assert type(caught.value) is ModelError
+    assert len(await _result(failing.embed.remote("image", prepared[:2]), "x")) == 2
+    with pytest.raises(ModelError, match="injected failure at step 2") as failed:
+        await stream(local_handle("fake/failing"), "fake/failing", steps=4)
+    assert type(failed.value) is ModelError
