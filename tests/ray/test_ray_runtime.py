@@ -269,6 +269,26 @@ async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_r
         assert (await other.refresh())["fake/second"].state == "cold"
 
 
+async def test_a_key_another_runtime_deleted_is_deployed_again_on_its_next_call(
+    runtime: RayRuntime, registry: Registry
+) -> None:
+    """The handle this runtime holds is stale until its next refresh: the call redeploys."""
+    from ray import serve
+
+    embedder, generator = registry.embedder("fake/embedder"), registry.generator("fake/generator")
+    rows = await embedder.using(runtime).embed_text("a fox")
+    await collect(generator.using(runtime), "a fox", steps=1)
+    for app in ("limner:fake/embedder", "limner:fake/generator"):
+        await anyio.to_thread.run_sync(serve.delete, app)
+    np.testing.assert_array_equal(await embedder.using(runtime).embed_text("a fox"), rows)
+    chunks = await collect(generator.using(runtime), "a fox", steps=1)
+    assert isinstance(chunks[-1], GenerationResult)
+    assert {key: s.loads for key, s in runtime.stats().items()} == {
+        "fake/embedder": 2,
+        "fake/generator": 2,
+    }
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_the_runtime_serves_trio_callers_too(ray_cluster: None) -> None:
     registry = fake_registry()

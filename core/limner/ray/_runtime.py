@@ -8,11 +8,12 @@ Ray is imported when a runtime starts, never when this module is imported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -249,13 +250,7 @@ class RayRuntime:
 
     async def embed(self, backend: Backend, kind: RequestKind, items: Sequence[Any]) -> Vector:
         """Rows from one replica of the key (its pool batches them with other callers')."""
-        entry = await self._ready(backend)
-        entry.in_flight += 1
-        try:
-            response = entry.handle.embed.remote(kind, list(items))
-            rows = await _result(response, entry.key)
-        finally:
-            self._finished(entry)
+        rows = await self._call(backend, lambda handle: handle.embed.remote(kind, list(items)))
         # Ray hands back read-only arrays; the in-process pool's rows are the caller's own.
         return np.array(rows, dtype=np.float32)
 
@@ -265,38 +260,71 @@ class RayRuntime:
         """A replica's generation, chunk by chunk, at most ``stream_window`` ahead; closing
         this iterator cancels the remote run, which stops at its next step."""
         assert isinstance(backend, TextToImageBackend)
-        entry = await self._ready(backend)
         credits = await self._credit_actor()
         stream = uuid.uuid4().hex
-        entry.in_flight += 1
-        response = entry.handle.options(stream=True).generate.remote(
-            prompt, config, stream, credits, self.stream_window
+        entry, response, chunk = await self._open_stream(
+            backend,
+            lambda handle: handle.options(stream=True).generate.remote(
+                prompt, config, stream, credits, self.stream_window
+            ),
         )
         taken = 0
         try:
-            while True:
-                try:
-                    chunk = await _next(response, entry.key)
-                except StopAsyncIteration:
-                    return
+            while chunk is not None:
                 taken += 1
                 if credits is not None:
                     credits.ack.remote(stream, taken)
                 yield chunk
+                try:
+                    chunk = await _next(response, entry.key)
+                except StopAsyncIteration:
+                    return
         finally:
             self._finished(entry)
-            response.cancel()
+            _cancel(response)
             if credits is not None:
                 credits.close.remote(stream)
 
     async def load(self, backend: Backend) -> None:
         """Deploy the key if it is not, and load its weights in one replica now."""
-        entry = await self._ready(backend)
-        entry.in_flight += 1
-        try:
-            await _result(entry.handle.load.remote(), entry.key)
-        finally:
-            self._finished(entry)
+        await self._call(backend, lambda handle: handle.load.remote())
+
+    async def _call(self, backend: Backend, send: Callable[[Any], Any]) -> Any:
+        """``send(handle)``'s answer from a replica of the key, deployed again (once) if
+        another runtime scaled it to zero since this one last looked."""
+        for last_try in (False, True):
+            entry = await self._ready(backend)
+            entry.in_flight += 1
+            try:
+                return await _result(send(entry.handle), entry.key)
+            except _ApplicationGone:
+                if last_try:
+                    raise
+                self._forget_application(entry)
+            finally:
+                self._finished(entry)
+        raise AssertionError("unreachable")
+
+    async def _open_stream(
+        self, backend: Backend, send: Callable[[Any], Any]
+    ) -> tuple[_Key, Any, GenerationChunk | None]:
+        """The key's stream from ``send(handle)`` and its first chunk (None: it ended), as
+        :meth:`_call` retries; the entry's call stays in flight until the caller ends it."""
+        for last_try in (False, True):
+            entry = await self._ready(backend)
+            entry.in_flight += 1
+            response = send(entry.handle)
+            try:
+                return entry, response, await _next(response, entry.key)
+            except StopAsyncIteration:
+                return entry, response, None
+            except BaseException as error:
+                self._finished(entry)
+                _cancel(response)
+                if last_try or not isinstance(error, _ApplicationGone):
+                    raise
+                self._forget_application(entry)
+        raise AssertionError("unreachable")
 
     def stats(self) -> dict[str, KeyStats]:
         """Per key, as of the last :meth:`refresh` (every ``refresh_interval``): ``workers``
@@ -315,8 +343,8 @@ class RayRuntime:
         for entry in self._keys.values():
             found = statuses.get(entry.app, _NOT_DEPLOYED)
             entry.status = found.status
-            if entry.app not in statuses and entry.handle is not None and not entry.lock.locked():
-                entry.handle = None  # deleted by another runtime: the next call deploys it
+            if entry.app not in statuses:
+                self._forget_application(entry)
             entry.replicas = found.running if entry.handle is not None else 0
             entry.usage = usage.get(entry.app)
         return self.stats()
@@ -359,6 +387,12 @@ class RayRuntime:
         return True
 
     # -- keys -----------------------------------------------------------------------------
+
+    def _forget_application(self, entry: _Key) -> None:
+        """The key's application is gone (another runtime scaled it to zero): its next call
+        deploys it again. Not while this runtime deploys or retires it."""
+        if entry.handle is not None and not entry.lock.locked():
+            entry.handle, entry.replicas, entry.status = None, 0, "NOT_STARTED"
 
     def _finished(self, entry: _Key) -> None:
         entry.in_flight -= 1
@@ -673,6 +707,12 @@ def _on_asyncio() -> bool:
         return False
 
 
+def _cancel(response: Any) -> None:
+    """Cancel a Serve request; one whose application is gone has nothing left to cancel."""
+    with contextlib.suppress(Exception):
+        response.cancel()
+
+
 async def _result(response: Any, key: str) -> Any:
     """A Serve response's value, its errors typed; cancelling the caller cancels it."""
     try:
@@ -682,7 +722,7 @@ async def _result(response: Any, key: str) -> Any:
     except Exception as error:
         raise typed_error(error, key) from None
     except BaseException:
-        response.cancel()
+        _cancel(response)
         raise
 
 
@@ -708,6 +748,11 @@ async def _next(stream: Any, key: str) -> Any:
     return item
 
 
+class _ApplicationGone(ModelError):
+    """A key's application was deleted (by another runtime, making room) after this runtime
+    took its handle: deploying it again answers the call."""
+
+
 def typed_error(error: BaseException, key: str) -> BaseException:
     """What a caller of the runtime sees: the replica's own :class:`~limner.LimnerError`,
     out of Ray's wrappers, or Ray's and Serve's failures as limner's errors."""
@@ -723,6 +768,8 @@ def typed_error(error: BaseException, key: str) -> BaseException:
         queued = seen.args[1] if len(seen.args) > 1 else 0
         retry = seen.args[3] if len(seen.args) > 3 and seen.args[3] else 1.0
         return PoolBusy(key, queue_size=int(queued), retry_after=float(retry))
+    if isinstance(seen, serve_errors.DeploymentUnavailableError):
+        return _ApplicationGone(f"{key}'s application on the cluster is gone: {seen!r}")
     if isinstance(seen, (serve_errors.RequestCancelledError, ray_errors.TaskCancelledError)):
         return Cancelled(f"the call to {key} on the cluster was cancelled")
     failure = ModelError(f"{key} failed on the cluster: {seen!r}")
