@@ -269,6 +269,23 @@ async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_r
         assert (await other.refresh())["fake/second"].state == "cold"
 
 
+async def test_stats_sum_the_batches_of_every_replica(
+    ray_cluster: None, registry: Registry
+) -> None:
+    two = RayKeyOptions(num_cpus=0.25, min_replicas=2, max_replicas=2)
+    async with RayRuntime(options=two) as runtime:
+        model = registry.embedder("fake/embedder").using(runtime)
+        for text in ("a", "b", "c", "d", "e", "f"):
+            await model.embed_text(text)
+        with anyio.fail_after(20):  # the replicas report within a second or so
+            while True:
+                stats = (await runtime.refresh())["fake/embedder"]
+                if stats.batches == 6:
+                    break
+                await anyio.sleep(0.1)
+    assert (stats.workers, stats.mean_batch_size, stats.in_flight) == (2, 1.0, 0)
+
+
 async def test_a_key_another_runtime_deleted_is_deployed_again_on_its_next_call(
     runtime: RayRuntime, registry: Registry
 ) -> None:
