@@ -11,6 +11,8 @@ in their files.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import shutil
 import tempfile
@@ -19,9 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
-from limner import Registry
+from limner import Pool, Registry
 from limner.ray import RayKeyOptions, RayRuntime
 from limner.testing import fake_embedding_spec, fake_generation_spec
 
@@ -117,3 +122,24 @@ async def runtime(ray_cluster: None) -> Any:
     """A runtime over the session's cluster; its applications go when the test ends."""
     async with RayRuntime(options=FAKE_OPTIONS) as runtime:
         yield runtime
+
+
+def png_data_url() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), (200, 30, 40)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def check_embeddings_over_http(client: httpx.AsyncClient) -> None:
+    """A text and a data-URL image through ``/v1/embeddings``: the in-process pool's rows."""
+    inputs = ["a red fox", png_data_url()]
+    response = await client.post("/v1/embeddings", json={"model": "fake/embedder", "input": inputs})
+    assert response.status_code == 200, response.text
+    rows = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
+    image = Image.open(io.BytesIO(base64.b64decode(inputs[1].split(",", 1)[1])))
+    async with Pool() as pool:
+        model = fake_registry().embedder("fake/embedder").using(pool)
+        expected = np.concatenate(
+            [await model.embed_text(inputs[:1]), await model.embed_images([image.convert("RGB")])]
+        )
+    np.testing.assert_allclose(rows, expected, atol=1e-6)

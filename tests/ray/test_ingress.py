@@ -10,13 +10,11 @@ import sys
 from collections.abc import Iterator
 
 import httpx
-import numpy as np
 import pytest
 
 from limner.ray import RayRuntime, http_ingress
 
-from .conftest import FAKE_OPTIONS, fake_registry, import_ray
-from .test_ray_runtime import expected_vectors, png_data_url
+from .conftest import FAKE_OPTIONS, check_embeddings_over_http, fake_registry, import_ray
 
 pytestmark = [
     pytest.mark.anyio,
@@ -62,13 +60,8 @@ def ingress(ray_cluster: None) -> Iterator[str]:
 
 
 async def test_the_http_api_answers_from_an_ingress_replica(ingress: str) -> None:
-    inputs = ["a red fox", png_data_url()]
     async with httpx.AsyncClient(base_url=ingress, timeout=60) as client:
-        response = await client.post(
-            "/v1/embeddings", json={"model": "fake/embedder", "input": inputs}
-        )
-        assert response.status_code == 200, response.text
-        rows = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
+        await check_embeddings_over_http(client)
         # The URL guard runs on the ingress replica, before anything reaches the model.
         refused = await client.post(
             "/v1/embeddings",
@@ -76,5 +69,4 @@ async def test_the_http_api_answers_from_an_ingress_replica(ingress: str) -> Non
         )
         assert refused.status_code == 400 and "loopback" in refused.json()["error"]["message"]
         pool = (await client.get("/v1/pool")).json()["models"]
-    np.testing.assert_allclose(rows, await expected_vectors(inputs), atol=1e-6)
     assert [(model["key"], model["device"]) for model in pool] == [("fake/embedder", "ray")]

@@ -3,7 +3,6 @@ HTTP API through it."""
 
 from __future__ import annotations
 
-import base64
 import io
 import socket
 import threading
@@ -30,7 +29,7 @@ from limner import (
 from limner.ray import NoRoomInCluster, RayKeyOptions, RayRuntime
 from limner.testing import fake_embedding_spec
 
-from .conftest import FAKE_OPTIONS, fake_registry, import_ray
+from .conftest import FAKE_OPTIONS, check_embeddings_over_http, fake_registry, import_ray
 
 pytestmark = [
     pytest.mark.anyio,
@@ -346,29 +345,9 @@ def served(ray_cluster: None) -> Iterator[str]:
         assert not thread.is_alive(), "the server did not shut down"
 
 
-def png_data_url() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 12), (200, 30, 40)).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-async def expected_vectors(inputs: list[Any]) -> Any:
-    image = Image.open(io.BytesIO(base64.b64decode(inputs[1].split(",", 1)[1])))
-    async with Pool() as pool:
-        model = fake_registry().embedder("fake/embedder").using(pool)
-        return np.concatenate(
-            [await model.embed_text(inputs[:1]), await model.embed_images([image.convert("RGB")])]
-        )
-
-
 async def test_the_http_api_answers_through_the_cluster(served: str) -> None:
-    inputs = ["a red fox", png_data_url()]
     async with httpx.AsyncClient(base_url=served, timeout=60) as client:
-        response = await client.post(
-            "/v1/embeddings", json={"model": "fake/embedder", "input": inputs}
-        )
-        assert response.status_code == 200, response.text
-        rows = np.array([row["embedding"] for row in response.json()["data"]], dtype=np.float32)
+        await check_embeddings_over_http(client)
         image = await client.post(
             "/v1/images/generations",
             json={"model": "fake/generator", "prompt": "a fox", "size": "16x16"},
@@ -376,7 +355,6 @@ async def test_the_http_api_answers_through_the_cluster(served: str) -> None:
         assert image.status_code == 200, image.text
         assert image.json()["data"][0]["b64_json"]
         pool = (await client.get("/v1/pool")).json()["models"]
-    np.testing.assert_allclose(rows, await expected_vectors(inputs), atol=1e-6)
     assert {model["key"]: model["device"] for model in pool} == {
         "fake/embedder": "ray",
         "fake/generator": "ray",

@@ -165,35 +165,24 @@ class LimnerReplica:
         """The pool's stream, at most ``window`` chunks ahead of the consumer (``credits``
         is the window's actor, or None for no window)."""
         with self._call():
-            async for chunk in self._stream(prompt, config, stream, credits, window):
-                yield chunk
-
-    async def _stream(
-        self,
-        prompt: str,
-        config: ImageGenerationConfig,
-        stream: str,
-        credits: Any,
-        window: int,
-    ) -> AsyncIterator[GenerationChunk]:
-        pool = await self._running()
-        assert isinstance(self.backend, TextToImageBackend)
-        chunks = pool.generate(self.backend, prompt, config)
-        sent = 0
-        try:
-            async for chunk in chunks:
-                if (
-                    credits is not None
-                    and sent >= window
-                    and not await credits.wait.remote(stream, sent - window + 1)
-                ):
-                    return  # the consumer closed the stream
-                sent += 1
-                yield chunk
-        finally:
-            # Serve cancels this generator when the caller goes away: closing the pool's
-            # stream makes the pipeline's next step raise, and frees the worker.
-            await chunks.aclose()  # type: ignore[attr-defined]
+            pool = await self._running()
+            assert isinstance(self.backend, TextToImageBackend)
+            chunks = pool.generate(self.backend, prompt, config)
+            sent = 0
+            try:
+                async for chunk in chunks:
+                    if (
+                        credits is not None
+                        and sent >= window
+                        and not await credits.wait.remote(stream, sent - window + 1)
+                    ):
+                        return  # the consumer closed the stream
+                    sent += 1
+                    yield chunk
+            finally:
+                # Serve cancels this generator when the caller goes away: closing the pool's
+                # stream makes the pipeline's next step raise, and frees the worker.
+                await chunks.aclose()  # type: ignore[attr-defined]
 
     async def load(self) -> None:
         with self._call():
