@@ -8,10 +8,14 @@ import sys
 
 import pytest
 
-from limner import MemoryExhausted, ModelSettings
-from limner.ray import GPU_MB, NoRoomInCluster, RayKeyOptions, ReplicaResources
+from limner import KeyStats, MemoryExhausted, ModelSettings, Pool
+from limner.errors import InvalidInput
+from limner.ray import GPU_MB, NoRoomInCluster, RayKeyOptions, RayRuntime, ReplicaResources
+from limner.ray._board import AppUsage, ReplicaReport, app_usage
 from limner.ray._placement import check_fits, fits, least_recently_used, replica_resources
 from limner.testing import fake_embedding_spec
+
+from .conftest import fake_registry
 
 MIB = 1024 * 1024
 SPEC = fake_embedding_spec("fake/embedder", memory_mb=3000)
@@ -93,3 +97,42 @@ def test_the_least_recently_used_idle_key_gives_its_room_up_first() -> None:
     assert least_recently_used([]) is None
     assert fits({"CPU": 1}, {"CPU": 1.0, "memory": 0.0})
     assert not fits({"CPU": 1, GPU_MB: 10}, {"CPU": 4.0})
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("stream_window", -1), ("deploy_timeout", 0), ("room_timeout", -1), ("refresh_interval", 0)],
+)
+def test_a_bad_runtime_setting_is_refused_naming_its_field(setting: str, value: float) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        RayRuntime(**{setting: value})  # type: ignore[arg-type]
+    assert caught.value.field == setting
+
+
+async def pool_stats(*calls: int) -> KeyStats:
+    """The fake embedder's figures in a pool after calls of that many texts each."""
+    model = fake_registry().embedder("fake/embedder")
+    async with Pool() as pool:
+        for count in calls:
+            await model.using(pool).embed_text(["a fox"] * count)
+        return pool.stats()["fake/embedder"]
+
+
+@pytest.mark.anyio
+async def test_the_board_sums_an_application_s_replicas() -> None:
+    """Batches and resources add up, the batch size is weighted by batches, the latest use
+    counts, and one busy replica makes its application busy."""
+    one = ReplicaReport("limner:a", "r1", 0, await pool_stats(1, 1), 10.0, {"CPU": 1.0})
+    two = ReplicaReport("limner:a", "r2", 1, await pool_stats(4), 20.0, {"CPU": 1.0})
+    fresh = ReplicaReport("limner:b", "r3", 0, None, None, {"CPU": 0.5})
+    usage = app_usage([one, two, fresh])
+    assert usage["limner:a"] == AppUsage(
+        app="limner:a",
+        replicas=2,
+        busy=True,
+        last_used=20.0,
+        resources={"CPU": 2.0},
+        batches=3,
+        mean_batch_size=2.0,
+    )
+    assert (usage["limner:b"].busy, usage["limner:b"].last_used) == (False, None)

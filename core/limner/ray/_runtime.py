@@ -14,7 +14,7 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -26,7 +26,14 @@ import sniffio
 from anyio.abc import TaskGroup
 
 from limner import GenerationChunk, ImageGenerationConfig, KeyStats, ModelSettings, ModelSpec
-from limner.errors import Cancelled, LimnerError, ModelError, PluginError, PoolBusy
+from limner.errors import (
+    Cancelled,
+    InvalidInput,
+    LimnerError,
+    ModelError,
+    PluginError,
+    PoolBusy,
+)
 from limner.plugin import Backend, TextToImageBackend
 from limner.runtime import ModelState, RequestKind
 
@@ -102,6 +109,7 @@ class _Key:
         return "loading" if self.status == "DEPLOYING" else "cold"
 
 
+@dataclass(eq=False)
 class RayRuntime:
     """A :class:`~limner.Runtime` on a Ray cluster. Use as ``async with RayRuntime():``.
 
@@ -111,7 +119,7 @@ class RayRuntime:
     further ``ray.init`` arguments. Each key's replicas follow ``options_per_key[key]``, else
     ``options`` (:class:`RayKeyOptions`: resources, replicas, keep-alive, the replica's pool
     arguments). A key no node has room for now waits ``room_timeout`` seconds for room
-    (after scaling this runtime's least recently used idle key to zero), then its callers get
+    (after scaling the cluster's least recently used idle keys to zero), then its callers get
     :class:`NoRoomInCluster`; one no node could ever hold gets it at once. A deployment not
     running after ``deploy_timeout`` seconds is deleted and its callers get an error, never
     a hang. A generation runs at most ``stream_window`` chunks
@@ -119,38 +127,28 @@ class RayRuntime:
     replica counts are read from Serve.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        *,
-        options: RayKeyOptions | None = None,
-        options_per_key: Mapping[str, RayKeyOptions] | None = None,
-        init_options: Mapping[str, Any] | None = None,
-        deploy_timeout: float = 300.0,
-        room_timeout: float = 10.0,
-        stream_window: int = 4,
-        refresh_interval: float = 5.0,
-        drain_timeout: float = 30.0,
-        app_prefix: str = "limner:",
-        log_level: str = "WARNING",
-    ) -> None:
-        if stream_window < 0:
-            raise ValueError("stream_window must be >= 0")
-        if not (
-            deploy_timeout > 0 and refresh_interval > 0 and min(room_timeout, drain_timeout) >= 0
-        ):
-            raise ValueError("timeouts and refresh_interval must be positive")
-        self.address = address
-        self.options = options or RayKeyOptions()
-        self.options_per_key = dict(options_per_key or {})
-        self.init_options = dict(init_options or {})
-        self.deploy_timeout = deploy_timeout
-        self.room_timeout = room_timeout
-        self.stream_window = stream_window
-        self.refresh_interval = refresh_interval
-        self.drain_timeout = drain_timeout
-        self.app_prefix = app_prefix
-        self.log_level = log_level
+    address: str | None = None
+    _: KW_ONLY
+    options: RayKeyOptions = field(default_factory=RayKeyOptions)
+    options_per_key: Mapping[str, RayKeyOptions] = field(default_factory=dict)
+    init_options: Mapping[str, Any] = field(default_factory=dict)
+    deploy_timeout: float = 300.0
+    room_timeout: float = 10.0
+    stream_window: int = 4
+    refresh_interval: float = 5.0
+    drain_timeout: float = 30.0
+    app_prefix: str = "limner:"
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        if self.stream_window < 0:
+            raise InvalidInput("must be >= 0", input=self.stream_window, field="stream_window")
+        for name in ("deploy_timeout", "refresh_interval", "room_timeout", "drain_timeout"):
+            value = getattr(self, name)
+            if not (value > 0 or (value == 0 and name in ("room_timeout", "drain_timeout"))):
+                raise InvalidInput("must be positive", input=value, field=name)
+        self.options_per_key = dict(self.options_per_key)
+        self.init_options = dict(self.init_options)
         self._keys: dict[str, _Key] = {}
         self._task_group: TaskGroup | None = None
         self._closing = False
