@@ -87,10 +87,7 @@ async def scale_from_zero() -> None:
         await model.embed_text("a fox")
         deployed = time.perf_counter() - started
         idle = time.perf_counter()
-        while True:
-            if not runtime.stats()["fake/idle"].workers:
-                break
-            await anyio.sleep(0.1)
+        await runtime.wait_for_replicas("fake/idle", 0, poll=0.1)
         to_zero = time.perf_counter() - idle
         started = time.perf_counter()
         await model.embed_text("a fox")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the anyio backend and a real local HTTP server with scripted routes."""
+"""Shared fixtures: the anyio backend, a real local HTTP server with scripted routes, and the
+apps `limner serve` would serve."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -221,3 +223,18 @@ def http_server() -> Iterator[LocalHTTPServer]:
     server.start()  # the socket already listens, so no request can race the thread's start
     yield server
     server.stop()
+
+
+@pytest.fixture
+def served_apps(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The apps ``limner serve`` hands uvicorn, in order; uvicorn serves none of them (its
+    ``Server.run`` is faked to return at once, as if the server had started and stopped)."""
+    uvicorn = pytest.importorskip("uvicorn", reason="`limner serve` needs the server extra")
+    apps: list[Any] = []
+
+    def run(server: Any, sockets: Any = None) -> None:
+        apps.append(server.config.app)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    return apps

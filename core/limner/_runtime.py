@@ -9,9 +9,12 @@ copy where the work runs, and never ships the backend object itself.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, runtime_checkable
+
+import anyio
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,7 +23,7 @@ if TYPE_CHECKING:
     from ._backends import Backend
     from ._generation_types import GenerationChunk, ImageGenerationConfig
 
-__all__ = ["KeyStats", "ModelState", "RequestKind", "Runtime"]
+__all__ = ["KeyStats", "ModelState", "RequestKind", "Runtime", "repeat_every"]
 
 RequestKind = Literal["image", "text"]
 """What an embedding call holds: prepared images, or texts."""
@@ -85,3 +88,17 @@ class Runtime(Protocol):
     async def aclose(self) -> None:
         """Finish or cancel what runs, and release every model."""
         ...
+
+
+async def repeat_every(
+    interval: float, action: Callable[[], Awaitable[object]], log: logging.Logger, what: str
+) -> NoReturn:
+    """``action()`` every ``interval`` seconds until cancelled: a runtime's housekeeping
+    (evicting idle keys, reading a cluster's state). A failure is logged as ``what`` failing,
+    and the next round runs as planned."""
+    while True:
+        await anyio.sleep(interval)
+        try:
+            await action()
+        except Exception:
+            log.exception("%s failed", what)

@@ -18,26 +18,17 @@ from limner.ray import RayRuntime
 from .conftest import import_ray, ray_environment
 
 
-def test_serve_takes_the_ray_runtime_and_its_address(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_takes_the_ray_runtime_and_its_address(served_apps: list[Any]) -> None:
     import_ray()
     pytest.importorskip("fastapi", reason="`limner serve` needs the server extra")
-    import uvicorn
-
     from limner import _cli
 
-    apps: list[Any] = []
-
-    def run(server: uvicorn.Server, sockets: Any = None) -> None:  # serves nothing
-        apps.append(server.config.app)
-        server.started = True
-
-    monkeypatch.setattr(uvicorn.Server, "run", run)
     pytest.importorskip("limner_clip", reason="preloads the CLIP plugin's tiny model")
     arguments = ["serve", "--port", "0", "--runtime", "ray", "--address", "ray://head:10001"]
     arguments.append("--no-ui")
     result = CliRunner().invoke(_cli.cli, [*arguments, "--preload", "limner/tiny-clip"])
     assert result.exit_code == 0, result.output
-    [app] = apps
+    [app] = served_apps
     runtime = app.state.limner.settings.runtime()
     assert isinstance(runtime, RayRuntime) and runtime.address == "ray://head:10001"
     # A preloaded key keeps a replica, as the pool keeps it loaded.
@@ -53,8 +44,7 @@ def test_a_runtime_that_started_ray_leaves_no_ray_process_behind(
     call, and on leaving the block (not at the process's exit) ends every process Ray
     started."""
     import_ray()
-    script = textwrap.dedent(
-        """
+    script = """
         import time
         import anyio, psutil
         from PIL import Image
@@ -84,23 +74,11 @@ def test_a_runtime_that_started_ray_leaves_no_ray_process_behind(
 
         anyio.run(main)
         """
-    )
-    environment = {**os.environ, **ray_environment(tmp_path, ray_temp_dir)}
-    environment.pop("RAY_ADDRESS", None)
-    environment.pop("RAY_AUTH_MODE", None)
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = run_script(script, tmp_path, ray_temp_dir)
     rows = next(line for line in lines if line.startswith("rows"))
     assert rows.startswith("rows (1, 8) children ")
     assert int(rows.split()[-1]) >= 3  # the GCS, the raylet, the replica, Serve's controller
-    assert "alive []" in lines, done.stdout
+    assert "alive []" in lines, lines
 
 
 def test_a_model_that_fits_only_the_second_node_goes_there(
@@ -109,8 +87,7 @@ def test_a_model_that_fits_only_the_second_node_goes_there(
     """Two nodes of one core: the head with 400 MB for models, the second with 2000 MB. A
     1000 MB model lands on the second; one of 3000 MB fits neither, and says so."""
     import_ray()
-    script = textwrap.dedent(
-        """
+    script = """
         import anyio, ray
         from ray.cluster_utils import Cluster
         from limner import MemoryExhausted, Registry
@@ -143,22 +120,27 @@ def test_a_model_that_fits_only_the_second_node_goes_there(
             ray.shutdown()
             cluster.shutdown()
         """
-    )
-    environment = {**os.environ, **ray_environment(tmp_path, ray_temp_dir)}
+    lines = run_script(script, tmp_path, ray_temp_dir)
+    assert "second" in lines, lines
+    assert (
+        "refused: Cannot place a replica of fake/3000 on the cluster: it needs 3,000 MB of "
+        "memory, the largest node has 2,000 MB. Add a node that large, or lower the key's "
+        "RayKeyOptions."
+    ) in lines, lines
+
+
+def run_script(script: str, home: Path, temp_dir: str) -> list[str]:
+    """Run ``script`` in a Python process of its own, with a Ray home and temp dir of its
+    own and no cluster to join; it must succeed. Its output, line by line."""
+    environment = {**os.environ, **ray_environment(home, temp_dir)}
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
         environment.pop(name, None)
     done = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", textwrap.dedent(script)],
         env=environment,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert "second" in lines, done.stdout
-    assert (
-        "refused: Cannot place a replica of fake/3000 on the cluster: it needs 3,000 MB of "
-        "memory, the largest node has 2,000 MB. Add a node that large, or lower the key's "
-        "RayKeyOptions."
-    ) in lines, done.stdout
+    return done.stdout.splitlines()

@@ -230,7 +230,7 @@ async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_r
         registry.register(fake_embedding_spec(key))
     one_core = RayKeyOptions(num_cpus=1, keep_alive=600)
     per_key = {"fake/first": RayKeyOptions(num_cpus=1, keep_alive=1.0, upscale_delay_s=0.0)}
-    mine = RayRuntime(options=one_core, options_per_key=per_key, refresh_interval=0.2)
+    mine = RayRuntime(options=one_core, options_per_key=per_key)
     async with mine, RayRuntime(options=one_core) as other:
         held = registry.embedder("fake/held").using(mine)
         expected = await held.embed_images(IMAGES[:1])
@@ -238,10 +238,7 @@ async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_r
         await first.embed_images(IMAGES[:2])
         idle = time.monotonic()
         with anyio.fail_after(30):  # Serve's autoscaler scales the idle key to zero
-            while True:
-                if not mine.stats()["fake/first"].workers:
-                    break
-                await anyio.sleep(0.2)
+            await mine.wait_for_replicas("fake/first", 0)
         to_zero = time.monotonic() - idle
         started = time.monotonic()
         await first.embed_images(IMAGES[:2])  # held and first fill the 2 cores
@@ -258,10 +255,7 @@ async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_r
         # Held is deployed again by its own runtime, making room the same way: first has
         # gone by its keep-alive, so the other runtime's idle key gives its core up.
         with anyio.fail_after(30):
-            while True:
-                if not (await mine.refresh())["fake/first"].workers:
-                    break
-                await anyio.sleep(0.2)
+            await mine.wait_for_replicas("fake/first", 0)
         np.testing.assert_array_equal(await held.embed_images(IMAGES[:1]), expected)
         stats = await mine.refresh()
         assert (stats["fake/held"].state, stats["fake/held"].loads) == ("ready", 2)

@@ -96,28 +96,17 @@ def test_the_page_needs_no_key_but_the_api_does(make_server: ServerFactory) -> N
         assert client.get("/ui/other.js").status_code == 401  # only the page's own files
 
 
-def test_limner_serve_no_ui_builds_an_app_without_the_page(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import uvicorn
-
+def test_limner_serve_no_ui_builds_an_app_without_the_page(served_apps: list[Any]) -> None:
     from limner._cli import cli
 
     pytest.importorskip("limner_clip", reason="serves the CLIP plugin's tiny model")
 
-    apps: list[Any] = []
-
-    def run(server: uvicorn.Server, sockets: Any = None) -> None:  # serves nothing
-        apps.append(server.config.app)
-        server.started = True
-
-    monkeypatch.setattr(uvicorn.Server, "run", run)
     for arguments, has_page in (([], True), (["--no-ui"], False)):
         result = CliRunner().invoke(
             cli, ["serve", "--port", "0", "--models", TINY_CLIP, *arguments]
         )
         assert result.exit_code == 0, result.output
-        paths = {getattr(route, "path", None) for route in apps[-1].routes}
+        paths = {getattr(route, "path", None) for route in served_apps[-1].routes}
         assert ("/" in paths) is has_page
         assert "/v1/embeddings" in paths
 

@@ -12,19 +12,18 @@ import contextvars
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import numpy as np
 import numpy.typing as npt
-from anyio.abc import TaskGroup
+from anyio.abc import AsyncResource, TaskGroup
 
 from limner._backends import Backend, TextToImageBackend
 from limner._generation_types import GenerationChunk, ImageGenerationConfig
 from limner._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
-from limner._runtime import KeyStats, RequestKind
+from limner._runtime import KeyStats, RequestKind, repeat_every
 from limner.errors import (
     Cancelled,
     LimnerError,
@@ -54,7 +53,7 @@ def current_pool() -> Pool | None:
     return _current.get()
 
 
-class Pool:
+class Pool(AsyncResource):
     """Serves models from a memory budget, in this process. Use as ``async with Pool():``.
 
     Keyword-only options: ``memory_budget_fraction`` of each device's total memory (0.8), or
@@ -122,17 +121,11 @@ class Pool:
             raise LimnerError("this pool is already running")
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._maintenance)
+        self._task_group.start_soon(
+            repeat_every, self.maintenance_interval, self.evict_idle, log, "pool maintenance"
+        )
         self._token = _current.set(self)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop taking work, let it drain for ``drain_timeout``, then cancel and unload all.
@@ -305,11 +298,3 @@ class Pool:
         await run_generation(
             state, self.executor, *args, clock=self.clock, on_progress=self._progress.set
         )
-
-    async def _maintenance(self) -> None:
-        while True:
-            await anyio.sleep(self.maintenance_interval)
-            try:
-                await self.evict_idle()
-            except Exception:
-                log.exception("pool maintenance failed")

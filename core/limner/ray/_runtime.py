@@ -15,7 +15,6 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from types import TracebackType
 from typing import Any
 
 import anyio
@@ -23,7 +22,7 @@ import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 import sniffio
-from anyio.abc import TaskGroup
+from anyio.abc import AsyncResource, TaskGroup
 
 from limner import GenerationChunk, ImageGenerationConfig, KeyStats, ModelSettings, ModelSpec
 from limner.errors import (
@@ -35,7 +34,7 @@ from limner.errors import (
     PoolBusy,
 )
 from limner.plugin import Backend, TextToImageBackend
-from limner.runtime import ModelState, RequestKind
+from limner.runtime import ModelState, RequestKind, repeat_every
 
 from ._board import BOARD_NAME, BOARD_NAMESPACE, AppUsage, Board, ReplicaReport, app_usage
 from ._placement import (
@@ -110,7 +109,7 @@ class _Key:
 
 
 @dataclass(eq=False)
-class RayRuntime:
+class RayRuntime(AsyncResource):
     """A :class:`~limner.Runtime` on a Ray cluster. Use as ``async with RayRuntime():``.
 
     ``address`` is Ray's: ``None`` joins the cluster this process is connected to, else
@@ -166,16 +165,14 @@ class RayRuntime:
         self._closing = False
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._refresh_periodically)
+        self._task_group.start_soon(
+            repeat_every,
+            self.refresh_interval,
+            self.refresh,
+            log,
+            "reading the Ray applications' status",
+        )
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Let calls in flight finish (``drain_timeout``), delete this runtime's
@@ -357,6 +354,15 @@ class RayRuntime:
             )
             return app_usage(reports)
         return {}
+
+    async def wait_for_replicas(self, key: str, count: int, *, poll: float = 0.2) -> None:
+        """Until ``key`` runs ``count`` replicas, as read from Serve every ``poll`` seconds:
+        a scale to zero after keep-alive, say (bound it with ``anyio.fail_after``)."""
+        while True:
+            stats = (await self.refresh()).get(key)
+            if stats is not None and stats.workers == count:
+                return
+            await anyio.sleep(poll)
 
     async def replica_stats(self, key: str) -> KeyStats | None:
         """One running replica's pool figures for ``key`` (None when none runs, as last
@@ -634,14 +640,6 @@ class RayRuntime:
                 message="; ".join(m for m in messages if m),
             )
         return found
-
-    async def _refresh_periodically(self) -> None:
-        while True:
-            await anyio.sleep(self.refresh_interval)
-            try:
-                await self.refresh()
-            except Exception:
-                log.exception("reading the Ray applications' status failed")
 
 
 def _nodes(kind: str) -> list[dict[str, float]]:
