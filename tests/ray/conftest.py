@@ -1,10 +1,11 @@
-"""One local Ray cluster (2 CPUs, as CI has) for the tests that need one, all in one module,
-so that it stops when they are done rather than at the end of the whole session.
+"""A local Ray cluster (2 CPUs, as CI has) per module of tests that need one, so that it
+stops when they are done rather than at the end of the whole session.
 
 Ray writes its token-auth file under the home directory, and its sessions (and, for a head
-node, the address later `ray.init()` calls join) under /tmp/ray: each cluster here starts
-with ``HOME`` and Ray's temp dir in directories of its own, so it neither joins nor leaves
-behind anything another process on the machine sees. The environment Ray changes is put
+node, the address later `ray.init()` calls join) under /tmp/ray: the clusters here start
+with ``HOME`` in a directory of this session's (Ray keeps its token per process) and Ray's
+temp dir in one of each cluster's own, so they neither join nor leave behind anything
+another process on the machine sees. The environment Ray changes is put
 back when it stops. Usage stats are off, there is no dashboard and the replicas' logs stay
 in their files.
 """
@@ -65,13 +66,20 @@ def ray_temp_dir() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def ray_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The home of every cluster this process starts: Ray keeps the auth token it made for
+    the first in this process, and a later cluster's GCS must find that token's file."""
+    return tmp_path_factory.mktemp("ray-home")
+
+
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+def ray_cluster(ray_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """``ray.init(num_cpus=2)`` in this process, shut down after the module."""
     ray = import_ray()
     if ray.is_initialized():
         pytest.skip("this process is already connected to a Ray cluster")
-    home = tmp_path_factory.mktemp("ray-home")
+    home = ray_home
     temp_dir = tempfile.mkdtemp(prefix="limner-ray-", dir="/tmp")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("RAY_AUTH_MODE", raising=False)  # Ray sets it; put back after

@@ -222,11 +222,12 @@ async def test_a_key_no_node_can_hold_fails_fast_naming_need_and_room(
 async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_room_up(
     ray_cluster: None,
 ) -> None:
-    """Two runtimes on the session's 2 cores, a key of one core each: a runtime that needs
+    """Two runtimes on the session's 2 cores, keys of one core each: a runtime that needs
     room scales to zero the least recently used idle key of the cluster, even another
     runtime's, and that runtime deploys its key again on its next call."""
+    ray = import_ray()
     registry = Registry(entry_points=False)
-    for key in ("fake/held", "fake/first", "fake/second"):
+    for key in ("fake/held", "fake/first", "fake/recent", "fake/second"):
         registry.register(fake_embedding_spec(key))
     one_core = RayKeyOptions(num_cpus=1, keep_alive=600)
     per_key = {"fake/first": RayKeyOptions(num_cpus=1, keep_alive=1.0, upscale_delay_s=0.0)}
@@ -241,25 +242,32 @@ async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_r
             await mine.wait_for_replicas("fake/first", 0)
         to_zero = time.monotonic() - idle
         started = time.monotonic()
-        await first.embed_images(IMAGES[:2])  # held and first fill the 2 cores
+        await first.embed_images(IMAGES[:2])
         from_zero = time.monotonic() - started
         print(f"idle to zero replicas {to_zero:.1f} s, from zero to an answer {from_zero:.1f} s")
         assert mine.stats()["fake/first"].evictions == 0  # Serve's doing, not a retirement
+        assert await mine.evict("fake/first")
+        with anyio.fail_after(30):  # until Ray counts the core free again
+            while True:
+                if ray.available_resources().get("CPU", 0) >= 1:
+                    break
+                await anyio.sleep(0.1)
 
-        # The other runtime's key finds no room: held, used longest ago, gives its up.
+        # The other runtime fills the second core, then needs a third: the cluster's least
+        # recently used idle key, the first runtime's held, gives its core up.
+        await registry.embedder("fake/recent").using(other).embed_images(IMAGES[:1])
         await registry.embedder("fake/second").using(other).embed_images(IMAGES[:1])
-        stats = await mine.refresh()
-        assert stats["fake/held"].state == "cold"
-        assert (await other.refresh())["fake/second"].state == "ready"
+        assert (await mine.refresh())["fake/held"].state == "cold"
+        stats = await other.refresh()
+        assert (stats["fake/recent"].state, stats["fake/second"].state) == ("ready", "ready")
 
-        # Held is deployed again by its own runtime, making room the same way: first has
-        # gone by its keep-alive, so the other runtime's idle key gives its core up.
-        with anyio.fail_after(30):
-            await mine.wait_for_replicas("fake/first", 0)
+        # Held's runtime deploys it again on its next call, and the other runtime's least
+        # recently used key makes room for it.
         np.testing.assert_array_equal(await held.embed_images(IMAGES[:1]), expected)
         stats = await mine.refresh()
         assert (stats["fake/held"].state, stats["fake/held"].loads) == ("ready", 2)
-        assert (await other.refresh())["fake/second"].state == "cold"
+        stats = await other.refresh()
+        assert (stats["fake/recent"].state, stats["fake/second"].state) == ("cold", "ready")
 
 
 async def test_stats_sum_the_batches_of_every_replica(
