@@ -16,6 +16,7 @@ import base64
 import io
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from PIL import Image
 from limner import Pool, Registry
 from limner.ray import RayKeyOptions, RayRuntime
 from limner.testing import fake_embedding_spec, fake_generation_spec
+
+SERVE_URL = pytest.StashKey[str]()
 
 NO_RAY = "needs ray[serve] (pip install 'limner[ray]'; the dev extra installs it)"
 
@@ -74,8 +77,11 @@ def ray_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(ray_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """``ray.init(num_cpus=2)`` in this process, shut down after the module."""
+def ray_cluster(
+    ray_home: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[None]:
+    """``ray.init(num_cpus=2)`` in this process, and Serve with its HTTP proxy on 127.0.0.1
+    (:func:`serve_url`; the runtimes join this Serve as it is); shut down after the module."""
     ray = import_ray()
     if ray.is_initialized():
         pytest.skip("this process is already connected to a Ray cluster")
@@ -99,15 +105,34 @@ def ray_cluster(ray_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             object_store_memory=100 * 1024 * 1024,
             logging_level="WARNING",
         )
+        from ray import serve
+
         try:
+            port = free_port()
+            serve.start(
+                http_options={"host": "127.0.0.1", "port": port},
+                logging_config={"log_level": "WARNING"},
+            )
+            request.config.stash[SERVE_URL] = f"http://127.0.0.1:{port}"
             yield
         finally:
-            from ray import serve
-
             serve.shutdown()
             ray.shutdown()
             os.environ.pop("RAY_AUTH_MODE", None)
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def serve_url(ray_cluster: None, request: pytest.FixtureRequest) -> str:
+    """Where the module's cluster's Serve answers HTTP."""
+    return request.config.stash[SERVE_URL]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def fake_registry() -> Registry:

@@ -1,10 +1,13 @@
 """The Ray runtime on a local cluster: the same answers and guarantees as the pool, and the
-HTTP API through it."""
+HTTP API through it: in a process of its own over the runtime, and as a Serve ingress
+deployment behind Serve's proxy on 127.0.0.1."""
 
 from __future__ import annotations
 
+import functools
 import io
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ from limner import (
     Progress,
     Registry,
 )
-from limner.ray import NoRoomInCluster, RayKeyOptions, RayRuntime
+from limner.ray import NoRoomInCluster, RayKeyOptions, RayRuntime, http_ingress
 from limner.testing import fake_embedding_spec
 
 from .conftest import FAKE_OPTIONS, check_embeddings_over_http, fake_registry, import_ray
@@ -361,3 +364,44 @@ async def test_the_http_api_answers_through_the_cluster(served: str) -> None:
         "fake/embedder": "ray",
         "fake/generator": "ray",
     }
+
+
+@pytest.fixture
+def ingress(serve_url: str) -> Iterator[str]:
+    """The ingress app on one quarter-core replica, behind the cluster's Serve proxy."""
+    pytest.importorskip("fastapi", reason="the ingress serves the server extra's app")
+    ray = import_ray()
+    from ray import serve
+
+    from limner.server import ServerSettings
+
+    # The replica unpickles the registry's factory: this module's conftest is no package
+    # a worker could import, so it travels by value.
+    conftest = sys.modules[fake_registry.__module__]
+    ray.cloudpickle.register_pickle_by_value(conftest)
+    app = http_ingress(
+        settings=ServerSettings(ui=False),
+        registry=fake_registry,
+        runtime=functools.partial(RayRuntime, options=FAKE_OPTIONS),
+        num_cpus=0.25,
+    )
+    try:
+        serve.run(app, name="limner-http", route_prefix="/")
+        yield serve_url
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(conftest)
+        serve.delete("limner-http")  # its runtime deletes the model's app as it stops
+        assert "limner:fake/embedder" not in serve.status().applications
+
+
+async def test_the_http_api_answers_from_an_ingress_replica(ingress: str) -> None:
+    async with httpx.AsyncClient(base_url=ingress, timeout=60) as client:
+        await check_embeddings_over_http(client)
+        # The URL guard runs on the ingress replica, before anything reaches the model.
+        refused = await client.post(
+            "/v1/embeddings",
+            json={"model": "fake/embedder", "input": ["http://127.0.0.1:1/cat.png"]},
+        )
+        assert refused.status_code == 400 and "loopback" in refused.json()["error"]["message"]
+        pool = (await client.get("/v1/pool")).json()["models"]
+    assert [(model["key"], model["device"]) for model in pool] == [("fake/embedder", "ray")]
