@@ -218,7 +218,11 @@ class LimnerReplica:
 
         context = serve.get_replica_context()
         app, replica = context.app_name, context.replica_id.unique_id
-        board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+        try:
+            board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+        except ValueError:  # deployed by a runtime without one: nothing reads reports
+            log.warning("no %s actor on this cluster: %s reports nothing", BOARD_NAME, app)
+            return
         resources = dict(ray.get_runtime_context().get_assigned_resources())
         try:
             while not self._stop.is_set():

@@ -506,19 +506,23 @@ class RayRuntime(AsyncResource):
                         available = await anyio.to_thread.run_sync(_nodes, "available")
                 check_fits(entry.key, need, available, busy=True)
                 return
+            app, freed = victim
             before = _free(available)
-            await self._scale_to_zero(victim.app, reason=f"to make room for {entry.key}")
+            await self._scale_to_zero(app, reason=f"to make room for {entry.key}")
             with anyio.move_on_after(self.room_timeout):  # until Ray counts what it freed
                 while not any(fits(need, node) for node in available) and not all(
                     _free(available).get(name, 0.0) + 1e-9 >= before.get(name, 0.0) + amount
-                    for name, amount in victim.resources.items()
+                    for name, amount in freed.items()
                 ):
                     await anyio.sleep(0.1)
                     available = await anyio.to_thread.run_sync(_nodes, "available")
 
-    async def _least_recently_used_idle(self, entry: _Key) -> AppUsage | None:
-        """The cluster's idle application used longest ago, other than ``entry``'s: idle by
-        its replicas' reports and, for this runtime's own keys, by the calls in flight here."""
+    async def _least_recently_used_idle(
+        self, entry: _Key
+    ) -> tuple[str, Mapping[str, float]] | None:
+        """The cluster's idle application used longest ago, other than ``entry``'s, and what
+        its replicas hold (Ray's units): idle by its replicas' reports and, for this
+        runtime's own keys, by the calls in flight here."""
         statuses = await anyio.to_thread.run_sync(self._statuses)
         usage = await self._usage()
         mine = {other.app: other for other in self._keys.values()}
@@ -537,19 +541,10 @@ class RayRuntime(AsyncResource):
         oldest = least_recently_used(idle)
         if oldest is None:
             return None
-        app, own = oldest, mine.get(oldest)
-        freed = usage[app].resources if app in usage else {}
+        own, replicas = mine.get(oldest), statuses[oldest].running
         if own is not None and own.resources is not None:
-            freed = {k: v * statuses[app].running for k, v in own.resources.as_ray().items()}
-        return AppUsage(
-            app=app,
-            replicas=statuses[app].running,
-            busy=False,
-            last_used=None,
-            resources=freed,
-            batches=0,
-            mean_batch_size=0.0,
-        )
+            return oldest, {name: n * replicas for name, n in own.resources.as_ray().items()}
+        return oldest, usage[oldest].resources if oldest in usage else {}
 
     async def _scale_to_zero(self, app: str, *, reason: str) -> None:
         """Delete an application: this runtime's through its entry, another's directly (that
