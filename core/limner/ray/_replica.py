@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib
 import logging
 import time
@@ -201,11 +200,7 @@ class LimnerReplica:
         pool = self._pool
         if pool is None:
             return None
-        stats = next(iter(pool.stats().values()), None)
-        if stats is not None and self._calls > stats.in_flight + stats.queue_depth:
-            # waiting for the pool to start, or for the consumer of a stream
-            stats = dataclasses.replace(stats, in_flight=self._calls - stats.queue_depth)
-        return stats
+        return next(iter(pool.stats().values()), None)
 
     async def _report_periodically(self) -> None:
         """Until the replica stops: tell the board what this replica does, every
