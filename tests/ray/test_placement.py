@@ -134,5 +134,6 @@ async def test_the_board_sums_an_application_s_replicas() -> None:
         resources={"CPU": 2.0},
         batches=3,
         mean_batch_size=2.0,
+        queue_depth=0,
     )
     assert (usage["limner:b"].busy, usage["limner:b"].last_used) == (False, None)

@@ -60,11 +60,12 @@ class AppUsage:
     resources: Mapping[str, float]
     batches: int
     mean_batch_size: float
+    queue_depth: int
 
 
 def app_usage(reports: Sequence[ReplicaReport]) -> dict[str, AppUsage]:
     """Per application: busy if any replica is, last used when its latest replica was,
-    resources and batches summed, batch size weighted by batches."""
+    resources, batches and queues summed, batch size weighted by batches."""
     by_app: dict[str, list[ReplicaReport]] = {}
     for report in reports:
         by_app.setdefault(report.app, []).append(report)
@@ -86,6 +87,7 @@ def app_usage(reports: Sequence[ReplicaReport]) -> dict[str, AppUsage]:
             resources=resources,
             batches=batches,
             mean_batch_size=items / batches if batches else 0.0,
+            queue_depth=sum(s.queue_depth for s in stats),
         )
     return usage
 

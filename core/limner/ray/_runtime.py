@@ -323,8 +323,8 @@ class RayRuntime(AsyncResource):
 
     def stats(self) -> dict[str, KeyStats]:
         """Per key, as of the last :meth:`refresh` (every ``refresh_interval``): ``workers``
-        is its running replicas, ``batches`` and ``mean_batch_size`` summed over them (each
-        replica's pool, whoever called it), ``memory_mb`` what they reserve;
+        is its running replicas, ``batches``, ``mean_batch_size`` and ``queue_depth`` summed
+        over them (each replica's pool, whoever called it), ``memory_mb`` what they reserve;
         ``in_flight`` is this host's calls now, ``loads`` and ``load_seconds`` its
         deployments by this runtime, ``evictions`` the times this runtime scaled it to
         zero."""
@@ -678,7 +678,7 @@ def _snapshot(entry: _Key) -> KeyStats:
         key=entry.key,
         state=entry.state,
         workers=entry.replicas,
-        queue_depth=0,
+        queue_depth=usage.queue_depth if usage else 0,
         in_flight=entry.in_flight,
         batches=usage.batches if usage else 0,
         mean_batch_size=usage.mean_batch_size if usage else 0.0,
