@@ -344,6 +344,22 @@ def test_real_weights_missing_offline_come_before_memory(
     assert "hf download openai/clip-vit-base-patch32" in lines[0]
 
 
+def test_a_gated_model_missing_offline_says_to_accept_its_licence(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """FLUX.1-dev is gated: downloading it alone would fail, so the one line says so."""
+    out = tmp_path / "fox.png"
+    result = limner(env, "generate", "a fox", "--model", "flux-dev", "--out", str(out), check=False)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert "black-forest-labs/FLUX.1-dev is not in the Hugging Face cache" in lines[0]
+    assert "hf download black-forest-labs/FLUX.1-dev" in lines[0]
+    assert "is gated: accept its licence on huggingface.co" in lines[0]
+    assert "hf auth login" in lines[0]
+    assert not out.exists()
+
+
 def test_without_offline_an_unreachable_hub_fails_fast_in_one_line(
     env: dict[str, str], images: dict[str, Path]
 ) -> None:

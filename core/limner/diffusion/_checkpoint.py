@@ -107,5 +107,6 @@ class Checkpoint:
                 license=self.license,
                 description=self.description,
                 tiny=self.tiny,
+                gated=self.gated,
             ),
         )

@@ -66,6 +66,7 @@ class TestFlux(DiffusionFamilyContract):
         assert schnell.memory_mb == pytest.approx(33.8 * 1024)
         assert not schnell.tiny
         assert "non-commercial" in (registry.spec(DEV).info.license or "")
+        assert registry.spec(DEV).info.gated and not schnell.gated  # said when missing
 
     def test_real_key_defaults(self, make_backend: BackendMaker) -> None:
         schnell = make_backend(SCHNELL).resolve_config(ImageGenerationConfig())

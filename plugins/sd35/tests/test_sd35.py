@@ -77,6 +77,7 @@ class TestSD35(DiffusionFamilyContract):
         assert registry.spec(LARGE).info.memory_mb == turbo.memory_mb
         assert registry.spec(MEDIUM).info.memory_mb < turbo.memory_mb
         assert not turbo.tiny
+        assert turbo.gated and not registry.spec(TINY).info.gated  # said when missing
         assert registry.settings(TINY).options == {"cpu_offload": False, "drop_t5": False}
 
     def test_real_key_defaults(self, make_backend: BackendMaker) -> None:
