@@ -28,6 +28,7 @@ from limner.plugin.testing import TextToImageContract
 from limner.testing import FakeClock, FakeMemory
 
 from ._backend import DiffusersBackend
+from ._generation import latent_rgb
 
 __all__ = ["USER_CACHE", "BackendMaker", "FamilyFixtures", "GenerationTests", "pixels", "run"]
 
@@ -165,8 +166,8 @@ class GenerationTests(FamilyFixtures):
         from torch.utils.flop_counter import FlopCounterMode
 
         loaded = tiny._require_loaded()
-        projection = tiny._latent_rgb(loaded)
-        assert tiny._latent_rgb(loaded) is projection  # fitted once per loaded pipeline
+        projection = latent_rgb(loaded)
+        assert latent_rgb(loaded) is projection  # fitted once per loaded pipeline
         channels = projection.factors.shape[0]
         decodes = _count_calls(monkeypatch, loaded.pipeline.vae, "decode")
         latents = torch.randn(1, channels, 128, 128)  # the (unpacked) latents of 1024 x 1024
