@@ -24,10 +24,12 @@ from limner import (
     Progress,
 )
 from limner.plugin import hf_cache_dir
-from limner.plugin.testing import TextToImageContract
+from limner.plugin.testing import BAD_FIELDS, TextToImageContract
 from limner.testing import FakeClock, FakeMemory
 
 from ._backend import DiffusersBackend
+from ._checkpoint import Checkpoint
+from ._config import MAX_NUM_IMAGES, MAX_SEED
 from ._generation import latent_rgb
 
 __all__ = ["USER_CACHE", "BackendMaker", "FamilyFixtures", "GenerationTests", "pixels", "run"]
@@ -67,6 +69,40 @@ def pixels(image: Image.Image) -> npt.NDArray[np.uint8]:
     return np.asarray(image, dtype=np.uint8)
 
 
+#: ``(field, value)`` every diffusion checkpoint refuses besides the conformance suite's
+#: ``BAD_FIELDS``: the types and bounds ``resolve_config`` holds every family to.
+DIFFUSION_BAD_FIELDS: tuple[tuple[str, object], ...] = (
+    ("height", 512.0),  # a whole number, but not an int
+    ("steps", 2.0),
+    ("width", False),
+    ("guidance", "3.5"),
+    ("negative_prompt", 3),
+    ("negative_prompt", ["blurry"]),
+    ("max_sequence_length", 0),
+    ("num_images", MAX_NUM_IMAGES + 1),
+    ("seed", MAX_SEED + 1),
+    ("output_format", "bmp"),
+    ("preview", 1),
+)
+
+
+def past_the_limits(checkpoint: Checkpoint) -> list[tuple[str, object]]:
+    """``(field, value)`` just past each of ``checkpoint``'s own limits, which it refuses."""
+    fields: list[tuple[str, object]] = [
+        ("width", checkpoint.min_size // 2),
+        ("height", checkpoint.max_size * 2),
+        ("width", checkpoint.default_size + checkpoint.size_multiple // 2),  # not a multiple
+        ("steps", checkpoint.max_steps + 1),
+        ("guidance", checkpoint.max_guidance + 1),
+        ("max_sequence_length", checkpoint.max_prompt_tokens + 1),
+    ]
+    if checkpoint.guidance_distilled_away:
+        fields.append(("guidance", 3.5))
+    if checkpoint.negative_prompt_refusal is not None or checkpoint.default_guidance <= 1:
+        fields.append(("negative_prompt", "blurry"))  # no guidance for it to act through
+    return fields
+
+
 class FamilyFixtures(TextToImageContract):
     """What a family's tests say about it, and the fixtures the tests use: the conformance
     suite's (:class:`limner.plugin.testing.TextToImageContract`) and the family's."""
@@ -88,6 +124,16 @@ class FamilyFixtures(TextToImageContract):
     @classmethod
     def tiny_key(cls) -> str:
         return cls.key
+
+    def refused_fields(self) -> list[tuple[str, str, Any]]:
+        """The suite's, and for each of the family's checkpoints the suite's bad values, the
+        ones every diffusion checkpoint refuses, and values just past its own limits."""
+        fields = super().refused_fields()
+        for checkpoint in self.backend_class.variants:
+            if isinstance(checkpoint, Checkpoint):
+                bad = (*BAD_FIELDS, *DIFFUSION_BAD_FIELDS, *past_the_limits(checkpoint))
+                fields += [(checkpoint.key, field, value) for field, value in bad]
+        return fields
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -577,9 +577,13 @@ class TextToImageContract(PluginContract):
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         super().pytest_generate_tests(metafunc)
         if "bad_field" in metafunc.fixturenames:
-            fields = [(self.key, field, value) for field, value in BAD_FIELDS]
-            fields += list(self.bad_fields)
+            fields = self.refused_fields()
             metafunc.parametrize("bad_field", fields, ids=_ids(fields))
+
+    def refused_fields(self) -> list[tuple[str, str, Any]]:
+        """``(key, field, value)`` that ``resolve_config`` must refuse, naming the field: the
+        suite's ``BAD_FIELDS`` on the tiny key, and the class's ``bad_fields``."""
+        return [(self.key, field, value) for field, value in BAD_FIELDS] + list(self.bad_fields)
 
     def run(
         self, backend: TextToImageBackend, prompt: str = "a lighthouse at dusk", **fields: Any
