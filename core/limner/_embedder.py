@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._backends import ImageEmbeddingBackend
-from ._blocking import call_blocking
+from ._blocking import BlockingFront, call_blocking
 from ._capabilities import ImageInput
 from ._default_pool import in_runtime
 from ._image_fetch import fetch_image_bytes
@@ -236,21 +236,11 @@ class ImageEmbedder:
         )
 
 
-class BlockingImageEmbedder:
+class BlockingImageEmbedder(BlockingFront[ImageEmbedder]):
     """The same methods as :class:`~limner.ImageEmbedder`, as plain blocking calls.
 
     Safe to use from many threads at once: every call is handed to the default pool's loop.
     """
-
-    def __init__(self, model: ImageEmbedder) -> None:
-        self.model = model
-
-    def __repr__(self) -> str:
-        return f"<BlockingImageEmbedder {self.model.key}>"
-
-    @property
-    def key(self) -> str:
-        return self.model.key
 
     @property
     def embedding_dimension(self) -> int:

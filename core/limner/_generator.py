@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 
 from ._backends import TextToImageBackend
-from ._blocking import call_blocking
+from ._blocking import BlockingFront, call_blocking
 from ._default_pool import in_runtime, iterate_in_runtime
 from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig
 from ._runtime import Runtime
@@ -87,18 +87,8 @@ class ImageGenerator:
         return result
 
 
-class BlockingImageGenerator:
+class BlockingImageGenerator(BlockingFront[ImageGenerator]):
     """:class:`~limner.ImageGenerator` as a blocking call with a progress callback."""
-
-    def __init__(self, model: ImageGenerator) -> None:
-        self.model = model
-
-    def __repr__(self) -> str:
-        return f"<BlockingImageGenerator {self.model.key}>"
-
-    @property
-    def key(self) -> str:
-        return self.model.key
 
     def generate(
         self,
