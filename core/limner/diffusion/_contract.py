@@ -24,7 +24,7 @@ from limner import (
     Progress,
 )
 from limner.plugin import hf_cache_dir
-from limner.plugin.testing import BAD_FIELDS, TextToImageContract
+from limner.plugin.testing import BAD_FIELDS, TextToImageContract, run_in_threads
 from limner.testing import FakeClock, FakeMemory
 
 from ._backend import DiffusersBackend
@@ -269,11 +269,7 @@ class GenerationTests(FamilyFixtures):
             except BaseException as error:
                 errors.append(error)
 
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in seeds]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        run_in_threads(worker, seeds, timeout=60)
         assert errors == []
         for seed in seeds:
             assert np.array_equal(pixels(results[seed].images[0]), sequential[seed])
@@ -305,11 +301,7 @@ class GenerationTests(FamilyFixtures):
                 except Exception as error:
                     failures.append(repr(error))
 
-        threads = [threading.Thread(target=worker, args=(offset,)) for offset in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        run_in_threads(worker, range(4), timeout=120)
         assert failures == []
 
     @pytest.mark.anyio

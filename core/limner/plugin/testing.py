@@ -43,10 +43,10 @@ import sys
 import textwrap
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -77,12 +77,14 @@ __all__ = [
     "TextToImageContract",
     "contract_for",
     "photo_like",
+    "run_in_threads",
 ]
 
 #: What importing a plugin module and building its backends must not import.
 HEAVY_MODULES = ("torch", "transformers", "diffusers", "huggingface_hub")
 
 Vectors = npt.NDArray[np.float32]
+T = TypeVar("T")
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
@@ -93,6 +95,17 @@ def photo_like(width: int, height: int, seed: int) -> Image.Image:
     field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
     grain = rng.normal(0.0, 10.0, field.shape)
     return Image.fromarray(np.clip(field + grain, 0, 255).astype(np.uint8))
+
+
+def run_in_threads(work: Callable[[T], object], arguments: Iterable[T], *, timeout: float) -> None:
+    """``work(argument)`` for each of ``arguments``, each in a thread of its own, all at once;
+    returns when every thread has ended (or waited ``timeout`` seconds for it). ``work``
+    records its own failures: what a thread raises is lost with it."""
+    threads = [threading.Thread(target=work, args=(argument,)) for argument in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
 
 
 def _offline(patch: pytest.MonkeyPatch, cache: Path) -> None:
@@ -465,11 +478,7 @@ class ImageEmbeddingContract(PluginContract):
             except Exception as error:
                 failures.append(repr(error))
 
-        threads = [threading.Thread(target=work, args=(slot,)) for slot in (0, 1)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
+        run_in_threads(work, (0, 1), timeout=300)
         assert failures == []
 
     @pytest.mark.anyio
