@@ -187,7 +187,9 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
 
     def gated(self) -> bool:
         """Whether the variant's repo needs its licence accepted before download: the
-        variant's ``gated`` (see :class:`Checkpoint`), else false."""
+        variant's ``gated`` (see :class:`Checkpoint`), else false. Said in load errors; the
+        pool's earlier missing-weights check reads the spec's ``ModelInfo.gated``, which a
+        :class:`Checkpoint` sets."""
         return bool(getattr(self.variant, "gated", False))
 
     # -- loading ------------------------------------------------------------------------------
