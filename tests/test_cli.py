@@ -192,6 +192,14 @@ def needs_flux() -> None:
     pytest.importorskip("limner_flux", reason="generates with the FLUX plugin's tiny model")
 
 
+def generate_tiny(
+    env: dict[str, str], prompt: str, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``limner generate PROMPT -m limner/tiny-flux ARGS``; skipped without the FLUX plugin."""
+    needs_flux()
+    return limner(env, "generate", prompt, "-m", TINY_FLUX, *args, check=check)
+
+
 NOISE = ("Loading", "[transformers]", "torchvision", "Warning", "%|", "\x1b[")
 
 
@@ -205,30 +213,15 @@ def test_embed_prints_nothing_of_its_libraries(
 
 
 def test_generate_prints_only_its_seed_line(env: dict[str, str], tmp_path: Path) -> None:
-    needs_flux()
     target = tmp_path / "out.png"
-    result = limner(
-        env, "generate", "a lighthouse", "-m", TINY_FLUX, "--seed", "7", "-o", str(target)
-    )
+    result = generate_tiny(env, "a lighthouse", "--seed", "7", "-o", str(target))
     assert result.stdout.splitlines() == [str(target)]
     assert re.fullmatch(r"seed 7 in \d+\.\d s\n", result.stderr), result.stderr
 
 
 def test_progress_says_loading_then_counts_steps(env: dict[str, str], tmp_path: Path) -> None:
     """The bar starts once the model is loaded; what the libraries draw never shows."""
-    needs_flux()
-    result = limner(
-        env,
-        "generate",
-        "x",
-        "-m",
-        TINY_FLUX,
-        "--steps",
-        "3",
-        "-o",
-        str(tmp_path / "a.png"),
-        "--progress",
-    )
+    result = generate_tiny(env, "x", "--steps", "3", "-o", str(tmp_path / "a.png"), "--progress")
     assert re.search(rf"^loading {TINY_FLUX} \.\.\. \d+\.\d s$", result.stderr, re.MULTILINE)
     loaded = result.stderr.index("loading")
     assert result.stderr.index("3/3", loaded) > loaded
@@ -267,9 +260,7 @@ def test_a_bad_out_fails_in_one_line_before_any_model_loads(
     (tmp_path / "folder.png").mkdir()
     target = str(tmp_path / out)
     # cuda:99 would fail the load: only a check made before loading can speak first.
-    result = limner(
-        env, "generate", "x", "-m", TINY_FLUX, "--device", "cuda:99", "-o", target, check=False
-    )
+    result = generate_tiny(env, "x", "--device", "cuda:99", "-o", target, check=False)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: Invalid value for '-o'"), lines
@@ -278,20 +269,8 @@ def test_a_bad_out_fails_in_one_line_before_any_model_loads(
 
 
 def test_several_images_are_numbered_files(env: dict[str, str], tmp_path: Path) -> None:
-    needs_flux()
-    out = limner(
-        env,
-        "generate",
-        "x",
-        "-m",
-        TINY_FLUX,
-        "--num-images",
-        "2",
-        "--steps",
-        "1",
-        "-o",
-        str(tmp_path / "new" / "fox.webp"),
-    ).stdout
+    target = str(tmp_path / "new" / "fox.webp")
+    out = generate_tiny(env, "x", "--num-images", "2", "--steps", "1", "-o", target).stdout
     assert out.splitlines() == [str(tmp_path / "new" / f"fox-{n}.webp") for n in (1, 2)]
     with Image.open(tmp_path / "new" / "fox-2.webp") as image:
         assert image.format == "WEBP"
@@ -342,6 +321,22 @@ def test_real_weights_missing_offline_come_before_memory(
     assert len(lines) == 1, lines
     assert "is not in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
     assert "hf download openai/clip-vit-base-patch32" in lines[0]
+
+
+def test_a_gated_model_missing_offline_says_to_accept_its_licence(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """FLUX.1-dev is gated: downloading it alone would fail, so the one line says so."""
+    out = tmp_path / "fox.png"
+    result = limner(env, "generate", "a fox", "--model", "flux-dev", "--out", str(out), check=False)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert "black-forest-labs/FLUX.1-dev is not in the Hugging Face cache" in lines[0]
+    assert "hf download black-forest-labs/FLUX.1-dev" in lines[0]
+    assert "is gated: accept its licence on huggingface.co" in lines[0]
+    assert "hf auth login" in lines[0]
+    assert not out.exists()
 
 
 def test_without_offline_an_unreachable_hub_fails_fast_in_one_line(

@@ -116,6 +116,26 @@ class Workspace:
             text = text.replace("http://127.0.0.1:8000", self.server_url)
         return text
 
+    def run(self, block: Block, command: list[str], *, tail: int | None = None) -> None:
+        """Run ``command`` in the folder, failing ``block`` with its output (the last
+        ``tail`` characters of stdout) when it fails."""
+        result = subprocess.run(
+            command,
+            cwd=self.folder,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        out = result.stdout[-tail:] if tail else result.stdout
+        assert result.returncode == 0, f"{block} failed:\n{out}\n{result.stderr}"
+
+    def stop_servers(self) -> None:
+        for server in self.servers:
+            server.kill()
+            server.wait(timeout=10)
+
 
 @pytest.fixture(scope="module")
 def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -155,31 +175,18 @@ def workspace(tmp_path: Path, hf_cache: Path, http_server: LocalHTTPServer) -> I
     try:
         yield space
     finally:
-        for server in space.servers:
-            server.kill()
-            server.wait(timeout=10)
+        space.stop_servers()
 
 
 def run_python(block: Block, space: Workspace) -> None:
     script = space.folder / f"block_{block.line}.py"
     script.write_text(space.swap(block.text))
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=space.folder,
-        env=space.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, f"{block} failed:\n{result.stdout}\n{result.stderr}"
+    space.run(block, [sys.executable, str(script)])
 
 
 def start_server(block: Block, command: str, space: Workspace) -> None:
     """Run a `limner serve` line in the background until the test ends."""
-    for server in space.servers:  # one at a time: a later block's server replaces it
-        server.kill()
-        server.wait(timeout=10)
+    space.stop_servers()  # one at a time: a later block's server replaces it
     line = re.sub(r"\s+#.*$", "", command)  # options go before a comment
     process = subprocess.Popen(
         ["bash", "-c", f"exec env {line} --port 0 --allow-private-urls"],
@@ -226,16 +233,7 @@ def run_shell(block: Block, space: Workspace, skipped: list[str]) -> None:
     if not script:
         return
     body = "\n".join(["trap 'echo \"failed: $BASH_COMMAND\" >&2' ERR", *script])
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", body],
-        cwd=space.folder,
-        env=space.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, f"{block} failed:\n{result.stdout[-3000:]}\n{result.stderr}"
+    space.run(block, ["bash", "-euo", "pipefail", "-c", body], tail=3000)
 
 
 @pytest.mark.parametrize("path", RUN)

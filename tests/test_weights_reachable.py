@@ -69,6 +69,23 @@ def test_offline_and_not_cached_says_how_to_get_the_weights(
     assert "\n" not in message
 
 
+def test_a_gated_repo_says_to_accept_its_licence_first(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = real_spec()
+    gated = dataclasses.replace(spec, info=dataclasses.replace(spec.info, gated=True))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as caught:
+        check_weights_reachable(gated, settings())
+    message = str(caught.value)
+    assert f"hf download {REPO}" in message
+    assert f"{REPO} is gated: accept its licence on huggingface.co" in message
+    assert "\n" not in message
+    with pytest.raises(ModelLoadError) as plain:
+        check_weights_reachable(spec, settings())
+    assert "licence" not in str(plain.value)
+
+
 def test_a_cached_snapshot_passes_by_branch_and_by_commit(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

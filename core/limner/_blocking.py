@@ -1,19 +1,41 @@
-"""What the blocking facades of the fronts share: refuse inside an event loop, else run
-the call on the default pool's loop (see ``_default_pool``)."""
+"""What the blocking facades of the fronts share: the front they wrap, and each call refused
+inside an event loop, else run on the default pool's loop (see ``_default_pool``)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import sniffio
 
 from ._default_pool import run_on_default_loop
 from .errors import BlockingCallInEventLoop
 
-__all__ = ["call_blocking", "ensure_no_running_loop"]
+__all__ = ["BlockingFront", "call_blocking", "ensure_no_running_loop"]
 
 T = TypeVar("T")
+
+
+class _Front(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+FrontT = TypeVar("FrontT", bound=_Front)
+
+
+class BlockingFront(Generic[FrontT]):
+    """A blocking facade over an async front (``model``), named by the front's key."""
+
+    def __init__(self, model: FrontT) -> None:
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.model.key}>"
+
+    @property
+    def key(self) -> str:
+        return self.model.key
 
 
 def ensure_no_running_loop(what: str) -> None:

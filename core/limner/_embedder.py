@@ -12,9 +12,10 @@ import numpy as np
 import numpy.typing as npt
 
 from ._backends import ImageEmbeddingBackend
-from ._blocking import call_blocking
+from ._blocking import BlockingFront, call_blocking
 from ._capabilities import ImageInput
 from ._default_pool import in_runtime
+from ._front import ModelFront
 from ._image_fetch import fetch_image_bytes
 from ._image_kinds import InputKind, classify_input
 from ._images import DEFAULT_LIMITS, ImageLimits, decode_image
@@ -44,7 +45,7 @@ def _first(vectors: Vector) -> Vector:
     return row
 
 
-class ImageEmbedder:
+class ImageEmbedder(ModelFront[ImageEmbeddingBackend]):
     """Implements :class:`~limner.ImageEmbeddingCapable` over a plugin's backend.
 
     Decoding and preprocessing run per input in worker threads before any batching, so one
@@ -61,18 +62,12 @@ class ImageEmbedder:
         limits: ImageLimits = DEFAULT_LIMITS,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
-        self.spec = spec
-        self.backend = backend
+        super().__init__(spec, backend)
         self.limits = limits
         self.max_text_chars = check_max_text_chars(max_text_chars)
-        self._runtime: Runtime | None = None
 
     def __repr__(self) -> str:
         return f"<ImageEmbedder {self.spec.key} dim={self.embedding_dimension}>"
-
-    @property
-    def key(self) -> str:
-        return self.spec.key
 
     @property
     def embedding_dimension(self) -> int:
@@ -129,10 +124,6 @@ class ImageEmbedder:
         prepared = await anyio.to_thread.run_sync(self._prepare_texts, batch, single)
         vectors = await self._dispatch("text", prepared)
         return _first(vectors) if single else vectors
-
-    async def load(self) -> None:
-        """Load the weights now, through the same pool requests would use."""
-        await in_runtime(self._runtime, lambda runtime: runtime.load(self.backend))
 
     def using(self, runtime: Runtime) -> ImageEmbedder:
         """The same model, served by ``runtime`` (a :class:`~limner.Pool`, or any
@@ -236,21 +227,11 @@ class ImageEmbedder:
         )
 
 
-class BlockingImageEmbedder:
+class BlockingImageEmbedder(BlockingFront[ImageEmbedder]):
     """The same methods as :class:`~limner.ImageEmbedder`, as plain blocking calls.
 
     Safe to use from many threads at once: every call is handed to the default pool's loop.
     """
-
-    def __init__(self, model: ImageEmbedder) -> None:
-        self.model = model
-
-    def __repr__(self) -> str:
-        return f"<BlockingImageEmbedder {self.model.key}>"
-
-    @property
-    def key(self) -> str:
-        return self.model.key
 
     @property
     def embedding_dimension(self) -> int:

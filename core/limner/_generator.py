@@ -5,17 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 
 from ._backends import TextToImageBackend
-from ._blocking import call_blocking
-from ._default_pool import in_runtime, iterate_in_runtime
+from ._blocking import BlockingFront, call_blocking
+from ._default_pool import iterate_in_runtime
+from ._front import ModelFront
 from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig
 from ._runtime import Runtime
-from ._spec import ModelSpec
 from .errors import InvalidInput, ModelError
 
 __all__ = ["ImageGenerator"]
 
 
-class ImageGenerator:
+class ImageGenerator(ModelFront[TextToImageBackend]):
     """Implements :class:`~limner.TextToImageCapable` over a plugin's backend.
 
     The config is validated before any weights load; generation runs in a pool worker
@@ -23,21 +23,8 @@ class ImageGenerator:
     (or cancel the consumer) and the run stops at its next step.
     """
 
-    def __init__(self, spec: ModelSpec, backend: TextToImageBackend) -> None:
-        self.spec = spec
-        self.backend = backend
-        self._runtime: Runtime | None = None
-
     def __repr__(self) -> str:
         return f"<ImageGenerator {self.spec.key}>"
-
-    @property
-    def key(self) -> str:
-        return self.spec.key
-
-    async def load(self) -> None:
-        """Load the weights now, through the same pool requests would use."""
-        await in_runtime(self._runtime, lambda runtime: runtime.load(self.backend))
 
     def using(self, runtime: Runtime) -> ImageGenerator:
         """The same model, served by ``runtime`` (a :class:`~limner.Pool`, or any
@@ -87,18 +74,8 @@ class ImageGenerator:
         return result
 
 
-class BlockingImageGenerator:
+class BlockingImageGenerator(BlockingFront[ImageGenerator]):
     """:class:`~limner.ImageGenerator` as a blocking call with a progress callback."""
-
-    def __init__(self, model: ImageGenerator) -> None:
-        self.model = model
-
-    def __repr__(self) -> str:
-        return f"<BlockingImageGenerator {self.model.key}>"
-
-    @property
-    def key(self) -> str:
-        return self.model.key
 
     def generate(
         self,

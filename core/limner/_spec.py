@@ -33,7 +33,9 @@ class ModelInfo:
     ``memory_mb`` is the estimated resident memory of one loaded worker (weights plus working
     memory) in the dtype the plugin picks by default; the pool uses it until it has measured
     the real footprint. ``worker_overhead_mb`` is what each further worker costs when it
-    shares the first one's weights (activations only); ``None`` means a full copy.
+    shares the first one's weights (activations only); ``None`` means a full copy. ``gated``:
+    ``source_repo`` needs its licence accepted on the Hugging Face Hub before it downloads,
+    which the missing-weights error then says.
     """
 
     memory_mb: float
@@ -46,6 +48,7 @@ class ModelInfo:
     license: str | None = None
     description: str = ""
     tiny: bool = False
+    gated: bool = False
 
     def __post_init__(self) -> None:
         if self.memory_mb <= 0:

@@ -300,22 +300,21 @@ def check_weights_reachable(
     if is_cached(repo, settings.revision, cache_dir=cache):
         return
     revision = settings.revision
-    at, pinned = (f"@{revision}", f" --revision {revision}") if revision else ("", "")
-    advice = (
-        f"download it with `hf download {repo}{pinned}`, or point LIMNER_MODELS_DIR at a "
-        f"directory holding a copy as {spec.key}/"
-    )
+    at = f"@{revision}" if revision else ""
+    # The advice a plugin's own load error gives: the download, the local copy, and for a
+    # gated repo the licence to accept first.
+    advice = download_advice(repo, key=spec.key, revision=revision, gated=spec.info.gated)
     if hf_offline():
         raise ModelLoadError(
             f"{repo}{at} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is "
-            f"set; {advice}"
+            f"set. {advice}"
         )
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     problem = _unreachable(endpoint, timeout)
     if problem is not None:
         raise ModelLoadError(
             f"{repo}{at} is not in the Hugging Face cache ({cache}) and {endpoint} cannot be "
-            f"reached ({problem}); connect to the network and try again, or {advice}"
+            f"reached ({problem}); connect to the network and try again. {advice}"
         )
 
 

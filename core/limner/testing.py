@@ -201,19 +201,34 @@ def fake_embedding_spec(
     options: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """A spec served by :class:`FakeEmbeddingBackend`."""
+    return _fake_spec(
+        key,
+        Capability.IMAGE_EMBEDDING,
+        FakeEmbeddingBackend,
+        aliases,
+        options,
+        memory_mb=memory_mb,
+        embedding_dimension=dimension,
+        max_batch_size=max_batch_size,
+        description="fake embedder for tests: no weights, deterministic vectors",
+    )
+
+
+def _fake_spec(
+    key: str,
+    capability: Capability,
+    backend: type[Backend],
+    aliases: Sequence[str],
+    options: dict[str, Any] | None,
+    **info: Any,
+) -> ModelSpec:
+    """A spec served by a fake ``backend``: tiny (no weights), its options the defaults."""
     return ModelSpec(
         key=key,
-        capability=Capability.IMAGE_EMBEDDING,
-        factory=FakeEmbeddingBackend,
+        capability=capability,
+        factory=backend,
         aliases=tuple(aliases),
-        info=ModelInfo(
-            embedding_dimension=dimension,
-            memory_mb=memory_mb,
-            max_batch_size=max_batch_size,
-            default_settings=options or {},
-            description="fake embedder for tests: no weights, deterministic vectors",
-            tiny=True,
-        ),
+        info=ModelInfo(default_settings=options or {}, tiny=True, **info),
     )
 
 
@@ -307,17 +322,14 @@ def fake_generation_spec(
     options: dict[str, Any] | None = None,
 ) -> ModelSpec:
     """A spec served by :class:`FakeTextToImageBackend`."""
-    return ModelSpec(
-        key=key,
-        capability=Capability.TEXT_TO_IMAGE,
-        factory=FakeTextToImageBackend,
-        aliases=tuple(aliases),
-        info=ModelInfo(
-            memory_mb=memory_mb,
-            default_settings=options or {},
-            description="fake generator for tests: flat-colour images, no weights",
-            tiny=True,
-        ),
+    return _fake_spec(
+        key,
+        Capability.TEXT_TO_IMAGE,
+        FakeTextToImageBackend,
+        aliases,
+        options,
+        memory_mb=memory_mb,
+        description="fake generator for tests: flat-colour images, no weights",
     )
 
 

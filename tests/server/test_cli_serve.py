@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -33,9 +34,12 @@ def env(hf_cache: Path) -> dict[str, str]:
     }
 
 
-def lines_of(stream: object) -> queue.Queue[str]:
+Lines = queue.Queue[str]
+
+
+def lines_of(stream: object) -> Lines:
     """The stream's lines as a queue, read by a daemon thread, so waits can time out."""
-    lines: queue.Queue[str] = queue.Queue()
+    lines: Lines = queue.Queue()
 
     def pump() -> None:
         for line in stream:  # type: ignore[attr-defined]
@@ -45,33 +49,60 @@ def lines_of(stream: object) -> queue.Queue[str]:
     return lines
 
 
-@pytest.fixture
-def served(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+@contextmanager
+def serving(env: dict[str, str], *args: str) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+    """``limner serve --port 0 ARGS`` in the background, and its stderr's lines; killed at the
+    end unless it has stopped."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "limner", "serve", "--port", "0", "--models", "limner/tiny-clip"],
+        [sys.executable, "-m", "limner", "serve", "--port", "0", *args],
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
     )
     assert process.stderr is not None
-    lines = lines_of(process.stderr)
-    seen: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            seen.append(line)
-            found = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
-            if found:
-                break
-        yield found.group(1), process
-    except queue.Empty:
-        pytest.fail("the server never said it was running:\n" + "".join(seen))
+        yield process, lines_of(process.stderr)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def limner_serve(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``limner serve ARGS`` run to its end: for what is refused before the server runs."""
+    return subprocess.run(
+        [sys.executable, "-m", "limner", "serve", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def read_until(lines: Lines, pattern: str, *, timeout: float = 120) -> list[str]:
+    """Lines up to and including the first that matches ``pattern``."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail(f"no line matched {pattern!r}:\n" + "".join(seen))
+        seen.append(line)
+        if re.search(pattern, line):
+            return seen
+
+
+RUNNING = r"running on (http://127\.0\.0\.1:\d+)"
+
+
+@pytest.fixture
+def served(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    with serving(env, "--models", "limner/tiny-clip") as (process, lines):
+        running = re.search(RUNNING, read_until(lines, RUNNING, timeout=60)[-1])
+        assert running is not None
+        yield running.group(1), process
 
 
 def test_serve_binds_loopback_needs_the_key_from_the_environment_and_stops_on_sigint(
@@ -88,13 +119,7 @@ def test_serve_binds_loopback_needs_the_key_from_the_environment_and_stops_on_si
 
 
 def test_serve_refuses_an_unknown_model_before_binding(env: dict[str, str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "limner", "serve", "--port", "0", "--models", "limner/tiny-clp"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = limner_serve(env, "--port", "0", "--models", "limner/tiny-clp")
     assert result.returncode == 1
     assert "Unknown model 'limner/tiny-clp'" in result.stderr
     assert "Did you mean: limner/tiny-clip" in result.stderr
@@ -102,13 +127,7 @@ def test_serve_refuses_an_unknown_model_before_binding(env: dict[str, str]) -> N
 
 
 def test_serve_refuses_an_api_key_with_spaces_around_it(env: dict[str, str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "limner", "serve", "--port", "0"],
-        env={**env, "LIMNER_API_KEY": f" {KEY} "},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = limner_serve({**env, "LIMNER_API_KEY": f" {KEY} "}, "--port", "0")
     assert result.returncode == 2
     assert "LIMNER_API_KEY" in result.stderr and "whitespace" in result.stderr
     assert "running on" not in result.stderr  # refused before binding
@@ -125,39 +144,12 @@ def test_importing_limner_does_not_import_the_server_stack() -> None:
     assert result.stdout.strip() == "[]"
 
 
-def read_until(lines: queue.Queue[str], pattern: str, *, timeout: float = 120) -> list[str]:
-    """Lines up to and including the first that matches ``pattern``."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            pytest.fail(f"no line matched {pattern!r}:\n" + "".join(seen))
-        seen.append(line)
-        if re.search(pattern, line):
-            return seen
-
-
 def test_start_up_says_what_is_served_whether_a_key_is_needed_and_when_ready(
     env: dict[str, str],
 ) -> None:
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "limner", "serve", "--port", "0"),
-            *("--models", "limner/tiny-clip", "--preload", "limner/tiny-clip"),
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stderr is not None
-    try:
-        seen = read_until(lines_of(process.stderr), r"ready: limner/tiny-clip preloaded in")
-    finally:
-        process.kill()
-        process.wait(timeout=10)
+    preloading = ("--models", "limner/tiny-clip", "--preload", "limner/tiny-clip")
+    with serving(env, *preloading) as (_, lines):
+        seen = read_until(lines, r"ready: limner/tiny-clip preloaded in")
     log = "".join(seen)
     assert "serving models (1): limner/tiny-clip" in log
     assert "API key required" in log
@@ -172,13 +164,7 @@ def test_a_port_in_use_is_one_line_and_exit_code_1(env: dict[str, str]) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "limner", "serve", "--port", str(port)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = limner_serve(env, "--port", str(port))
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, lines
@@ -187,20 +173,6 @@ def test_a_port_in_use_is_one_line_and_exit_code_1(env: dict[str, str]) -> None:
 
 
 def test_serve_takes_the_memory_budget(env: dict[str, str]) -> None:
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "limner", "serve", "--port", "0"),
-            *("--preload", "limner/tiny-clip", "--memory-budget", "1MB"),
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stderr is not None
-    try:
-        seen = read_until(lines_of(process.stderr), r"preloading limner/tiny-clip failed")
-    finally:
-        process.kill()
-        process.wait(timeout=10)
+    with serving(env, "--preload", "limner/tiny-clip", "--memory-budget", "1MB") as (_, lines):
+        seen = read_until(lines, r"preloading limner/tiny-clip failed")
     assert "Cannot spawn workers for limner/tiny-clip" in seen[-1]

@@ -6,7 +6,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -16,7 +17,7 @@ from limner import __version__
 from limner._budget import MEMORY_BUDGET_ENV, MemoryBudget, parse_memory_budget
 from limner._defaults import ENV_VARS, default_model
 from limner._quiet import quiet_third_parties, verbose_logging
-from limner._registry import Registry
+from limner._registry import Registry, default_registry
 from limner._spec import Capability
 from limner.errors import InvalidInput, LimnerError, describe_input
 
@@ -188,27 +189,50 @@ def _model_key(given: str | None, capability: Capability) -> str:
     return found[0]
 
 
-def _pool(memory_budget: MemoryBudget | None) -> Any:
-    """The command's pool: the memory budget asked for, else the pool's default."""
+def _chosen_model(
+    given: str | None, capability: Capability, device: str | None, dtype: str | None
+) -> tuple[Registry, str]:
+    """The default registry, and the key of the model the command runs (see
+    :func:`_model_key`), set to ``--device`` and ``--dtype`` when given."""
+    key = _model_key(given, capability)
+    registry = default_registry()
+    if device is not None or dtype is not None:
+        registry.configure(key, device=device, dtype=dtype)
+    return registry, key
+
+
+@asynccontextmanager
+async def _loaded(
+    model: ImageEmbedder | ImageGenerator, memory_budget: MemoryBudget | None, show: bool
+) -> AsyncIterator[None]:
+    """The command's pool (the memory budget asked for, else the pool's default), with the
+    model's weights loaded before any bar starts, saying so on a terminal:
+    ``loading KEY ... 3.2 s``."""
     from limner._pool import Pool
 
-    return Pool(**(memory_budget or MemoryBudget()))
+    async with Pool(**(memory_budget or MemoryBudget())):
+        if not show:
+            await model.load()
+        else:
+            started = time.perf_counter()
+            click.echo(f"loading {model.key} ...", err=True, nl=False)
+            try:
+                await model.load()
+            except BaseException:
+                click.echo(err=True)  # the error gets a line of its own
+                raise
+            click.echo(f" {time.perf_counter() - started:.1f} s", err=True)
+        yield
 
 
-async def _load(model: ImageEmbedder | ImageGenerator, show: bool) -> None:
-    """Load the weights before any bar starts, saying so on a terminal:
-    ``loading KEY ... 3.2 s``."""
-    if not show:
-        await model.load()
-        return
-    started = time.perf_counter()
-    click.echo(f"loading {model.key} ...", err=True, nl=False)
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Make ``path``'s folder, then write it in the block; a failed write is one line."""
     try:
-        await model.load()
-    except BaseException:
-        click.echo(err=True)  # the error gets a line of its own
-        raise
-    click.echo(f" {time.perf_counter() - started:.1f} s", err=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except OSError as error:
+        raise click.ClickException(f"cannot write {path}: {_os_reason(error)}") from None
 
 
 def _os_reason(error: OSError) -> str:
@@ -262,11 +286,6 @@ def _names(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(name.strip() for name in value.split(",") if name.strip())
-
-
-def _configure(registry: Registry, key: str, device: str | None, dtype: str | None) -> None:
-    if device is not None or dtype is not None:
-        registry.configure(key, device=device, dtype=dtype)
 
 
 def _embed_entries(inputs: tuple[str, ...], as_text: bool) -> list[tuple[str, Any]]:

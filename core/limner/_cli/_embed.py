@@ -13,21 +13,18 @@ import numpy as np
 import numpy.typing as npt
 
 from limner._budget import MemoryBudget
-from limner._registry import default_registry
 from limner._spec import Capability
 from limner.errors import InvalidInput
 
 from ._app import (
     _check_writable,
-    _configure,
+    _chosen_model,
     _embed_entries,
     _Failed,
-    _load,
-    _model_key,
+    _loaded,
     _model_options,
     _one_line,
-    _os_reason,
-    _pool,
+    _writing,
     cli,
 )
 
@@ -84,9 +81,7 @@ def embed(
         raise click.UsageError("choose one of --json and --npy")
     if npy_path is not None:
         _check_writable(npy_path, "--npy")
-    key = _model_key(model_key, Capability.IMAGE_EMBEDDING)
-    registry = default_registry()
-    _configure(registry, key, device, dtype)
+    registry, key = _chosen_model(model_key, Capability.IMAGE_EMBEDDING, device, dtype)
     model = registry.embedder(key)
     entries = _embed_entries(inputs, as_text)
     if not entries:
@@ -109,8 +104,7 @@ def embed(
         from tqdm import tqdm
 
         failed = 0
-        async with _pool(memory_budget):
-            await _load(model, show_progress)
+        async with _loaded(model, memory_budget, show_progress):
             with tqdm(
                 total=len(entries),
                 unit="img" if not as_text else "text",
@@ -151,11 +145,8 @@ def embed(
 
     failures = anyio.run(run)
     if npy_path is not None and rows:
-        try:
-            npy_path.parent.mkdir(parents=True, exist_ok=True)
+        with _writing(npy_path):
             np.save(npy_path, np.stack([vector for _, vector in rows]).astype(np.float32))
-        except OSError as error:
-            raise click.ClickException(f"cannot write {npy_path}: {_os_reason(error)}") from None
         for index, (label, _) in enumerate(rows):
             click.echo(f"{index}\t{label}")
         click.echo(f"Wrote {len(rows)} x {model.embedding_dimension} to {npy_path}", err=True)

@@ -9,20 +9,10 @@ import anyio
 import click
 
 from limner._budget import MemoryBudget
-from limner._registry import default_registry
 from limner._spec import Capability
 from limner.errors import LimnerError
 
-from ._app import (
-    _check_image_path,
-    _configure,
-    _load,
-    _model_key,
-    _model_options,
-    _os_reason,
-    _pool,
-    cli,
-)
+from ._app import _check_image_path, _chosen_model, _loaded, _model_options, _writing, cli
 
 
 @cli.command(
@@ -86,9 +76,7 @@ def generate(
     from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
 
     _check_image_path(out_path)
-    key = _model_key(model_key, Capability.TEXT_TO_IMAGE)
-    registry = default_registry()
-    _configure(registry, key, device, dtype)
+    registry, key = _chosen_model(model_key, Capability.TEXT_TO_IMAGE, device, dtype)
     model = registry.generator(key)
     config = model.resolve_config(
         ImageGenerationConfig(
@@ -105,8 +93,7 @@ def generate(
 
     async def run() -> GenerationResult:
         result: GenerationResult | None = None
-        async with _pool(memory_budget):
-            await _load(model, show_progress)
+        async with _loaded(model, memory_budget, show_progress):
             with tqdm(
                 total=config.steps,
                 unit="step",
@@ -124,11 +111,8 @@ def generate(
         return result
 
     result = anyio.run(run)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+    with _writing(out_path):
         written = result.save_all(out_path)
-    except OSError as error:
-        raise click.ClickException(f"cannot write {out_path}: {_os_reason(error)}") from None
     for target in written:
         click.echo(str(target))
     seconds = result.timings.get("generate")

@@ -16,13 +16,7 @@ limner's.
 
 from __future__ import annotations
 
-from ._backend import (
-    DiffusersBackend,
-    DiffusionVariant,
-    LoadedPipeline,
-    diffusion_dtype,
-    select_variant,
-)
+from ._backend import DiffusersBackend, DiffusionVariant, select_variant
 from ._checkpoint import Checkpoint
 from ._config import (
     MAX_NUM_IMAGES,
@@ -36,6 +30,7 @@ from ._config import (
     resolve_seed,
     resolve_side,
 )
+from ._pipeline import LoadedPipeline, diffusion_dtype
 from ._preview import LatentRGB, fit_latent_rgb
 from ._tiny import TinyPipeline, tiny_pipeline, tiny_unet, tiny_vae, write_tiny_pipeline
 

@@ -1,21 +1,17 @@
 """A text-to-image backend around a diffusers pipeline, shared by the diffusion plugins.
 
-One pipeline is loaded per worker and shared by every generation on it: each call works on
-a shallow copy of it with its own copy of the scheduler (``set_timesteps`` and the pipeline's
-``_guidance_scale`` and friends are per-call state) and its thread's own tokenizers (whose
-padding settings are per-call state too), so two threads can generate on the same weights at
-once. Torch and diffusers are imported only in ``load``
-and ``generate``: importing this module, or a plugin's module built on it, stays cheap.
+:class:`DiffusersBackend` is what a family subclasses: its hooks, and the decisions of
+loading and generating (which weights, device, dtype and offload; which config, seeds and
+metadata). The mechanics are beside it: loading and placing the pipeline in ``_pipeline``,
+one call on the shared pipeline (views, offload turns, steps and previews) in
+``_generation``. Torch and diffusers are imported only in ``load`` and ``generate``:
+importing this module, or a plugin's module built on it, stays cheap.
 """
 
 from __future__ import annotations
 
-import copy
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from limner.errors import InvalidInput, ModelError, ModelLoadError
@@ -25,7 +21,6 @@ from limner.plugin import (
     ModelSettings,
     ModelSpec,
     Placement,
-    Progress,
     StepCallback,
     TextToImageBackend,
     TinyModel,
@@ -37,33 +32,15 @@ from limner.plugin import (
 
 from ._checkpoint import Checkpoint
 from ._config import resolve_config
+from ._generation import run_pipeline
+from ._pipeline import LoadedPipeline, diffusion_dtype, dtype_name, free_cuda_memory, load_pipeline
 
 if TYPE_CHECKING:
     import torch
 
-    from ._preview import LatentRGB
-
-__all__ = [
-    "DiffusersBackend",
-    "DiffusionVariant",
-    "LoadedPipeline",
-    "diffusion_dtype",
-    "select_variant",
-]
+__all__ = ["DiffusersBackend", "DiffusionVariant", "select_variant"]
 
 _SEED_SPACE = 2**64
-
-
-def diffusion_dtype(device: torch.device) -> str:
-    """What ``dtype="auto"`` means for a diffusion pipeline: bf16 on accelerators, fp32 on
-    the CPU.
-
-    The large diffusion transformers (FLUX.1, SD3.5) are shipped in bf16, and their T5
-    encoders overflow in fp16 (NaNs, black images), so auto never picks fp16. On the CPU, bf16
-    matrix products are emulated unless the CPU has AVX512-BF16/AMX, and several of diffusers'
-    ops upcast anyway, so fp32 is both the faster and the safer choice there.
-    """
-    return "float32" if device.type == "cpu" else "bfloat16"
 
 
 # -- variants ---------------------------------------------------------------------------------
@@ -100,25 +77,6 @@ def select_variant(spec: ModelSpec, variants: Sequence[VariantT], plugin: str) -
 
 
 # -- the backend ------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedPipeline:
-    """Everything generation reads. The pipeline is never mutated after ``load``; calls
-    work on shallow copies of it (``_call_view``)."""
-
-    pipeline: Any  # a diffusers pipeline; diffusers' pipelines carry no usable types
-    device: torch.device
-    dtype: torch.dtype
-    offload: bool
-    load_seconds: float
-    #: Serialises generations when offloading: the offload hooks move modules between
-    #: devices and assume one call at a time.
-    offload_lock: threading.Lock
-    preview_lock: threading.Lock
-    #: Each thread's own copies of the tokenizers (see ``_call_view``).
-    per_thread: threading.local = field(default_factory=threading.local)
-    preview: LatentRGB | None = None
 
 
 class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
@@ -229,15 +187,15 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
 
     def gated(self) -> bool:
         """Whether the variant's repo needs its licence accepted before download: the
-        variant's ``gated`` (see :class:`Checkpoint`), else false."""
+        variant's ``gated`` (see :class:`Checkpoint`), else false. Said in load errors; the
+        pool's earlier missing-weights check reads the spec's ``ModelInfo.gated``, which a
+        :class:`Checkpoint` sets."""
         return bool(getattr(self.variant, "gated", False))
 
     # -- loading ------------------------------------------------------------------------------
 
     def load(self) -> None:
         started = time.perf_counter()
-        import torch
-
         device = self.placement.torch_device()
         dtype = self.placement.torch_dtype(device, auto=diffusion_dtype)
         offload = self._cpu_offload and device.type != "cpu"  # on the CPU it changes nothing
@@ -256,51 +214,29 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
             size=self.download_size,
             gated=self.gated(),
         )
-        kwargs = {**source.kwargs, **self.from_pretrained_kwargs()}
-        try:
-            pipeline = getattr(_diffusers(), self.pipeline_class).from_pretrained(
-                source.path, dtype=dtype, **kwargs
-            )
-        except Exception as error:
-            raise ModelLoadError(
-                f"could not load {self.spec.key} from {weights_where(self.settings)}: {error}. "
-                + self.load_advice()
-            ) from error
-        try:
-            if offload:
-                pipeline.enable_model_cpu_offload(device=device)
-            else:
-                pipeline.to(device)
-        except torch.OutOfMemoryError as error:
-            advice = "free the device" if offload else "set the option cpu_offload=true"
-            raise ModelLoadError(
-                f"{self.spec.key} does not fit on {device} in {_dtype_name(dtype)} "
-                f"(about {self.spec.info.memory_mb / 1024:.0f} GiB at its peak); {advice}"
-            ) from error
-        pipeline.set_progress_bar_config(disable=True)
-        self._loaded = LoadedPipeline(
-            pipeline=pipeline,
+        loaded = load_pipeline(
+            self.pipeline_class,
+            source,
+            kwargs=self.from_pretrained_kwargs(),
             device=device,
             dtype=dtype,
             offload=offload,
-            load_seconds=time.perf_counter() - started,
-            offload_lock=threading.Lock(),
-            preview_lock=threading.Lock(),
+            key=self.spec.key,
+            where=weights_where(self.settings),
+            advice=self.load_advice(),
+            peak_mb=self.spec.info.memory_mb,
         )
+        loaded.load_seconds = time.perf_counter() - started
+        self._loaded = loaded
 
     def unload(self) -> None:
         loaded, self._loaded = self._loaded, None
         if loaded is None:
             return
         on_cuda = loaded.device.type == "cuda"
-        del loaded
+        del loaded  # the last reference, so that its memory can go now
         if on_cuda:
-            import gc
-
-            import torch
-
-            gc.collect()  # the pipeline holds reference cycles; free its tensors now
-            torch.cuda.empty_cache()
+            free_cuda_memory()
 
     def memory_mb(self) -> float | None:
         """What the pool should reserve for this worker on its memory device: the weights
@@ -309,16 +245,8 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         loaded = self._loaded
         if loaded is None:
             return None
-        import torch
-
-        sizes = [
-            sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-            for module in loaded.pipeline.components.values()
-            if isinstance(module, torch.nn.Module)
-        ]
-        held = max(sizes, default=0) if loaded.offload else sum(sizes)
         working = self.variant.working_mb * loaded.dtype.itemsize / 2  # estimated for bf16
-        return held / 2**20 + working
+        return loaded.device_mb() + working
 
     def memory_device(self) -> str:
         """``"cpu"`` or ``"cuda:N"``: resolves ``auto`` (imports torch) without loading."""
@@ -338,75 +266,28 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     def generate(
         self, prompt: str, config: ImageGenerationConfig, *, on_step: StepCallback
     ) -> GenerationResult:
-        import torch
-
         loaded = self._require_loaded()
         if not isinstance(prompt, str):
             raise InvalidInput(f"must be a string, got {type(prompt).__name__}", field="prompt")
         config = self.resolve_config(config)  # idempotent; guards direct callers
         assert config.seed is not None
-        assert config.steps is not None
-        assert config.width is not None
-        assert config.height is not None
         seeds = [(config.seed + index) % _SEED_SPACE for index in range(config.num_images)]
-        # CPU generators: the starting noise is then the same on every device, so a seed
-        # reproduces (nearly) the same image on another machine, not only on this one.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        steps = config.steps
-        started = time.perf_counter()
-        last_step = started
-
-        with self._exclusive(loaded):
-            preview = self._latent_rgb(loaded) if config.preview else None
-            pipeline = _call_view(loaded)
-
-            def step_end(
-                pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]
-            ) -> dict[str, Any]:
-                nonlocal last_step
-                image = None
-                if preview is not None:
-                    image = preview.image(self.preview_latents(pipe, tensors["latents"], config))
-                last_step = time.perf_counter()
-                on_step(
-                    Progress(
-                        step=index + 1,
-                        # PNDM's PLMS runs one more step than asked (the pipeline says so)
-                        total=getattr(pipe, "_num_timesteps", None) or steps,
-                        elapsed=last_step - started,
-                        preview=image,
-                    )
-                )
-                return {}
-
-            with torch.inference_mode():
-                output = pipeline(
-                    prompt=prompt,
-                    width=config.width,
-                    height=config.height,
-                    num_inference_steps=steps,
-                    guidance_scale=config.guidance,
-                    num_images_per_prompt=config.num_images,
-                    generator=generators,
-                    max_sequence_length=config.max_sequence_length,
-                    output_type="pil",
-                    callback_on_step_end=step_end,
-                    callback_on_step_end_tensor_inputs=["latents"],
-                    **self._call_kwargs(config),
-                )
-        finished = time.perf_counter()
-        images = tuple(output.images)
+        images, timings = run_pipeline(
+            loaded,
+            prompt,
+            config,
+            seeds=seeds,
+            on_step=on_step,
+            preview_latents=self.preview_latents,
+            call_kwargs=self._call_kwargs(config),
+        )
         return GenerationResult(
             model=self.spec.key,
             prompt=prompt,
             images=images,
             seed=config.seed,
             config=config,
-            timings={
-                "load": loaded.load_seconds,
-                "generate": finished - started,
-                "decode": finished - last_step,
-            },
+            timings={"load": loaded.load_seconds, **timings},
             metadata=self._metadata(loaded, prompt, config, seeds),
         )
 
@@ -420,29 +301,6 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         if loaded is None:
             raise ModelError(f"{self.spec.key} is not loaded; call load() first")
         return loaded
-
-    @contextmanager
-    def _exclusive(self, loaded: LoadedPipeline) -> Iterator[None]:
-        """One call at a time with offloading, and the shared pipeline's offload hooks reset
-        afterwards (a per-call pipeline object cannot do that itself); no lock otherwise."""
-        if not loaded.offload:
-            yield
-            return
-        with loaded.offload_lock:
-            try:
-                yield
-            finally:
-                loaded.pipeline.maybe_free_model_hooks()
-
-    def _latent_rgb(self, loaded: LoadedPipeline) -> LatentRGB:
-        """The preview projection, measured from the VAE on the first preview asked for."""
-        with loaded.preview_lock:
-            if loaded.preview is None:
-                from ._preview import fit_latent_rgb
-
-                execution = loaded.pipeline._execution_device
-                loaded.preview = fit_latent_rgb(loaded.pipeline.vae, execution)
-            return loaded.preview
 
     def _metadata(
         self,
@@ -467,53 +325,8 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
             "width": config.width,
             "height": config.height,
             "max_sequence_length": config.max_sequence_length,
-            "dtype": _dtype_name(loaded.dtype),
+            "dtype": dtype_name(loaded.dtype),
             "device": str(loaded.device),
             "cpu_offload": loaded.offload,
             **self.extra_metadata(loaded, config),
         }
-
-
-def _call_view(loaded: LoadedPipeline) -> Any:
-    """A pipeline object for one call around the shared, read-only modules.
-
-    Per-call state must not be shared between concurrent calls: ``__call__`` sets the
-    scheduler's timesteps (so each call gets a fresh copy of the scheduler), and a fast
-    tokenizer sets its padding and truncation on the shared Rust object before encoding (the
-    pipelines ask for "max_length" and "longest" padding in turn), so each thread gets its
-    own copies of the tokenizers, made on its first call (tens of ms for the real ones).
-
-    The view is a shallow copy of the loaded pipeline, never a new one: the pipeline's
-    ``__init__`` re-runs its checks and warnings (Stable Diffusion 1.x warns about a disabled
-    safety checker, every time) and rebuilds its helpers. Assigning a component to the copy
-    updates the copy's own config, not the shared pipeline's.
-    """
-    pipeline = loaded.pipeline
-    tokenizers: dict[str, Any] | None = getattr(loaded.per_thread, "tokenizers", None)
-    if tokenizers is None:
-        tokenizers = {
-            name: copy.deepcopy(component)
-            for name, component in pipeline.components.items()
-            if name.startswith("tokenizer") and component is not None
-        }
-        loaded.per_thread.tokenizers = tokenizers
-    view = copy.copy(pipeline)
-    for name, tokenizer in tokenizers.items():
-        setattr(view, name, tokenizer)
-    view.scheduler = copy.deepcopy(pipeline.scheduler)
-    # No offload hooks of its own, so that the call does not reinstall them on the shared
-    # modules when it ends; ``_exclusive`` resets the shared pipeline's once, afterwards.
-    view._all_hooks = []
-    return view
-
-
-def _diffusers() -> Any:
-    """diffusers as ``Any``: its config-decorated constructors carry no annotations, so
-    mypy --strict would flag every call."""
-    import diffusers
-
-    return diffusers
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

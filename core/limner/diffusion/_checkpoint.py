@@ -12,6 +12,9 @@ __all__ = ["Checkpoint"]
 
 CheckpointT = TypeVar("CheckpointT", bound="Checkpoint")
 
+#: The fields a checkpoint hands on to its spec's ``ModelInfo`` as they are, by name.
+_FACTS_OF_THE_SPEC = ("source_repo", "revision", "license", "description", "tiny", "gated")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Checkpoint:
@@ -102,10 +105,6 @@ class Checkpoint:
                 worker_overhead_mb=self.working_mb,  # a second generation shares the weights
                 max_batch_size=1,  # a request is one pipeline call; num_images batch inside it
                 default_settings=settings,
-                source_repo=self.source_repo,
-                revision=self.revision,
-                license=self.license,
-                description=self.description,
-                tiny=self.tiny,
+                **{name: getattr(self, name) for name in _FACTS_OF_THE_SPEC},
             ),
         )

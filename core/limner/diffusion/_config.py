@@ -3,7 +3,8 @@
 :func:`resolve_config` fills a :class:`Checkpoint`'s defaults into an
 ``ImageGenerationConfig`` and checks every field against its limits. The checks it is made
 of are public too, for a family with rules of its own: each checks one field and returns its
-resolved value, or raises ``InvalidInput`` naming the field.
+resolved value, or raises ``InvalidInput`` naming the field. Which names are public is said
+once, by ``limner.diffusion``'s ``__all__``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,6 @@ from limner.errors import InvalidInput
 from limner.plugin import ImageGenerationConfig
 
 from ._checkpoint import Checkpoint
-
-__all__ = [
-    "MAX_NUM_IMAGES",
-    "MAX_SEED",
-    "resolve_config",
-    "resolve_guidance",
-    "resolve_integer",
-    "resolve_number",
-    "resolve_output_format",
-    "resolve_preview",
-    "resolve_seed",
-    "resolve_side",
-]
 
 #: Images per request: one pipeline call, batched inside it.
 MAX_NUM_IMAGES = 4

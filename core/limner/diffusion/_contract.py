@@ -4,7 +4,6 @@ facts and fixtures, and the tests of its tiny model generating through the real 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,10 +24,13 @@ from limner import (
     Progress,
 )
 from limner.plugin import hf_cache_dir
-from limner.plugin.testing import TextToImageContract
+from limner.plugin.testing import BAD_FIELDS, TextToImageContract, run_in_threads
 from limner.testing import FakeClock, FakeMemory
 
 from ._backend import DiffusersBackend
+from ._checkpoint import Checkpoint
+from ._config import MAX_NUM_IMAGES, MAX_SEED
+from ._generation import latent_rgb
 
 __all__ = ["USER_CACHE", "BackendMaker", "FamilyFixtures", "GenerationTests", "pixels", "run"]
 
@@ -50,8 +52,55 @@ def run(
     return steps, result
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """A list that grows by one whenever ``owner.name`` is called, for the test's duration."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def pixels(image: Image.Image) -> npt.NDArray[np.uint8]:
     return np.asarray(image, dtype=np.uint8)
+
+
+#: ``(field, value)`` every diffusion checkpoint refuses besides the conformance suite's
+#: ``BAD_FIELDS``: the types and bounds ``resolve_config`` holds every family to.
+DIFFUSION_BAD_FIELDS: tuple[tuple[str, object], ...] = (
+    ("height", 512.0),  # a whole number, but not an int
+    ("steps", 2.0),
+    ("width", False),
+    ("guidance", "3.5"),
+    ("negative_prompt", 3),
+    ("negative_prompt", ["blurry"]),
+    ("max_sequence_length", 0),
+    ("num_images", MAX_NUM_IMAGES + 1),
+    ("seed", MAX_SEED + 1),
+    ("output_format", "bmp"),
+    ("preview", 1),
+)
+
+
+def past_the_limits(checkpoint: Checkpoint) -> list[tuple[str, object]]:
+    """``(field, value)`` just past each of ``checkpoint``'s own limits, which it refuses."""
+    fields: list[tuple[str, object]] = [
+        ("width", checkpoint.min_size // 2),
+        ("height", checkpoint.max_size * 2),
+        ("width", checkpoint.default_size + checkpoint.size_multiple // 2),  # not a multiple
+        ("steps", checkpoint.max_steps + 1),
+        ("guidance", checkpoint.max_guidance + 1),
+        ("max_sequence_length", checkpoint.max_prompt_tokens + 1),
+    ]
+    if checkpoint.guidance_distilled_away:
+        fields.append(("guidance", 3.5))
+    if checkpoint.negative_prompt_refusal is not None or checkpoint.default_guidance <= 1:
+        fields.append(("negative_prompt", "blurry"))  # no guidance for it to act through
+    return fields
 
 
 class FamilyFixtures(TextToImageContract):
@@ -75,6 +124,16 @@ class FamilyFixtures(TextToImageContract):
     @classmethod
     def tiny_key(cls) -> str:
         return cls.key
+
+    def refused_fields(self) -> list[tuple[str, str, Any]]:
+        """The suite's, and for each of the family's checkpoints the suite's bad values, the
+        ones every diffusion checkpoint refuses, and values just past its own limits."""
+        fields = super().refused_fields()
+        for checkpoint in self.backend_class.variants:
+            if isinstance(checkpoint, Checkpoint):
+                bad = (*BAD_FIELDS, *DIFFUSION_BAD_FIELDS, *past_the_limits(checkpoint))
+                fields += [(checkpoint.key, field, value) for field, value in bad]
+        return fields
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -143,35 +202,36 @@ class GenerationTests(FamilyFixtures):
         assert not np.array_equal(first, last)  # it follows the latents
         assert result.images[0].size == (64, 48)
 
-    def test_preview_projection_is_cheap_at_1024px(self, tiny: DiffusersBackend[Any]) -> None:
+    def test_preview_projection_is_cheap_at_1024px(
+        self, tiny: DiffusersBackend[Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A step's preview is one small matrix product per latent pixel, never a VAE decode:
+        counted in floating-point operations and decoder calls, not timed, so a busy machine
+        cannot fail it."""
         import torch
+        from torch.utils.flop_counter import FlopCounterMode
 
-        projection = tiny._latent_rgb(tiny._require_loaded())
-        latents = torch.randn(1, 16, 128, 128)  # the (unpacked) latents of a 1024 x 1024 image
-        projection.image(latents)
-        timings = []
-        for _ in range(10):
-            started = time.perf_counter()
+        loaded = tiny._require_loaded()
+        projection = latent_rgb(loaded)
+        assert latent_rgb(loaded) is projection  # fitted once per loaded pipeline
+        channels = projection.factors.shape[0]
+        decodes = _count_calls(monkeypatch, loaded.pipeline.vae, "decode")
+        latents = torch.randn(1, channels, 128, 128)  # the (unpacked) latents of 1024 x 1024
+        with FlopCounterMode(display=False) as counter:
             image = projection.image(latents)
-            timings.append(time.perf_counter() - started)
-        assert image.size == (128, 128)
-        # About 0.25 ms on an idle 2-core CPU, and tens of ms when other jobs crowd it;
-        # decoding the same latents with a VAE of the real size takes seconds there. The
-        # bound tells the two apart on a busy machine.
-        assert min(timings) < 0.1, f"preview took {min(timings) * 1000:.2f} ms per step"
+        assert image.size == (128, 128)  # one pixel per latent
+        assert tuple(projection.factors.shape) == (channels, 3)
+        assert counter.get_total_flops() <= 2 * channels * 3 * 128 * 128
+        assert decodes == []
+        # A previewed generation decodes once, at its end, as one without previews does.
+        steps, _ = run(tiny, steps=3, width=32, height=32, preview=True, seed=2)
+        assert all(progress.preview is not None for progress in steps)
+        assert len(decodes) == 1
 
     def test_cancelled_at_step_two_stops_before_decoding(
         self, tiny: DiffusersBackend[Any], monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        vae = tiny._require_loaded().pipeline.vae
-        decodes: list[int] = []
-        real_decode = vae.decode
-
-        def counting_decode(*args: Any, **kwargs: Any) -> Any:
-            decodes.append(1)
-            return real_decode(*args, **kwargs)
-
-        monkeypatch.setattr(vae, "decode", counting_decode)
+        decodes = _count_calls(monkeypatch, tiny._require_loaded().pipeline.vae, "decode")
         seen: list[int] = []
 
         def on_step(progress: Progress) -> None:
@@ -209,11 +269,7 @@ class GenerationTests(FamilyFixtures):
             except BaseException as error:
                 errors.append(error)
 
-        threads = [threading.Thread(target=worker, args=(seed,)) for seed in seeds]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        run_in_threads(worker, seeds, timeout=60)
         assert errors == []
         for seed in seeds:
             assert np.array_equal(pixels(results[seed].images[0]), sequential[seed])
@@ -245,11 +301,7 @@ class GenerationTests(FamilyFixtures):
                 except Exception as error:
                     failures.append(repr(error))
 
-        threads = [threading.Thread(target=worker, args=(offset,)) for offset in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
+        run_in_threads(worker, range(4), timeout=120)
         assert failures == []
 
     @pytest.mark.anyio
@@ -312,17 +364,10 @@ class GenerationTests(FamilyFixtures):
         early stops the pipeline before its VAE decode."""
         model = registry.generator(self.tiny_key())
         config = ImageGenerationConfig(steps=3, seed=21, num_images=2, width=32, height=48)
-        decodes: list[int] = []
         async with Pool(memory=FakeMemory(total_mb=10_000), clock=FakeClock()):
             chunks = [chunk async for chunk in model.generate_image("a lighthouse at dusk", config)]
             pipeline = model.backend._require_loaded().pipeline  # type: ignore[attr-defined]
-            real_decode = pipeline.vae.decode
-
-            def counting_decode(*args: Any, **kwargs: Any) -> Any:
-                decodes.append(1)
-                return real_decode(*args, **kwargs)
-
-            monkeypatch.setattr(pipeline.vae, "decode", counting_decode)
+            decodes = _count_calls(monkeypatch, pipeline.vae, "decode")
             stream = model.generate_image("a cat", ImageGenerationConfig(steps=6, seed=1))
             early = []
             async for chunk in stream:

@@ -19,7 +19,7 @@ from typing import Any
 
 from limner.plugin import TinyModel, materialize_in_hf_cache, tiny_revision
 
-from ._backend import _diffusers
+from ._pipeline import diffusers_module
 
 __all__ = ["TinyPipeline", "tiny_pipeline", "tiny_unet", "tiny_vae", "write_tiny_pipeline"]
 
@@ -47,7 +47,7 @@ def write_tiny_pipeline(
     import torch
     import transformers  # noqa: F401 - imported before the seed, as every component needs it
 
-    diffusers = _diffusers()
+    diffusers = diffusers_module()
     torch.manual_seed(seed)
     cls = getattr(diffusers, pipeline_class)
     parts = dict(components(diffusers))
@@ -87,7 +87,7 @@ def tiny_pipeline(
 def tiny_vae(*, scaling_factor: float, shift_factor: float, latent_channels: int = 16) -> Any:
     """An ``AutoencoderKL`` that downsamples 8x (four blocks) into 16 latent channels, as in
     FLUX.1 and SD3 (4 for Stable Diffusion 1 and 2), with the family's latent statistics."""
-    return _diffusers().AutoencoderKL(
+    return diffusers_module().AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -108,7 +108,7 @@ def tiny_unet(*, cross_attention_dim: int, in_channels: int = 4) -> Any:
     """A ``UNet2DConditionModel`` of Stable Diffusion 1 and 2's blocks at tiny widths: two
     levels, the lower one attending to the text (``cross_attention_dim``, the text encoder's
     width), over ``in_channels`` latent channels."""
-    return _diffusers().UNet2DConditionModel(
+    return diffusers_module().UNet2DConditionModel(
         in_channels=in_channels,
         out_channels=in_channels,
         block_out_channels=(8, 16),

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite(
-    "limner.plugin.testing", "limner.diffusion.testing", "limner.diffusion._contract"
+    "limner.plugin.testing",
+    "limner.plugin._contract",
+    "limner.plugin._embedding_contract",
+    "limner.plugin._generation_contract",
+    "limner.diffusion.testing",
+    "limner.diffusion._contract",
 )
 
 __all__ = ["conformance_keys", "pytest_addoption", "pytest_configure"]

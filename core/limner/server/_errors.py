@@ -16,18 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from limner.errors import (
-    Cancelled,
-    FetchError,
-    InvalidInput,
-    LimnerError,
-    MemoryExhausted,
-    ModelError,
-    ModelLoadError,
-    PluginError,
-    PoolBusy,
-    UnknownModelError,
-)
+from limner import errors
 
 __all__ = ["APIError", "ClientGone", "error_body", "install_error_handlers", "to_api_error"]
 
@@ -76,7 +65,7 @@ def error_body(
 
 
 def input_param(
-    error: InvalidInput, *, field: str | None = "input", indexed: bool = False
+    error: errors.InvalidInput, *, field: str | None = "input", indexed: bool = False
 ) -> str | None:
     """The request field an input error points at: ``input[3]`` for an item of a list."""
     if error.field is not None:
@@ -86,13 +75,13 @@ def input_param(
     return field
 
 
-_SERVER_ERRORS: tuple[tuple[type[LimnerError], int, str], ...] = (
-    (MemoryExhausted, 503, "memory_exhausted"),
-    (ModelLoadError, 503, "model_load_failed"),
-    (Cancelled, 503, "cancelled"),
-    (ModelError, 500, "model_error"),
-    (PluginError, 500, "plugin_error"),
-    (LimnerError, 500, "limner_error"),
+_SERVER_ERRORS: tuple[tuple[type[errors.LimnerError], int, str], ...] = (
+    (errors.MemoryExhausted, 503, "memory_exhausted"),
+    (errors.ModelLoadError, 503, "model_load_failed"),
+    (errors.Cancelled, 503, "cancelled"),
+    (errors.ModelError, 500, "model_error"),
+    (errors.PluginError, 500, "plugin_error"),
+    (errors.LimnerError, 500, "limner_error"),
 )
 """limner's errors that are the server's side, with their status and code."""
 
@@ -101,13 +90,13 @@ def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
     """The answer for an exception raised while serving a request."""
     if isinstance(error, APIError):
         return error
-    if isinstance(error, UnknownModelError):
+    if isinstance(error, errors.UnknownModelError):
         return APIError(404, str(error), param="model", code="model_not_found")
-    if isinstance(error, FetchError):
+    if isinstance(error, errors.FetchError):
         return APIError(400, str(error), param=param, code="fetch_failed")
-    if isinstance(error, InvalidInput):
+    if isinstance(error, errors.InvalidInput):
         return APIError(400, str(error), param=param, code="invalid_input")
-    if isinstance(error, PoolBusy):
+    if isinstance(error, errors.PoolBusy):
         seconds = max(1, math.ceil(error.retry_after))
         return APIError(
             429,
@@ -192,5 +181,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(APIError, on_api_error)
-    app.add_exception_handler(LimnerError, on_api_error)
+    app.add_exception_handler(errors.LimnerError, on_api_error)
     app.add_exception_handler(Exception, on_api_error)

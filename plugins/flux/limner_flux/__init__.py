@@ -1,30 +1,22 @@
 """limner plugin: FLUX.1 text-to-image through diffusers.
 
-Importing this module is cheap (no torch, no diffusers): it only declares the keys. The
-backend in ``_backend`` is imported when a model is first built.
+Importing this module is cheap (no torch, no diffusers): it declares the keys, each built by
+``FluxBackend``, which imports torch and diffusers only when a model loads.
 """
 
 from __future__ import annotations
 
-from limner.plugin import ModelSpec, RegisterModel, hookimpl
+from limner.plugin import RegisterModel, hookimpl
 
-from ._variants import VARIANTS
+from ._backend import FluxBackend
 
 #: The major version of limner's plugin API this plugin is written for.
 LIMNER_PLUGIN_API = 1
 
-__all__ = ["LIMNER_PLUGIN_API", "limner_register_models", "model_specs"]
-
-_FACTORY = "limner_flux._backend:FluxBackend"
-
-
-def model_specs() -> list[ModelSpec]:
-    """Every key this plugin serves."""
-    return [variant.spec(_FACTORY) for variant in VARIANTS]
+__all__ = ["LIMNER_PLUGIN_API", "limner_register_models"]
 
 
 @hookimpl
 def limner_register_models(register: RegisterModel) -> None:
     """Declare the FLUX.1 keys and the tiny random FLUX."""
-    for spec in model_specs():
-        register(spec)
+    FluxBackend.register_specs(register)
