@@ -258,3 +258,27 @@ def test_int8_memory_counts_the_rounded_weights(registry: limner.Registry) -> No
     # 32,768 of them at one byte, plus 12 bytes for each of their 896 output channels
     assert loaded.packed_mb == pytest.approx((32_768 + 12 * 896) / 2**20)
     assert (int8.memory_mb() or 0) == pytest.approx(weights + loaded.packed_mb + loaded.working_mb)
+
+
+def test_a_cpu_forward_pass_takes_at_most_32_images(
+    registry: limner.Registry, varied_images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of 64 ran slower an image than batches of 32 on a CPU: the pool may form 64,
+    the backend runs them as passes of 32, and the rows do not depend on the passes."""
+    backend = _backend_of(registry.embedder(TINY_KEY))
+    backend.load()
+    model = backend._require_loaded().model
+    forward = model.get_image_features
+    sizes: list[int] = []
+
+    def counted(*, pixel_values: torch.Tensor) -> object:
+        sizes.append(pixel_values.shape[0])
+        assert pixel_values.is_contiguous()  # NCHW, as CLIPImageProcessor gives it
+        return forward(pixel_values=pixel_values)
+
+    monkeypatch.setattr(model, "get_image_features", counted)
+    image = limner.decode_image(str(varied_images[0]), draft_size=backend.image_size)
+    items = [backend.prepare(image)] * 40
+    vectors = backend.embed_prepared(items)
+    assert sizes == [32, 8]
+    np.testing.assert_allclose(vectors[0], vectors[39], atol=1e-6)
