@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs everything, then runs limner offline on the tiny models
 #   make test   installs everything, then runs the test suite
+# and `make dist` builds the four wheels (limner and its three plugins) into dist/.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,9 +9,12 @@ BIN := $(VENV)/bin
 # build of the same release. Override with e.g. `make test TORCH='torch==2.9.1'`.
 TORCH ?= torch==2.13.0
 PLUGINS := plugins/clip plugins/flux plugins/sd35
+# Tested in place, not installed (see pytest's pythonpath in pyproject.toml).
+EXAMPLES := examples/plugins/limner-acme examples/plugins/limner-acme-diffusion
 DEMO_OUT ?= out
+DIST ?= dist
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench dist clean
 
 install: $(VENV)/.installed
 
@@ -34,15 +38,26 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	for plugin in $(PLUGINS); do $(BIN)/mypy $$plugin/tests || exit 1; done
+	for plugin in $(PLUGINS) $(EXAMPLES); do $(BIN)/mypy $$plugin/tests || exit 1; done
 
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Only a virtual environment with pip is needed: the wheels build in pip's isolated
+# environments (hatchling), without torch.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+dist: $(BIN)/python
+	rm -rf $(DIST)
+	$(BIN)/python -m pip wheel --quiet --disable-pip-version-check --no-deps \
+		--wheel-dir $(DIST) . $(PLUGINS)
+	@ls $(DIST)
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/clip_e2e.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pool_load.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_OUT) $(DIST) .pytest_cache .mypy_cache .ruff_cache

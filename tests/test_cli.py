@@ -1,11 +1,14 @@
-"""The CLI through a real subprocess, on the tiny CLIP model, offline."""
+"""The CLI through a real subprocess, on the tiny CLIP and FLUX models, offline."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
 
 TINY = "limner/tiny-clip"
 TINY_DIMENSION = 64
+TINY_FLUX = "limner/tiny-flux"
 
 pytest.importorskip("limner_clip", reason="the CLI tests use the CLIP plugin's tiny model")
 
@@ -26,23 +30,33 @@ pytest.importorskip("limner_clip", reason="the CLI tests use the CLIP plugin's t
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """An isolated, offline Hugging Face cache shared by this module's subprocesses."""
     cache = tmp_path_factory.mktemp("hf-cache")
-    return {
+    environment = {
         **os.environ,
         "HF_HUB_CACHE": str(cache),
         "HF_HUB_OFFLINE": "1",
-        "LIMNER_PLUGINS": "clip",
+        "LIMNER_PLUGINS": "clip,flux",
+        # No defaults saved by whoever runs the tests, nor theirs overwritten.
+        "LIMNER_CONFIG_DIR": str(tmp_path_factory.mktemp("config")),
     }
+    for name in ("LIMNER_EMBED_MODEL", "LIMNER_GENERATE_MODEL", "LIMNER_MEMORY_BUDGET"):
+        environment.pop(name, None)
+    return environment
 
 
-def limner(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "limner", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+def limner(
+    env: dict[str, str], *args: str, check: bool = True, stdin: str | Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``limner ARGS`` in a subprocess; ``stdin`` is text to send, or a file to send."""
+    with open(stdin, "rb") if isinstance(stdin, Path) else open(os.devnull, "rb") as file:
+        result = subprocess.run(
+            [sys.executable, "-m", "limner", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+            **({"input": stdin} if isinstance(stdin, str) else {"stdin": file}),
+        )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -169,3 +183,281 @@ def test_usage_errors_exit_2(env: dict[str, str], images: dict[str, Path]) -> No
         env, "embed", str(images["jpeg"]), "-m", TINY, "--json", "--npy", "x.npy", check=False
     )
     assert both.returncode == 2
+
+
+# -- a newcomer's first hour: quiet, one-line errors, the knobs --------------------------------
+
+
+def needs_flux() -> None:
+    pytest.importorskip("limner_flux", reason="generates with the FLUX plugin's tiny model")
+
+
+NOISE = ("Loading", "[transformers]", "torchvision", "Warning", "%|", "\x1b[")
+
+
+def test_embed_prints_nothing_of_its_libraries(
+    env: dict[str, str], images: dict[str, Path]
+) -> None:
+    result = limner(env, "embed", str(images["png"]), "--model", TINY, "--no-progress")
+    assert result.stderr == ""
+    text = limner(env, "embed", "--text", "a fox", "--model", TINY)
+    assert text.stderr == ""
+
+
+def test_generate_prints_only_its_seed_line(env: dict[str, str], tmp_path: Path) -> None:
+    needs_flux()
+    target = tmp_path / "out.png"
+    result = limner(
+        env, "generate", "a lighthouse", "-m", TINY_FLUX, "--seed", "7", "-o", str(target)
+    )
+    assert result.stdout.splitlines() == [str(target)]
+    assert re.fullmatch(r"seed 7 in \d+\.\d s\n", result.stderr), result.stderr
+
+
+def test_progress_says_loading_then_counts_steps(env: dict[str, str], tmp_path: Path) -> None:
+    """The bar starts once the model is loaded; what the libraries draw never shows."""
+    needs_flux()
+    result = limner(
+        env,
+        "generate",
+        "x",
+        "-m",
+        TINY_FLUX,
+        "--steps",
+        "3",
+        "-o",
+        str(tmp_path / "a.png"),
+        "--progress",
+    )
+    assert re.search(rf"^loading {TINY_FLUX} \.\.\. \d+\.\d s$", result.stderr, re.MULTILINE)
+    loaded = result.stderr.index("loading")
+    assert result.stderr.index("3/3", loaded) > loaded
+    for noise in ("Loading", "[transformers]", "torchvision", "Warning"):
+        assert noise not in result.stderr
+
+
+def test_verbose_shows_limners_log(env: dict[str, str], images: dict[str, Path]) -> None:
+    result = limner(env, "--verbose", "embed", str(images["png"]), "--model", TINY)
+    assert f"limner.pool: loaded {TINY} on cpu" in result.stderr
+
+
+def test_a_load_failure_is_one_line(env: dict[str, str], images: dict[str, Path]) -> None:
+    result = limner(
+        env, "embed", str(images["png"]), "--model", TINY, "--device", "cuda:99", check=False
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: device 'cuda:99'"), lines
+
+
+@pytest.mark.parametrize(
+    ("out", "says"),
+    [
+        ("gen/noext", "has no suffix"),
+        ("picture.txt", "'.txt' is not an image format"),
+        ("blocker/in/the/way.png", "is not a directory"),
+        ("folder.png", "is a directory"),
+    ],
+)
+def test_a_bad_out_fails_in_one_line_before_any_model_loads(
+    env: dict[str, str], tmp_path: Path, out: str, says: str
+) -> None:
+    needs_flux()
+    (tmp_path / "blocker").write_text("a file where a directory would go")
+    (tmp_path / "folder.png").mkdir()
+    target = str(tmp_path / out)
+    # cuda:99 would fail the load: only a check made before loading can speak first.
+    result = limner(
+        env, "generate", "x", "-m", TINY_FLUX, "--device", "cuda:99", "-o", target, check=False
+    )
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: Invalid value for '-o'"), lines
+    assert says in lines[0]
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "blocker", tmp_path / "folder.png"]
+
+
+def test_several_images_are_numbered_files(env: dict[str, str], tmp_path: Path) -> None:
+    needs_flux()
+    out = limner(
+        env,
+        "generate",
+        "x",
+        "-m",
+        TINY_FLUX,
+        "--num-images",
+        "2",
+        "--steps",
+        "1",
+        "-o",
+        str(tmp_path / "new" / "fox.webp"),
+    ).stdout
+    assert out.splitlines() == [str(tmp_path / "new" / f"fox-{n}.webp") for n in (1, 2)]
+    with Image.open(tmp_path / "new" / "fox-2.webp") as image:
+        assert image.format == "WEBP"
+
+
+def test_inputs_are_numbered_in_the_whole_run_not_the_batch(
+    env: dict[str, str], images: dict[str, Path]
+) -> None:
+    good = str(images["png"])
+    result = limner(
+        env,
+        "embed",
+        good,
+        good,
+        "missing-1.png",
+        "missing-2.png",
+        "--batch-size",
+        "2",
+        "--model",
+        TINY,
+        check=False,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: input #2 'missing-1.png': no such file",
+        "Error: input #3 'missing-2.png': no such file",
+    ]
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_real_weights_missing_offline_come_before_memory(
+    env: dict[str, str], images: dict[str, Path]
+) -> None:
+    """Too little memory and no weights: what to fix first is the weights."""
+    result = limner(
+        env,
+        "embed",
+        str(images["png"]),
+        "--model",
+        "openai/clip-vit-base-patch32",
+        "--memory-budget",
+        "1MB",
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert "is not in the Hugging Face cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert "hf download openai/clip-vit-base-patch32" in lines[0]
+
+
+def test_without_offline_an_unreachable_hub_fails_fast_in_one_line(
+    env: dict[str, str], images: dict[str, Path]
+) -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    online = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    online["HF_ENDPOINT"] = endpoint
+    started = time.monotonic()
+    result = limner(
+        online,
+        "embed",
+        str(images["png"]),
+        "--model",
+        "openai/clip-vit-base-patch32",
+        check=False,
+    )
+    assert time.monotonic() - started < 30  # the hub's own retries took 30 s
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert f"{endpoint} cannot be reached" in lines[0]
+    assert "Retrying" not in result.stderr
+
+
+def test_memory_budget_option_and_environment(env: dict[str, str], images: dict[str, Path]) -> None:
+    png = str(images["png"])
+    small = limner(env, "embed", png, "--model", TINY, "--memory-budget", "1MB", check=False)
+    assert small.returncode == 1
+    assert small.stderr.startswith(f"Error: Cannot spawn workers for {TINY}.")
+    assert "--memory-budget" in small.stderr and len(small.stderr.splitlines()) == 1
+    from_env = limner(
+        {**env, "LIMNER_MEMORY_BUDGET": "1MB"}, "embed", png, "--model", TINY, check=False
+    )
+    assert from_env.returncode == 1 and "Cannot spawn workers" in from_env.stderr
+    assert limner(env, "embed", png, "--model", TINY, "--memory-budget", "100%").returncode == 0
+    bad = limner(env, "embed", png, "--model", TINY, "--memory-budget", "lots", check=False)
+    assert bad.returncode == 2 and "LIMNER_MEMORY_BUDGET" in bad.stderr
+
+
+def test_stdin_gives_an_image_or_one_input_per_line(
+    env: dict[str, str], images: dict[str, Path]
+) -> None:
+    piped = limner(env, "embed", "-", "--model", TINY, "--json", stdin=images["png"]).stdout
+    by_path = limner(env, "embed", str(images["png"]), "--model", TINY, "--json").stdout
+    [image], [path] = parse_json_lines(piped), parse_json_lines(by_path)
+    assert image["input"] == "-"
+    assert np.allclose(image["embedding"], path["embedding"], atol=1e-6)
+    listed = limner(
+        env, "embed", "-", "--model", TINY, stdin=f"{images['png']}\n\n{images['jpeg']}\n"
+    ).stdout
+    assert [line.split("\t")[0] for line in listed.splitlines()] == [
+        str(images["png"]),
+        str(images["jpeg"]),
+    ]
+    texts = limner(env, "embed", "--text", "-", "--model", TINY, stdin="a red fox\na lighthouse\n")
+    assert [line.split("\t")[0] for line in texts.stdout.splitlines()] == [
+        "a red fox",
+        "a lighthouse",
+    ]
+
+
+def test_a_text_stays_one_field_of_its_line(env: dict[str, str]) -> None:
+    out = limner(env, "embed", "--text", "tab\there\nnewline", "--model", TINY).stdout
+    [line] = out.splitlines()
+    label, floats = line.split("\t")
+    assert label == "tab\\there\\nnewline"
+    assert len(floats.split()) == TINY_DIMENSION
+
+
+def test_a_default_model_spares_the_model_option(
+    env: dict[str, str], images: dict[str, Path], tmp_path: Path
+) -> None:
+    mine = {**env, "LIMNER_CONFIG_DIR": str(tmp_path)}
+    png = str(images["png"])
+    missing = limner(mine, "embed", png, check=False)
+    assert missing.returncode == 2
+    assert "limner models default" in missing.stderr and "LIMNER_EMBED_MODEL" in missing.stderr
+    saved = limner(mine, "models", "default", "limner/tiny-clip")
+    assert saved.stdout == "image-embedding: limner/tiny-clip\n"
+    assert json.loads((tmp_path / "defaults.json").read_text()) == {"image-embedding": TINY}
+    assert limner(mine, "embed", png).stdout.startswith(png + "\t")
+    shown = limner(mine, "models", "default").stdout.splitlines()
+    assert shown[0] == f"image-embedding: {TINY}  (from {tmp_path / 'defaults.json'})"
+    assert shown[1] == "text-to-image: -"
+    wrong = limner({**mine, "LIMNER_EMBED_MODEL": TINY_FLUX}, "embed", png, check=False)
+    assert wrong.returncode == 1 and "is not an image-embedding model" in wrong.stderr
+    unknown = limner(mine, "models", "default", "limner/tiny-clp", check=False)
+    assert unknown.returncode == 1 and "Did you mean: limner/tiny-clip" in unknown.stderr
+    limner(mine, "models", "default", "--clear")
+    assert limner(mine, "embed", png, check=False).returncode == 2
+
+
+def test_no_plugins_hint_works_from_a_clone(env: dict[str, str]) -> None:
+    result = limner({**env, "LIMNER_PLUGINS": ""}, "models")
+    assert "pip install ./plugins/clip" in result.stderr
+    assert "'limner[clip]'" not in result.stderr.split("--find-links")[0]
+
+
+def test_every_option_says_what_it_does_and_every_command_shows_examples() -> None:
+    import click
+
+    from limner._cli import cli
+
+    def walk(command: click.Command, name: str) -> list[tuple[str, click.Command]]:
+        found = [(name, command)]
+        if isinstance(command, click.Group):
+            for sub_name, sub in command.commands.items():
+                found += walk(sub, f"{name} {sub_name}")
+        return found
+
+    for name, command in walk(cli, "limner"):
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name not in ("help", "version"):
+                assert param.help, f"{name} {param.opts[0]} has no help"
+        text = (command.help or "") + (command.epilog or "")
+        assert "Examples:" in text, f"{name} --help shows no examples"

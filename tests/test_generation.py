@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin
 
-from limner import GenerationResult, ImageGenerationConfig, Pool, Registry
+from limner import GenerationResult, ImageGenerationConfig, InvalidInput, Pool, Registry
 from limner.testing import FakeClock, FakeMemory, fake_generation_spec
 
 pytestmark = pytest.mark.anyio
@@ -42,8 +42,36 @@ async def test_png_carries_prompt_seed_model_and_settings(tmp_path: Path) -> Non
 
 async def test_other_formats_follow_the_suffix(tmp_path: Path) -> None:
     result = await make_result()
-    with Image.open(result.save(tmp_path / "out.jpg")) as image:
+    with Image.open(result.save(tmp_path / "out.jpg", index=0)) as image:
         assert image.format == "JPEG"
+
+
+async def test_save_never_writes_one_of_several_images_silently(tmp_path: Path) -> None:
+    result = await make_result()
+    with pytest.raises(InvalidInput, match=r"holds 2 images.*save_all"):
+        result.save(tmp_path / "out.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_save_all_writes_every_image_named_as_the_cli_names_them(tmp_path: Path) -> None:
+    result = await make_result(seed=5)
+    written = result.save_all(tmp_path / "out.png")
+    assert written == [tmp_path / "out-1.png", tmp_path / "out-2.png"]
+    for index, path in enumerate(written):
+        with Image.open(path) as image:
+            assert image.tobytes() == result.images[index].tobytes()
+
+
+def test_save_of_a_single_image_needs_no_index(tmp_path: Path) -> None:
+    result = GenerationResult(
+        model="fake/gen",
+        prompt="one",
+        images=(Image.new("RGB", (8, 8), "red"),),
+        seed=3,
+        config=ImageGenerationConfig(seed=3),
+    )
+    assert result.save(tmp_path / "one.png") == tmp_path / "one.png"
+    assert result.save_all(tmp_path / "all.png") == [tmp_path / "all.png"]
 
 
 async def test_same_seed_same_image_different_seed_different() -> None:

@@ -21,17 +21,14 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from limner._image_fetch import fetch_image_bytes
+from limner._image_kinds import ACCEPTED_FORMATS, InputKind, classify_input, input_kind
 from limner._images import (
-    ACCEPTED_FORMATS,
     DEFAULT_LIMITS,
     ImageLimits,
-    InputKind,
     _pixel_size_problem,
-    classify_input,
     decode_image,
     encoded_bytes,
-    fetch_image_bytes,
-    input_kind,
 )
 from limner.errors import FetchError, InvalidInput
 

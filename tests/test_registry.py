@@ -6,12 +6,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import limner
+import limner.plugin
 from limner import Capability, ModelInfo, ModelSpec, PluginError, Registry, UnknownModelError
 from limner.testing import FakeEmbeddingBackend, fake_embedding_spec
 
@@ -377,3 +379,54 @@ def test_listing_imports_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("declared", "expected"),
+    [
+        (
+            "LIMNER_PLUGIN_API = 2",
+            "written for limner plugin API 2, but this limner implements API 1: upgrade limner",
+        ),
+        (
+            "LIMNER_PLUGIN_API = 0",
+            "written for limner plugin API 0, but this limner implements API 1: upgrade the plugin",
+        ),
+        ("LIMNER_PLUGIN_API = '1'", "LIMNER_PLUGIN_API must be an integer"),
+        ("LIMNER_PLUGIN_API = True", "LIMNER_PLUGIN_API must be an integer"),
+    ],
+)
+def test_a_plugin_written_for_another_api_is_broken_with_the_reason(
+    site: Path, declared: str, expected: str
+) -> None:
+    add_plugin(site, "good-vision", spec_line("good/model"))
+    add_plugin(site, "future", spec_line("future/model"))
+    module = site / "future_plugin.py"
+    module.write_text(f"{declared}\n{module.read_text()}")
+    registry = Registry(plugins="good-vision,future")
+    records = {p.name: p for p in registry.plugins()}
+    assert records["future"].error is not None
+    assert expected in records["future"].error
+    assert records["future"].keys == ()
+    assert [entry.key for entry in registry.entries()] == ["good/model"]
+    with pytest.raises(UnknownModelError):
+        registry.get("future/model")
+
+
+def test_a_plugin_declaring_this_api_or_none_loads(site: Path) -> None:
+    add_plugin(site, "current", spec_line("current/model"))
+    add_plugin(site, "legacy", spec_line("legacy/model"))
+    module = site / "current_plugin.py"
+    module.write_text(f"LIMNER_PLUGIN_API = {limner.plugin.PLUGIN_API}\n{module.read_text()}")
+    registry = Registry(plugins="current,legacy")
+    assert [p.error for p in registry.plugins()] == [None, None]
+    assert {entry.key for entry in registry.entries()} == {"current/model", "legacy/model"}
+
+
+def test_register_plugin_checks_the_api_too() -> None:
+    plugin = types.ModuleType("odd_api")
+    plugin.LIMNER_PLUGIN_API = 99  # type: ignore[attr-defined]
+    registry = Registry(entry_points=False)
+    registry.register_plugin(plugin)
+    [record] = registry.plugins()
+    assert record.error is not None and "API 99" in record.error

@@ -20,15 +20,9 @@ from ._default_pool import default_pool
 from ._embedder import DEFAULT_MAX_TEXT_CHARS, BlockingImageEmbedder, ImageEmbedder
 from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
 from ._generator import BlockingImageGenerator, ImageGenerator
-from ._images import (
-    DEFAULT_LIMITS,
-    ImageLimits,
-    InputKind,
-    classify_input,
-    decode_image,
-    encoded_bytes,
-    fetch_image_bytes,
-)
+from ._image_fetch import fetch_image_bytes
+from ._image_kinds import InputKind, classify_input
+from ._images import DEFAULT_LIMITS, ImageLimits, decode_image, encoded_bytes
 from ._pool import Pool, current_pool
 from ._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from ._registry import (

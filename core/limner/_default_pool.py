@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from ._budget import memory_budget_from_env
 from ._pool import Pool, current_pool
 
 if TYPE_CHECKING:
@@ -45,9 +46,12 @@ class _DefaultPool:
             return self.portal, self.pool
         with self.lock:
             if self.portal is None or self.pool is None:
+                # LIMNER_MEMORY_BUDGET, read before the thread starts: a bad value fails clean.
+                budget = memory_budget_from_env()
                 stack = contextlib.ExitStack()
                 portal = stack.enter_context(start_blocking_portal())
-                pool = portal.call(Pool)  # built on its own loop: its locks belong to it
+                # Built on its own loop's thread: its locks and events belong to that loop.
+                pool = portal.call(lambda: Pool(**budget))
                 stack.enter_context(portal.wrap_async_context_manager(pool))
                 self.thread_id = portal.call(threading.get_ident)
                 self.stack, self.portal, self.pool = stack, portal, pool

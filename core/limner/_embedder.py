@@ -15,14 +15,9 @@ from ._backends import ImageEmbeddingBackend
 from ._blocking import call_blocking
 from ._capabilities import ImageInput
 from ._default_pool import in_runtime
-from ._images import (
-    DEFAULT_LIMITS,
-    ImageLimits,
-    InputKind,
-    classify_input,
-    decode_image,
-    fetch_image_bytes,
-)
+from ._image_fetch import fetch_image_bytes
+from ._image_kinds import InputKind, classify_input
+from ._images import DEFAULT_LIMITS, ImageLimits, decode_image
 from ._runtime import RequestKind, Runtime
 from ._spec import ModelSpec
 from ._vectors import describe_backend

@@ -76,9 +76,23 @@ class GenerationResult:
             "limner": json.dumps({**settings, **self.metadata}, sort_keys=True, default=str),
         }
 
-    def save(self, path: str | os.PathLike[str], *, index: int = 0) -> Path:
-        """Write image ``index``; the format follows the suffix. PNGs carry
-        :meth:`text_metadata` in their text chunks."""
+    def save(self, path: str | os.PathLike[str], *, index: int | None = None) -> Path:
+        """Write image ``index`` (or the only image); the format follows the suffix. PNGs
+        carry :meth:`text_metadata` in their text chunks.
+
+        A result of several images needs ``index``, or :meth:`save_all`, which writes them
+        all: this never writes one of them silently.
+        """
+        if index is None:
+            if len(self.images) != 1:
+                from .errors import InvalidInput
+
+                raise InvalidInput(
+                    f"this result holds {len(self.images)} images; save(path, index=i) writes "
+                    "one of them, save_all(path) writes them all",
+                    field="index",
+                )
+            index = 0
         from PIL.PngImagePlugin import PngInfo
 
         target = Path(path)
@@ -91,6 +105,21 @@ class GenerationResult:
         else:
             image.save(target)
         return target
+
+    def save_all(self, path: str | os.PathLike[str]) -> list[Path]:
+        """Write every image: ``path`` itself for one image, else ``NAME-1.png`` ...
+        ``NAME-N.png`` beside it (as ``limner generate --num-images`` names them)."""
+        return [self.save(target, index=i) for i, target in enumerate(self.paths(path))]
+
+    def paths(self, path: str | os.PathLike[str]) -> list[Path]:
+        """Where :meth:`save_all` writes each image."""
+        target = Path(path)
+        if len(self.images) == 1:
+            return [target]
+        return [
+            target.with_name(f"{target.stem}-{i + 1}{target.suffix}")
+            for i in range(len(self.images))
+        ]
 
 
 GenerationChunk = Progress | GenerationResult

@@ -8,10 +8,18 @@ import pluggy
 
 from ._spec import ModelSpec
 
-__all__ = ["PROJECT_NAME", "RegisterModel", "hookimpl", "hookspec"]
+__all__ = ["API_ATTRIBUTE", "PLUGIN_API", "PROJECT_NAME", "RegisterModel", "hookimpl", "hookspec"]
 
 PROJECT_NAME = "limner"
 """The pluggy project name and the entry-point group plugins are found under."""
+
+PLUGIN_API = 1
+"""The major version of the plugin contract (the hooks and ``limner.plugin``) this limner
+implements. A plugin says which it was written for as ``LIMNER_PLUGIN_API = 1`` in the module
+its entry point names; the registry refuses a plugin written for another one."""
+
+API_ATTRIBUTE = "LIMNER_PLUGIN_API"
+"""The module attribute in which a plugin declares the :data:`PLUGIN_API` it was written for."""
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

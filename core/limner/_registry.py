@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 import importlib.metadata
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
 from . import _hookspecs
-from ._backends import Backend
-from ._capability_table import CAPABILITIES, FrontOptions, Model, row_for, row_of_backend
+from ._capability_table import FrontOptions, Model, row_for
 from ._embedder import DEFAULT_MAX_TEXT_CHARS, ImageEmbedder, check_max_text_chars
+from ._entries import (
+    HOST,
+    ModelEntry,
+    PluginFilter,
+    PluginRecord,
+    api_mismatch,
+    broken,
+    build_backend,
+    check_specs,
+    front_for,
+    hook_kwargs,
+    with_capability,
+)
 from ._generator import ImageGenerator
 from ._hookspecs import PROJECT_NAME
 from ._images import DEFAULT_LIMITS, ImageLimits
-from ._spec import BackendFactory, Capability, ModelSettings, ModelSpec
+from ._spec import Capability, ModelSettings, ModelSpec
 from ._weights import models_dir_override
 from .errors import InvalidInput, LimnerError, PluginError, UnknownModelError
 
@@ -35,70 +45,6 @@ __all__ = [
     "generator",
     "get",
 ]
-
-
-HOST = "host"
-"""Plugin name recorded for specs a host application registers itself."""
-
-
-@dataclass(frozen=True)
-class PluginRecord:
-    """One plugin the registry saw: where it came from, what it serves, or why it broke."""
-
-    name: str
-    distribution: str | None = None
-    version: str | None = None
-    keys: tuple[str, ...] = ()
-    error: str | None = None
-
-    @property
-    def label(self) -> str:
-        if self.distribution:
-            return f"{self.distribution} {self.version}" if self.version else self.distribution
-        return self.name
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A registered model key and the plugin that serves it."""
-
-    spec: ModelSpec
-    plugin: PluginRecord = field(compare=False)
-
-    @property
-    def key(self) -> str:
-        return self.spec.key
-
-    @property
-    def capability(self) -> Capability:
-        """The key's capability (the registry derives it when the spec does not declare it)."""
-        assert self.spec.capability is not None, "registered specs have their capability"
-        return self.spec.capability
-
-
-@dataclass
-class _PluginFilter:
-    """``LIMNER_PLUGINS``: ``"a,b"`` allows only a and b, ``"-c"`` denies c, ``""`` loads none."""
-
-    allow: frozenset[str] | None
-    deny: frozenset[str]
-
-    @classmethod
-    def parse(cls, value: str | None) -> _PluginFilter:
-        if value is None:
-            return cls(allow=None, deny=frozenset())
-        names = [name.strip() for name in value.split(",") if name.strip()]
-        deny = frozenset(name[1:] for name in names if name.startswith("-"))
-        allow = frozenset(name for name in names if not name.startswith("-"))
-        if not names:
-            return cls(allow=frozenset(), deny=frozenset())
-        return cls(allow=allow or None, deny=deny)
-
-    def allows(self, *names: str | None) -> bool:
-        given = {name for name in names if name}
-        if given & self.deny:
-            return False
-        return self.allow is None or bool(given & self.allow)
 
 
 class Registry:
@@ -118,7 +64,7 @@ class Registry:
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
     ) -> None:
         self._use_entry_points = entry_points
-        self._filter = _PluginFilter.parse(
+        self._filter = PluginFilter.parse(
             plugins if plugins is not None else os.environ.get("LIMNER_PLUGINS")
         )
         self._front_options = FrontOptions(
@@ -143,7 +89,7 @@ class Registry:
         self._discover()
         with self._lock:
             record = self._host_record()
-            spec = _with_capability(spec, record)
+            spec = with_capability(spec, record)
             if replace:
                 self._forget(spec.key)
             self._add_specs(record, [spec], raise_on_conflict=True)
@@ -258,37 +204,12 @@ class Registry:
             model = self._models.get(key)
             if model is None:
                 entry = self._entries[key]
-                backend = self._make_backend(entry, self.settings(key))
-                model = self._wrap(entry.spec, backend)
+                backend = build_backend(entry, self.settings(key))
+                model = front_for(entry.spec, backend, self._front_options)
                 self._models[key] = model
         if name != key:
             self._models[name] = model
         return model
-
-    def _make_backend(self, entry: ModelEntry, settings: ModelSettings) -> Backend:
-        spec = entry.spec
-        factory = spec.factory
-        if isinstance(factory, str):
-            factory = _import_factory(factory, entry)
-        try:
-            backend: Backend = factory(spec, settings)  # its type is checked in _wrap
-        except LimnerError:
-            raise
-        except Exception as error:
-            raise PluginError(
-                f"{entry.plugin.label} failed to build {spec.key}: {error!r}"
-            ) from error
-        return backend
-
-    def _wrap(self, spec: ModelSpec, backend: Backend) -> Model:
-        assert spec.capability is not None
-        row = row_for(spec.capability)
-        if not isinstance(backend, row.backend):
-            raise PluginError(
-                f"the factory of {spec.key} returned {type(backend).__name__}, "
-                f"not an {row.backend.__name__}"
-            )
-        return row.front(spec, backend, self._front_options)
 
     def _resolve_name(self, name: str) -> str:
         self._discover()
@@ -346,30 +267,34 @@ class Registry:
         try:
             plugin = entry_point.load()
         except Exception as error:
-            self._plugins.append(_broken(record, f"import failed: {error!r}"))
+            self._plugins.append(broken(record, f"import failed: {error!r}"))
             return
         self._load_plugin(plugin, record)
 
     def _load_plugin(self, plugin: object, record: PluginRecord) -> None:
         with self._lock:
+            mismatch = api_mismatch(plugin)
+            if mismatch is not None:
+                self._plugins.append(broken(record, mismatch))
+                return
             try:
                 self._manager.register(plugin, name=record.name)
             except Exception as error:  # a taken name, or a hook pluggy refuses (its signature)
                 if self._manager.is_registered(plugin):  # pluggy leaves it half-registered
                     self._manager.unregister(plugin)
                 reason = " ".join(str(error).split())  # pluggy's message spans lines
-                self._plugins.append(_broken(record, f"cannot register: {reason}"))
+                self._plugins.append(broken(record, f"cannot register: {reason}"))
                 return
             specs: list[ModelSpec] = []
             try:
                 for impl in self._manager.hook.limner_register_models.get_hookimpls():
                     if impl.plugin is plugin:
-                        impl.function(**_hook_kwargs(impl.argnames, specs.append))
-                _check_specs(specs)
-                specs = [_with_capability(spec, record) for spec in specs]
+                        impl.function(**hook_kwargs(impl.argnames, specs.append))
+                check_specs(specs)
+                specs = [with_capability(spec, record) for spec in specs]
             except Exception as error:
                 self._manager.unregister(plugin)
-                self._plugins.append(_broken(record, f"limner_register_models failed: {error!r}"))
+                self._plugins.append(broken(record, f"limner_register_models failed: {error!r}"))
                 return
             keys = self._add_specs(record, specs, raise_on_conflict=False)
             self._plugins.append(
@@ -416,61 +341,6 @@ class Registry:
         record = PluginRecord(HOST)
         self._plugins.append(record)
         return record
-
-
-def _broken(record: PluginRecord, error: str) -> PluginRecord:
-    return PluginRecord(record.name, record.distribution, record.version, error=error)
-
-
-def _hook_kwargs(argnames: tuple[str, ...], register: Any) -> dict[str, Any]:
-    available = {"register": register}
-    return {name: available[name] for name in argnames}
-
-
-def _check_specs(specs: list[ModelSpec]) -> None:
-    """Refuse the plugin's registration as a whole before any of it is added."""
-    seen: set[str] = set()
-    for spec in specs:
-        if not isinstance(spec, ModelSpec):
-            raise PluginError(f"registered {type(spec).__name__} {spec!r}, not a limner.ModelSpec")
-        for name in (spec.key, *spec.aliases):
-            if name in seen:
-                raise PluginError(f"registered {name!r} twice")
-            seen.add(name)
-
-
-def _import_factory(path: str, entry: ModelEntry) -> BackendFactory:
-    module_name, _, attribute = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-        factory: BackendFactory = getattr(module, attribute)
-    except Exception as error:
-        raise PluginError(
-            f"{entry.plugin.label} could not import the factory {path!r} for "
-            f"{entry.spec.key}: {error!r}"
-        ) from error
-    return factory
-
-
-def _with_capability(spec: ModelSpec, record: PluginRecord) -> ModelSpec:
-    """``spec`` with its capability, derived from its backend class when not declared.
-
-    A declared capability is kept as is: the backend's class is checked against it when
-    the model is built.
-    """
-    if spec.capability is not None:
-        return spec
-    factory = spec.factory
-    if isinstance(factory, str):
-        factory = _import_factory(factory, ModelEntry(spec, record))
-    row = row_of_backend(factory) if isinstance(factory, type) else None
-    if row is None:
-        bases = ", ".join(row.backend.__name__ for row in CAPABILITIES)
-        raise PluginError(
-            f"{record.label} gives {spec.key} a factory that is not a backend class "
-            f"(a subclass of {bases}); pass the class, or declare capability="
-        )
-    return dataclasses.replace(spec, capability=row.capability)
 
 
 _default: Registry | None = None

@@ -11,6 +11,8 @@ encoder or a tokenizer is built.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "CLIP_EOS",
     "CLIP_EOS_ID",
     "CLIP_MAX_LENGTH",
+    "CLIP_TOKENS",
     "CLIP_VOCAB_SIZE",
     "T5_EOS_ID",
     "T5_PAD_ID",
@@ -37,6 +40,16 @@ CLIP_BOS_ID = 512
 CLIP_EOS_ID = 513  # also CLIP's padding and unknown token
 CLIP_VOCAB_SIZE = 514
 CLIP_MAX_LENGTH = 77
+#: A text config's token fields for :func:`tiny_clip_tokenizer`'s vocabulary, e.g.
+#: ``SiglipTextConfig(**CLIP_TOKENS, hidden_size=32, ...)``.
+CLIP_TOKENS: Mapping[str, int] = MappingProxyType(
+    {
+        "vocab_size": CLIP_VOCAB_SIZE,
+        "bos_token_id": CLIP_BOS_ID,
+        "eos_token_id": CLIP_EOS_ID,
+        "pad_token_id": CLIP_EOS_ID,
+    }
+)
 
 _T5_SPECIALS = ("<pad>", "</s>", "<unk>")
 T5_PAD_ID = 0

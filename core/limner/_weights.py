@@ -3,13 +3,16 @@
 No torch here: this module only decides paths and revisions. Plugins load with their
 libraries' own ``from_pretrained``, which honours ``HF_HUB_OFFLINE`` and ``HF_HOME``;
 :func:`locate_weights` tells them what to pass it, and fails early, with advice, when the
-weights are neither cached nor downloadable.
+weights are neither cached nor downloadable; :func:`check_weights_reachable` is the pool's
+cheap look before a cold start, so such weights fail in one line before any memory is
+reserved and without huggingface_hub's half-minute of retries.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,17 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._devices import TRUE_STRINGS
+from ._spec import ModelInfo
 from .errors import ModelLoadError
 
 if TYPE_CHECKING:
-    from ._spec import ModelSettings
+    from ._spec import ModelSettings, ModelSpec
 
 __all__ = [
+    "HUB_PROBE_TIMEOUT",
     "TinyModel",
     "WeightSource",
+    "check_weights_reachable",
     "download_advice",
     "hf_cache_dir",
     "hf_offline",
+    "is_cached",
     "locate_weights",
     "materialize_in_hf_cache",
     "models_dir_override",
@@ -114,6 +121,22 @@ class TinyModel:
     key: str
     revision: str
     ensure: Callable[[Path], object]
+
+    def info(self, *, family: str, memory_mb: float = 64.0, **fields: Any) -> ModelInfo:
+        """The :class:`~limner.plugin.ModelInfo` of the tiny key: pinned at the one revision
+        limner writes (without it, loading would look for another), marked ``tiny``, and
+        described as a TINY random-weight ``family``; ``fields`` sets the others, such as
+        ``embedding_dimension``."""
+        return ModelInfo(
+            memory_mb=memory_mb,
+            source_repo=self.key,
+            revision=self.revision,
+            tiny=True,
+            description=(
+                f"TINY random-weight {family} for tests and offline demos; its outputs mean nothing"
+            ),
+            **{"license": "apache-2.0", **fields},
+        )
 
 
 @dataclass(frozen=True)
@@ -230,3 +253,82 @@ def locate_weights(
             )
         )
     return WeightSource(settings.weights, kwargs)
+
+
+HUB_PROBE_TIMEOUT = 5.0
+"""Seconds the hub may take to answer the probe before limner calls it unreachable."""
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def is_cached(repo_id: str, revision: str | None, *, cache_dir: Path | None = None) -> bool:
+    """Whether the Hugging Face cache holds a snapshot of ``repo_id`` at ``revision`` (a
+    commit, or a branch or tag the cache has resolved; ``None`` is ``main``).
+
+    A snapshot may still lack a file a plugin needs; this only rules out the case where
+    nothing was ever downloaded.
+    """
+    repo_dir = (cache_dir or hf_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    name = revision or "main"
+    if _COMMIT.match(name):
+        return (repo_dir / "snapshots" / name).is_dir()
+    try:
+        commit = (repo_dir / "refs" / name).read_text().strip()
+    except (OSError, ValueError):
+        return False
+    return bool(commit) and (repo_dir / "snapshots" / commit).is_dir()
+
+
+def check_weights_reachable(
+    spec: ModelSpec, settings: ModelSettings | None, *, timeout: float = HUB_PROBE_TIMEOUT
+) -> None:
+    """Raise :class:`ModelLoadError` when a model's Hugging Face weights are not cached and
+    cannot be downloaded: ``HF_HUB_OFFLINE`` is set, or the hub does not answer.
+
+    Applies to models whose weights are their spec's ``source_repo`` (not a local directory,
+    not a tiny model limner writes itself); anything else is the plugin's to check. Cheap when
+    the weights are cached or offline (a few file checks); otherwise one HTTP request to the
+    hub (``HF_ENDPOINT``, proxies from the environment honoured) with a short timeout, where
+    huggingface_hub would retry for half a minute.
+    """
+    repo = spec.info.source_repo
+    if settings is None or settings.local_dir or spec.info.tiny or repo is None:
+        return
+    if settings.weights != repo:
+        return
+    cache = hf_cache_dir()
+    if is_cached(repo, settings.revision, cache_dir=cache):
+        return
+    revision = settings.revision
+    at, pinned = (f"@{revision}", f" --revision {revision}") if revision else ("", "")
+    advice = (
+        f"download it with `hf download {repo}{pinned}`, or point LIMNER_MODELS_DIR at a "
+        f"directory holding a copy as {spec.key}/"
+    )
+    if hf_offline():
+        raise ModelLoadError(
+            f"{repo}{at} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is "
+            f"set; {advice}"
+        )
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    problem = _unreachable(endpoint, timeout)
+    if problem is not None:
+        raise ModelLoadError(
+            f"{repo}{at} is not in the Hugging Face cache ({cache}) and {endpoint} cannot be "
+            f"reached ({problem}); connect to the network and try again, or {advice}"
+        )
+
+
+def _unreachable(endpoint: str, timeout: float) -> str | None:
+    """Why ``endpoint`` gives no HTTP answer within ``timeout``; None when it answers at all."""
+    import httpx
+
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=True) as client:
+            client.head(endpoint)
+    except httpx.TimeoutException:
+        return f"no answer in {timeout:g} s"
+    except (httpx.HTTPError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        return reason
+    return None

@@ -74,7 +74,10 @@ class UnknownModelError(LimnerError, KeyError):
         if self.plugins:
             message += " Installed plugins: " + ", ".join(self.plugins) + "."
         else:
-            message += " No limner plugins are installed; try `pip install 'limner[clip]'`."
+            message += (
+                " No limner plugins are installed; from a clone of limner, try "
+                "`pip install ./plugins/clip`."
+            )
         message += " Run `limner models` to list every key."
         super().__init__(message)
 
@@ -146,7 +149,9 @@ class MemoryExhausted(LimnerError):
         self.available_mb = available_mb
         super().__init__(
             f"Cannot spawn workers for {key}. Need {need_mb:.0f} MB, only {available_mb:.0f} MB "
-            "available. Free memory, raise the pool's memory budget, or use a smaller model."
+            "available. Free memory, raise the memory budget (--memory-budget or "
+            "LIMNER_MEMORY_BUDGET for limner's commands, Pool(memory_budget_mb=...) in code), "
+            "or use a smaller model."
         )
 
 

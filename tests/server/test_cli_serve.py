@@ -6,6 +6,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -122,3 +123,84 @@ def test_importing_limner_does_not_import_the_server_stack() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def read_until(lines: queue.Queue[str], pattern: str, *, timeout: float = 120) -> list[str]:
+    """Lines up to and including the first that matches ``pattern``."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail(f"no line matched {pattern!r}:\n" + "".join(seen))
+        seen.append(line)
+        if re.search(pattern, line):
+            return seen
+
+
+def test_start_up_says_what_is_served_whether_a_key_is_needed_and_when_ready(
+    env: dict[str, str],
+) -> None:
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "limner", "serve", "--port", "0"),
+            *("--models", "limner/tiny-clip", "--preload", "limner/tiny-clip"),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stderr is not None
+    try:
+        seen = read_until(lines_of(process.stderr), r"ready: limner/tiny-clip preloaded in")
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    log = "".join(seen)
+    assert "serving models (1): limner/tiny-clip" in log
+    assert "API key required" in log
+    assert "preloading limner/tiny-clip" in log
+    assert re.search(r"running on http://127\.0\.0\.1:\d+", log)
+    for noise in ("Loading", "[transformers]", "torchvision", "Warning"):
+        assert noise not in log
+
+
+def test_a_port_in_use_is_one_line_and_exit_code_1(env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "limner", "serve", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"Error: cannot listen on 127.0.0.1:{port}:")
+    assert "pick another --port" in lines[0]
+
+
+def test_serve_takes_the_memory_budget(env: dict[str, str]) -> None:
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "limner", "serve", "--port", "0"),
+            *("--preload", "limner/tiny-clip", "--memory-budget", "1MB"),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stderr is not None
+    try:
+        seen = read_until(lines_of(process.stderr), r"preloading limner/tiny-clip failed")
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    assert "Cannot spawn workers for limner/tiny-clip" in seen[-1]

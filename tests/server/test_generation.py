@@ -87,6 +87,19 @@ def test_generation_returns_base64_images_and_the_seed(main: Served) -> None:
     assert isinstance(drawn.json()["seed"], int)  # a drawn seed is reported back
 
 
+@pytest.mark.parametrize(
+    "extras",
+    [{"quality": "hd", "style": "vivid"}, {"quality": "high"}, {"style": "natural"}],
+)
+def test_what_openai_clients_send_is_accepted(main: Served, extras: dict[str, str]) -> None:
+    """quality and style, sent by OpenAI's clients, are accepted and leave the image as is."""
+    plain = generate(main, model="fake/generator", prompt="p", size="32x24", seed=3)
+    response = generate(main, model="fake/generator", prompt="p", size="32x24", seed=3, **extras)
+    assert response.status_code == 200, response.text
+    image, reference = (decode(r.json()["data"][0]["b64_json"]) for r in (response, plain))
+    assert image.tobytes() == reference.tobytes()
+
+
 def test_output_format_jpeg_and_webp(main: Served) -> None:
     for name, magic in (("jpeg", "JPEG"), ("webp", "WEBP")):
         response = generate(main, model="fake/generator", prompt="p", output_format=name)
@@ -107,7 +120,9 @@ def test_output_format_jpeg_and_webp(main: Served) -> None:
         ({"seed": -1}, "seed", "invalid_request"),
         ({"guidance": "NaN"}, "guidance", "invalid_request"),
         ({"model": "limner/tiny-clip"}, "model", "wrong_capability"),
-        ({"style": "vivid"}, "style", "invalid_request"),
+        ({"style": "dramatic"}, "style", "invalid_request"),
+        ({"quality": "ultra"}, "quality", "invalid_request"),
+        ({"colour": "red"}, "colour", "invalid_request"),
         ({"stream": "no"}, "stream", "invalid_request"),
         ({"stream": "true"}, "stream", "invalid_request"),
         ({"stream": 0}, "stream", "invalid_request"),

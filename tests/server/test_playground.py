@@ -106,9 +106,16 @@ def test_limner_serve_no_ui_builds_an_app_without_the_page(
     pytest.importorskip("limner_clip", reason="serves the CLIP plugin's tiny model")
 
     apps: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:  # serves nothing
+        apps.append(server.config.app)
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     for arguments, has_page in (([], True), (["--no-ui"], False)):
-        result = CliRunner().invoke(cli, ["serve", "--models", TINY_CLIP, *arguments])
+        result = CliRunner().invoke(
+            cli, ["serve", "--port", "0", "--models", TINY_CLIP, *arguments]
+        )
         assert result.exit_code == 0, result.output
         paths = {getattr(route, "path", None) for route in apps[-1].routes}
         assert ("/" in paths) is has_page

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -160,11 +159,13 @@ def test_a_loopback_url_is_refused_by_default_without_a_request(
 def test_private_literals_are_refused_before_any_connection(
     guarded: Served, error_of: ErrorOf, url: str, reason: str
 ) -> None:
-    started = time.monotonic()
     response = embed(guarded, url)
     assert response.status_code == 400
-    assert f"is a {reason} address" in error_of(response)["message"]
-    assert time.monotonic() - started < 2  # refused, not timed out connecting
+    message = error_of(response)["message"]
+    assert f"is a {reason} address" in message
+    # Refused by the guard, not by a failed connection (which no machine here should try).
+    assert "timed out" not in message
+    assert "connect" not in message.lower()
 
 
 def test_file_urls_are_refused(guarded: Served, error_of: ErrorOf) -> None:

@@ -166,6 +166,16 @@ class Pool:
                         await self._residency.unload(state, reason="pool shut down")
 
     @property
+    def memory_budget_mb(self) -> float | None:
+        """The absolute budget per device this pool was given, if any."""
+        return self._residency.budget_mb
+
+    @property
+    def memory_budget_fraction(self) -> float:
+        """The share of each device's memory this pool may fill without an absolute budget."""
+        return self._residency.budget_fraction
+
+    @property
     def running(self) -> bool:
         return self._task_group is not None and not self._closing
 

@@ -13,9 +13,11 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 
 from limner._backends import Backend
 from limner._readings import Clock, MemoryProbe
+from limner._weights import check_weights_reachable
 from limner.errors import Cancelled, LimnerError, MemoryExhausted, ModelLoadError
 
 from ._batching import Requeue
@@ -82,6 +84,10 @@ class Residency:
         key, started, reserved = state.spec.key, self.clock.now(), 0.0
         assert state.load_done is not None
         try:
+            # Weights that cannot be had are the first thing to say, before any talk of memory.
+            await anyio.to_thread.run_sync(
+                check_weights_reachable, state.spec, getattr(state.backend, "settings", None)
+            )
             if state.device is None:
                 state.device = await self.executor.memory_device(state.backend)
             async with self.admission:

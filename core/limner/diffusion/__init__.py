@@ -37,7 +37,7 @@ from ._config import (
     resolve_side,
 )
 from ._preview import LatentRGB, fit_latent_rgb
-from ._tiny import tiny_pipeline, tiny_vae, write_tiny_pipeline
+from ._tiny import TinyPipeline, tiny_pipeline, tiny_unet, tiny_vae, write_tiny_pipeline
 
 __all__ = [
     "MAX_NUM_IMAGES",
@@ -47,6 +47,7 @@ __all__ = [
     "DiffusionVariant",
     "LatentRGB",
     "LoadedPipeline",
+    "TinyPipeline",
     "diffusion_dtype",
     "fit_latent_rgb",
     "resolve_config",
@@ -59,6 +60,7 @@ __all__ = [
     "resolve_side",
     "select_variant",
     "tiny_pipeline",
+    "tiny_unet",
     "tiny_vae",
     "write_tiny_pipeline",
 ]

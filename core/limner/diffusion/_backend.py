@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
@@ -136,12 +136,37 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     ``enable_model_cpu_offload``).
     """
 
-    #: The diffusers pipeline class, by name (``diffusers.<name>.from_pretrained`` loads it).
+    #: The diffusers pipeline class, by name (``diffusers.<name>.from_pretrained`` loads it);
+    #: by default the one of :attr:`tiny`, when it was made by :func:`tiny_pipeline`.
     pipeline_class: ClassVar[str]
     #: The generated tiny model, written into the cache when its key is loaded, or ``None``.
     tiny: ClassVar[TinyModel | None] = None
     #: Rough download size for load-error advice, e.g. ``"34 GB"``.
     download_size: ClassVar[str | None] = None
+    #: The family's checkpoints, each key's facts and limits: what the default
+    #: :meth:`find_variant` looks a key up in, and what :meth:`specs` declares.
+    variants: ClassVar[Sequence[Any]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        named = getattr(cls.tiny, "pipeline_class", "")
+        if named and not hasattr(cls, "pipeline_class"):
+            cls.pipeline_class = named
+
+    @classmethod
+    def register_specs(cls, register: Callable[[ModelSpec], None], **settings: Any) -> None:
+        """``register`` each of :meth:`specs`: the body of a family's
+        ``limner_register_models``."""
+        for spec in cls.specs(**settings):
+            register(spec)
+
+    @classmethod
+    def specs(cls, **default_settings: Any) -> list[ModelSpec]:
+        """A :class:`~limner.plugin.ModelSpec` for each of :attr:`variants` (which must be
+        :class:`Checkpoint` objects), built by this class; what the plugin's
+        ``limner_register_models`` registers."""
+        factory = f"{cls.__module__}:{cls.__qualname__}"
+        return [variant.spec(factory, **default_settings) for variant in cls.variants]
 
     def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
         super().__init__(spec, settings)
@@ -156,9 +181,15 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     # -- hooks --------------------------------------------------------------------------------
 
     def find_variant(self, spec: ModelSpec) -> VariantT:
-        """This family's facts for ``spec.key`` (see :func:`select_variant`). Called first
-        in ``__init__``; raise ``InvalidInput`` for a key the family does not serve."""
-        raise NotImplementedError
+        """This family's facts for ``spec.key``: by default the one of :attr:`variants` with
+        that key (see :func:`select_variant`). Called first in ``__init__``; raise
+        ``InvalidInput`` for a key the family does not serve."""
+        if not self.variants:
+            raise NotImplementedError(
+                f"{type(self).__name__} must set variants or override find_variant"
+            )
+        variant: VariantT = select_variant(spec, self.variants, type(self).__module__.split(".")[0])
+        return variant
 
     def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
         """The variant's defaults filled into ``config`` and every field checked against its
@@ -177,9 +208,10 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         return {}
 
     def call_kwargs(self, config: ImageGenerationConfig) -> dict[str, Any]:
-        """Extra keyword arguments for the pipeline call, e.g. a negative prompt. The base
-        class passes prompt, size, steps, guidance, images per prompt, generators,
-        ``max_sequence_length`` and the step callback."""
+        """Extra keyword arguments for the pipeline call. The base class passes prompt, size,
+        steps, guidance, images per prompt, generators, ``max_sequence_length``, the step
+        callback, and the negative prompt when there is one (``resolve_config`` refuses it
+        where the checkpoint takes none)."""
         return {}
 
     def preview_latents(
@@ -339,7 +371,8 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
                 on_step(
                     Progress(
                         step=index + 1,
-                        total=steps,
+                        # PNDM's PLMS runs one more step than asked (the pipeline says so)
+                        total=getattr(pipe, "_num_timesteps", None) or steps,
                         elapsed=last_step - started,
                         preview=image,
                     )
@@ -359,7 +392,7 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
                     output_type="pil",
                     callback_on_step_end=step_end,
                     callback_on_step_end_tensor_inputs=["latents"],
-                    **self.call_kwargs(config),
+                    **self._call_kwargs(config),
                 )
         finished = time.perf_counter()
         images = tuple(output.images)
@@ -376,6 +409,11 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
             },
             metadata=self._metadata(loaded, prompt, config, seeds),
         )
+
+    def _call_kwargs(self, config: ImageGenerationConfig) -> dict[str, Any]:
+        # resolve_config refuses a negative prompt where the checkpoint takes none
+        given = {"negative_prompt": config.negative_prompt} if config.negative_prompt else {}
+        return {**given, **self.call_kwargs(config)}
 
     def _require_loaded(self) -> LoadedPipeline:
         loaded = self._loaded

@@ -3,12 +3,10 @@ facts and fixtures, and the tests of its tiny model generating through the real 
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any, ClassVar
 
 import anyio
@@ -27,6 +25,7 @@ from limner import (
     Progress,
 )
 from limner.plugin import hf_cache_dir
+from limner.plugin.testing import TextToImageContract
 from limner.testing import FakeClock, FakeMemory
 
 from ._backend import DiffusersBackend
@@ -55,20 +54,10 @@ def pixels(image: Image.Image) -> npt.NDArray[np.uint8]:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _offline_env(patch: pytest.MonkeyPatch, cache: Path) -> None:
-    patch.setenv("HF_HUB_CACHE", str(cache))
-    patch.setenv("HF_HUB_OFFLINE", "1")
-    for name in ("LIMNER_MODELS_DIR", "LIMNER_DEVICE", "LIMNER_DTYPE"):
-        patch.delenv(name, raising=False)
+class FamilyFixtures(TextToImageContract):
+    """What a family's tests say about it, and the fixtures the tests use: the conformance
+    suite's (:class:`limner.plugin.testing.TextToImageContract`) and the family's."""
 
-
-class FamilyFixtures:
-    """What a family's tests say about it, and the fixtures the tests use."""
-
-    #: The plugin module (what its entry point names) and its entry point and distribution.
-    plugin: ClassVar[ModuleType]
-    entry_point: ClassVar[str]
-    distribution: ClassVar[str]
     backend_class: ClassVar[type[DiffusersBackend[Any]]]
     #: How the tiny model's description names the family: "TINY random-weight <name> ...".
     family_name: ClassVar[str]
@@ -76,33 +65,16 @@ class FamilyFixtures:
     real_key: ClassVar[str]
     #: Files the tiny model's snapshot holds, besides its weights.
     tiny_files: ClassVar[tuple[str, ...]]
-    #: ``(key, field, value)``: a config field each key refuses, naming it.
-    bad_fields: ClassVar[Sequence[tuple[str, str, Any]]]
-    #: ``(setting, value)``: a setting or option the backend refuses when it is built.
-    bad_settings: ClassVar[Sequence[tuple[str, object]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        tiny = getattr(cls, "backend_class", None) and cls.backend_class.tiny
+        if tiny is not None and "key" not in cls.__dict__:
+            cls.key = tiny.key  # the suite runs the family's tiny model
 
     @classmethod
     def tiny_key(cls) -> str:
-        tiny = cls.backend_class.tiny
-        assert tiny is not None, f"{cls.backend_class.__name__} has no tiny model"
-        return tiny.key
-
-    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
-        if "bad_field" in metafunc.fixturenames:
-            metafunc.parametrize(
-                "bad_field", self.bad_fields, ids=[f"{k}-{f}-{v!r}" for k, f, v in self.bad_fields]
-            )
-        if "bad_setting" in metafunc.fixturenames:
-            metafunc.parametrize(
-                "bad_setting", self.bad_settings, ids=[f"{s}-{v!r}" for s, v in self.bad_settings]
-            )
-
-    # -- fixtures -----------------------------------------------------------------------------
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def anyio_backend(cls) -> str:
-        return "asyncio"
+        return cls.key
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -111,57 +83,10 @@ class FamilyFixtures:
 
     @pytest.fixture(scope="class")
     @classmethod
-    def hf_cache(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        """A fresh HF cache for the class: the tiny model is written there on first load."""
-        return tmp_path_factory.mktemp("hf-cache")
-
-    @pytest.fixture(autouse=True)
-    def offline_cache(self, hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-        """Every test sees only the class's cache; other test directories are untouched."""
-        _offline_env(monkeypatch, hf_cache)
-        return hf_cache
-
-    @pytest.fixture
-    def registry(self) -> limner.Registry:
-        registry = limner.Registry(entry_points=False)
-        registry.register_plugin(self.plugin)
-        return registry
-
-    @classmethod
-    def build_backend(
-        cls, registry: limner.Registry, key: str, **configure: Any
-    ) -> DiffusersBackend[Any]:
-        """The backend exactly as the core builds it: the spec's factory, the registry's
-        settings."""
-        if configure:
-            registry.configure(key, **configure)
-        spec = registry.spec(key)
-        assert isinstance(spec.factory, str)
-        module, _, name = spec.factory.partition(":")
-        factory = getattr(importlib.import_module(module), name)
-        backend = factory(spec, registry.settings(key))
-        assert isinstance(backend, cls.backend_class)
-        return backend
-
-    @pytest.fixture
-    def make_backend(self, registry: limner.Registry) -> BackendMaker:
-        def make(key: str | None = None, **configure: Any) -> DiffusersBackend[Any]:
-            return self.build_backend(registry, key or self.tiny_key(), **configure)
-
-        return make
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def tiny(cls, hf_cache: Path) -> Iterator[DiffusersBackend[Any]]:
+    def tiny(cls, loaded: DiffusersBackend[Any]) -> DiffusersBackend[Any]:
         """The tiny model, loaded once and shared: generation never mutates a backend."""
-        registry = limner.Registry(entry_points=False)
-        registry.register_plugin(cls.plugin)
-        with pytest.MonkeyPatch.context() as patch:
-            _offline_env(patch, hf_cache)
-            backend = cls.build_backend(registry, cls.tiny_key())
-            backend.load()
-        yield backend
-        backend.unload()
+        assert isinstance(loaded, cls.backend_class)
+        return loaded
 
 
 class GenerationTests(FamilyFixtures):
@@ -197,21 +122,6 @@ class GenerationTests(FamilyFixtures):
         assert result.metadata["seeds"] == [11, 12]
         assert result.metadata["steps"] == 3 and result.metadata["scheduler"]
         assert result.metadata["dtype"] == "float32" and result.metadata["device"] == "cpu"
-
-    def test_random_seed_is_reported_and_reproduces(self, tiny: DiffusersBackend[Any]) -> None:
-        _, first = run(tiny, steps=1)
-        _, again = run(tiny, steps=1, seed=first.seed)
-        assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
-
-    def test_same_seed_same_pixels_other_seed_other_pixels(
-        self, tiny: DiffusersBackend[Any]
-    ) -> None:
-        _, one = run(tiny, steps=2, seed=1234)
-        _, same = run(tiny, steps=2, seed=1234)
-        _, other = run(tiny, steps=2, seed=1235)
-        assert np.array_equal(pixels(one.images[0]), pixels(same.images[0]))
-        assert not np.array_equal(pixels(one.images[0]), pixels(other.images[0]))
-        assert pixels(one.images[0]).std() > 0  # noise, but not a flat image
 
     def test_each_image_of_a_batch_has_its_own_seed(self, tiny: DiffusersBackend[Any]) -> None:
         """Image k of a batch starts from seed + k, so any one image can be made again alone."""

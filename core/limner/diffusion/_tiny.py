@@ -11,7 +11,9 @@ transformers and diffusers are imported only when a model is written.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +21,19 @@ from limner.plugin import TinyModel, materialize_in_hf_cache, tiny_revision
 
 from ._backend import _diffusers
 
-__all__ = ["tiny_pipeline", "tiny_vae", "write_tiny_pipeline"]
+__all__ = ["TinyPipeline", "tiny_pipeline", "tiny_unet", "tiny_vae", "write_tiny_pipeline"]
 
 Components = Callable[[Any], Mapping[str, Any]]
 """Builds a pipeline's components, given the ``diffusers`` module: ``{"vae": ..., ...}``."""
+
+
+@dataclass(frozen=True)
+class TinyPipeline(TinyModel):
+    """A family's generated tiny pipeline: a :class:`~limner.plugin.TinyModel` that knows its
+    diffusers pipeline class (which a :class:`DiffusersBackend` with this ``tiny`` loads,
+    unless it names another)."""
+
+    pipeline_class: str = ""
 
 
 def write_tiny_pipeline(
@@ -30,19 +41,28 @@ def write_tiny_pipeline(
 ) -> None:
     """Seed torch, build the components, and save ``diffusers.<pipeline_class>`` of them
     (safetensors and ``model_index.json``) into ``directory``. The components are built in
-    the order ``components`` builds them, so the same seed gives the same weights."""
+    the order ``components`` builds them, so the same seed gives the same weights. The
+    pipeline's optional components not given (a safety checker, a feature extractor, an image
+    encoder) are left out."""
     import torch
     import transformers  # noqa: F401 - imported before the seed, as every component needs it
 
     diffusers = _diffusers()
     torch.manual_seed(seed)
-    pipeline = getattr(diffusers, pipeline_class)(**components(diffusers))
-    pipeline.save_pretrained(directory)
+    cls = getattr(diffusers, pipeline_class)
+    parts = dict(components(diffusers))
+    accepted = inspect.signature(cls.__init__).parameters
+    for name in getattr(cls, "_optional_components", ()):  # a tiny model leaves them out
+        if name in accepted:
+            parts.setdefault(name, None)
+    if "requires_safety_checker" in accepted and parts.get("safety_checker") is None:
+        parts.setdefault("requires_safety_checker", False)  # noise needs no safety checker
+    cls(**parts).save_pretrained(directory)
 
 
 def tiny_pipeline(
     recipe: str, *, seed: int, pipeline_class: str, components: Components
-) -> TinyModel:
+) -> TinyPipeline:
     """A family's tiny model, named by its ``recipe``, ``"<key>@<version>"``: the key is
     written on first use into the Hugging Face cache by :func:`write_tiny_pipeline`, at the
     revision :func:`~limner.plugin.tiny_revision` derives from the recipe. Bump the version
@@ -61,12 +81,12 @@ def tiny_pipeline(
     def ensure(cache_dir: Path | None = None) -> Path:
         return materialize_in_hf_cache(key, revision, write, cache_dir=cache_dir)
 
-    return TinyModel(key=key, revision=revision, ensure=ensure)
+    return TinyPipeline(key=key, revision=revision, ensure=ensure, pipeline_class=pipeline_class)
 
 
-def tiny_vae(*, scaling_factor: float, shift_factor: float) -> Any:
+def tiny_vae(*, scaling_factor: float, shift_factor: float, latent_channels: int = 16) -> Any:
     """An ``AutoencoderKL`` that downsamples 8x (four blocks) into 16 latent channels, as in
-    FLUX.1 and SD3, with the family's latent statistics."""
+    FLUX.1 and SD3 (4 for Stable Diffusion 1 and 2), with the family's latent statistics."""
     return _diffusers().AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -74,11 +94,28 @@ def tiny_vae(*, scaling_factor: float, shift_factor: float) -> Any:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(8, 8, 8, 8),
         layers_per_block=1,
-        latent_channels=16,
+        latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=64,
         scaling_factor=scaling_factor,
         shift_factor=shift_factor,
         use_quant_conv=False,
         use_post_quant_conv=False,
+    )
+
+
+def tiny_unet(*, cross_attention_dim: int, in_channels: int = 4) -> Any:
+    """A ``UNet2DConditionModel`` of Stable Diffusion 1 and 2's blocks at tiny widths: two
+    levels, the lower one attending to the text (``cross_attention_dim``, the text encoder's
+    width), over ``in_channels`` latent channels."""
+    return _diffusers().UNet2DConditionModel(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=2,
     )

@@ -39,7 +39,7 @@ def create_app(
     settings = settings if settings is not None else ServerSettings()
     service = Service.create(registry, settings)
     metrics = Metrics(
-        stats=lambda: service.pool.stats() if service.pool is not None else None,
+        stats=lambda: dict(service.pool.stats()) if service.pool is not None else None,
         ready=lambda: service.ready,
     )
 

@@ -6,6 +6,7 @@ share or clash over series.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -78,13 +79,30 @@ class _PoolCollector(Collector):
         yield from families.values()
 
 
+class _Registry(CollectorRegistry):
+    """A registry whose exposition leaves out prometheus_client's ``*_created`` series: a
+    counter's creation time, which no dashboard reads and every scrape would carry.
+
+    Per registry, so nothing else in the process changes (``disable_created_metrics`` would
+    change every registry of the host's).
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():
+            kept = [sample for sample in metric.samples if not sample.name.endswith("_created")]
+            if len(kept) != len(metric.samples):
+                metric = copy.copy(metric)
+                metric.samples = kept
+            yield metric
+
+
 class Metrics:
     """The app's metrics registry and the HTTP series the middleware feeds."""
 
     def __init__(
         self, *, stats: Callable[[], dict[str, KeyStats] | None], ready: Callable[[], bool]
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = _Registry(auto_describe=True)
         self.requests = Counter(
             "limner_http_requests",
             "HTTP requests answered, by method, route and status",

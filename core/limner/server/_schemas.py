@@ -97,6 +97,14 @@ class ImageRequest(_Request):
     steps: int | None = Field(default=None, ge=1, le=1000)
     guidance: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     negative_prompt: str | None = Field(default=None, max_length=10_000)
+    # What OpenAI clients send for DALL-E and gpt-image; the model's own settings (steps,
+    # guidance) decide here, so they are accepted and ignored, yet a misspelt value is a 400.
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
+        default=None, description="Accepted for OpenAI clients and ignored: use steps."
+    )
+    style: Literal["vivid", "natural"] | None = Field(
+        default=None, description="Accepted for OpenAI clients and ignored."
+    )
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
 
 

@@ -13,7 +13,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from limner import ImageEmbedder, ImageGenerator, Model, ModelEntry, Pool, Registry
+from limner import ImageEmbedder, ImageGenerator, Model, ModelEntry, Pool, Registry, Runtime
 from limner.errors import InvalidInput, UnknownModelError
 
 from ._errors import APIError
@@ -27,7 +27,8 @@ log = logging.getLogger("limner.server")
 
 @dataclass
 class Service:
-    """What the routes share. ``pool`` exists only while the app's lifespan runs."""
+    """What the routes share. ``pool`` (the runtime: a :class:`~limner.Pool` unless the
+    settings make another) exists only while the app's lifespan runs."""
 
     registry: Registry
     settings: ServerSettings
@@ -36,7 +37,7 @@ class Service:
     preload: tuple[str, ...]
     created: int = field(default_factory=lambda: int(time.time()))
     guard: URLGuard = field(init=False)
-    pool: Pool | None = None
+    pool: Runtime | None = None
     client: httpx.AsyncClient | None = None
     fetch_slots: anyio.CapacityLimiter | None = None
     ready: bool = False
@@ -78,7 +79,12 @@ class Service:
             trust_env=False,
             transport=GuardedTransport(self.guard),
         )
-        async with Pool(**self.settings.pool_arguments(self.preload)) as pool, client:
+        runtime = (
+            self.settings.runtime()
+            if self.settings.runtime is not None
+            else Pool(**self.settings.pool_arguments(self.preload))
+        )
+        async with runtime as pool, client:
             self.pool, self.client = pool, client
             self.fetch_slots = anyio.CapacityLimiter(self.settings.max_concurrent_fetches)
             self._bound.clear()
@@ -93,7 +99,24 @@ class Service:
                 self.pool = self.client = None
                 self._bound.clear()
 
+    def _announce(self) -> None:
+        """Say at start-up what is served and how to call it: the first lines of the log."""
+        keys = [entry.key for entry in self.entries()]
+        scope = "every installed model" if self.served is None else "models"
+        log.info("serving %s (%d): %s", scope, len(keys), ", ".join(keys) or "none")
+        if self.settings.api_key is not None:
+            log.info(
+                "API key required: send 'Authorization: Bearer KEY' (the probes and the "
+                "playground's files need none)"
+            )
+        else:
+            log.info("no API key: any client that can connect may call every route")
+        if self.preload:
+            log.info("preloading %s; /readyz answers 503 until done", ", ".join(self.preload))
+
     async def _preload_all(self) -> None:
+        self._announce()
+        started = time.perf_counter()
         for key in self.preload:
             try:
                 model = await self.model(key)
@@ -102,10 +125,16 @@ class Service:
                 await self.pool.load(model.backend)
             except Exception as error:
                 self.preload_errors[key] = str(error)
-                log.error("preloading %s failed: %s", key, error)
+                log.error("preloading %s failed: %s", key, " ".join(str(error).split()))
         self.ready = not self.preload_errors
         if self.ready and self.preload:
-            log.info("preloaded %s", ", ".join(self.preload))
+            log.info(
+                "ready: %s preloaded in %.1f s",
+                ", ".join(self.preload),
+                time.perf_counter() - started,
+            )
+        elif self.preload_errors:
+            log.error("not ready: /readyz answers 503 (%s failed)", ", ".join(self.preload_errors))
 
     # -- models -----------------------------------------------------------------------------
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from limner import DEFAULT_MAX_TEXT_CHARS, ImageLimits, Pool
+from limner import DEFAULT_MAX_TEXT_CHARS, ImageLimits, Pool, Runtime
 from limner.errors import InvalidInput
 
 from ._guard import canonical_host
@@ -105,6 +106,10 @@ class ServerSettings:
     """Keyword arguments for the server's :class:`~limner.Pool` (``max_queue``, ...)."""
     ui: bool = True
     """Serve the playground page at ``/``: a browser front end to this same API."""
+    runtime: Callable[[], AbstractAsyncContextManager[Runtime]] | None = None
+    """Makes the runtime the app serves through, entered for the app's lifespan (a
+    :class:`limner.ray.RayRuntime`, say); ``None`` is a :class:`~limner.Pool` made of
+    ``pool_options``."""
 
     def __post_init__(self) -> None:
         models = _names(self.models, "models")

@@ -13,7 +13,10 @@ from limner.plugin import Capability, ModelInfo, ModelSpec, RegisterModel, hooki
 from ._footprint import weights_mb, working_mb
 from ._tiny import TINY_IMAGE_SIZE, TINY_KEY, TINY_PROJECTION_DIM, TINY_REVISION
 
-__all__ = ["FACTORY", "limner_register_models", "specs"]
+#: The major version of limner's plugin API this plugin is written for.
+LIMNER_PLUGIN_API = 1
+
+__all__ = ["FACTORY", "LIMNER_PLUGIN_API", "limner_register_models", "specs"]
 
 __version__ = "0.1.0"
 

@@ -102,20 +102,6 @@ def test_cuda_without_cuda_is_a_load_error() -> None:
         resolve_device("cuda:1")
 
 
-@pytest.mark.parametrize(("setting", "value"), [("device", "gpu"), ("dtype", "int4")])
-def test_bad_setting_fails_when_the_model_is_asked_for(
-    registry: limner.Registry, setting: str, value: str
-) -> None:
-    if setting == "device":
-        registry.configure("limner/tiny-clip", device=value)
-    else:
-        registry.configure("limner/tiny-clip", dtype=value)
-    with pytest.raises(limner.InvalidInput) as caught:
-        registry.get("limner/tiny-clip")
-    assert caught.value.field == setting
-    assert value in str(caught.value)
-
-
 def test_environment_setting_is_validated(
     registry: limner.Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,14 +110,7 @@ def test_environment_setting_is_validated(
         registry.get("limner/tiny-clip")
 
 
-@pytest.mark.parametrize("size", [0, -3, "224", 22.4, True])
-def test_bad_image_size_option(registry: limner.Registry, size: object) -> None:
-    registry.configure("limner/tiny-clip", options={"image_size": size})
-    with pytest.raises(limner.InvalidInput, match="image_size") as caught:
-        registry.get("limner/tiny-clip")
-    assert caught.value.field == "image_size"
-
-
 def test_image_size_is_known_before_loading(registry: limner.Registry) -> None:
     assert registry.embedder("clip-vit-l-14-336").backend.image_size == 336
     assert registry.embedder("clip-vit-b-32").backend.image_size == 224
+    assert registry.embedder("limner/tiny-clip").backend.image_size == 224

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,37 +79,6 @@ async def test_lazy_first_embed_writes_the_snapshot_and_loads(
 
 
 @pytest.mark.anyio
-async def test_single_inputs_match_batch_rows(
-    registry: limner.Registry, varied_images: list[Path]
-) -> None:
-    model = registry.embedder(TINY_KEY)
-    batch = await model.batch_embed_images(varied_images[:3])
-    single = await model.embed_image(varied_images[1])
-    assert single.shape == (64,)
-    np.testing.assert_allclose(single, batch[1], atol=2e-3)
-    assert np.abs(batch[0] - batch[1]).max() > 1e-2
-
-
-@pytest.mark.anyio
-async def test_text_embeddings_share_the_image_space(
-    registry: limner.Registry, photo: Photo
-) -> None:
-    model = registry.embedder(TINY_KEY)
-    assert model.supports_text
-    one = await model.embed_text("a red square")
-    assert one.shape == (64,)
-    assert one.dtype == np.float32
-    assert np.linalg.norm(one) == pytest.approx(1.0, abs=1e-5)
-    texts = ["a red square", "a blue square", "ünïcödé and emoji 🟥", "x " * 200]
-    many = await model.embed_text(texts)
-    _unit_rows(many, 4)
-    np.testing.assert_allclose(many[0], one, atol=2e-3)
-    assert np.abs(many[0] - many[1]).max() > 1e-2
-    image = await model.embed_images([photo(224, 224, 4)])
-    assert (image @ many.T).shape == (1, 4)
-
-
-@pytest.mark.anyio
 async def test_snapshot_lands_in_the_hf_cache_layout(
     registry: limner.Registry, isolated_hf_cache: Path
 ) -> None:
@@ -168,38 +136,6 @@ def test_tiny_weights_are_reproducible(tmp_path: Path) -> None:
     assert first.keys() == second.keys()
     for name, tensor in first.items():
         np.testing.assert_array_equal(tensor, second[name], err_msg=name)
-
-
-def test_concurrent_batches_share_one_model(
-    registry: limner.Registry, varied_images: list[Path]
-) -> None:
-    backend = _backend(registry.embedder(TINY_KEY))
-    backend.load()
-    items = [backend.prepare(Image.open(path).convert("RGB")) for path in varied_images]
-    first, second = items[:4], items[4:]
-    expected = [backend.embed_prepared(first), backend.embed_prepared(second)]
-    results: dict[int, list[np.ndarray]] = {0: [], 1: []}
-    errors: list[BaseException] = []
-
-    def work(slot: int, batch: list[np.ndarray]) -> None:
-        try:
-            for _ in range(5):
-                results[slot].append(backend.embed_prepared(batch))
-        except BaseException as error:  # reported by the assertion below
-            errors.append(error)
-
-    threads = [
-        threading.Thread(target=work, args=(0, first)),
-        threading.Thread(target=work, args=(1, second)),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    for slot in (0, 1):
-        for result in results[slot]:
-            np.testing.assert_allclose(result, expected[slot], atol=1e-6)
 
 
 def test_oversized_batches_are_chunked(registry: limner.Registry, photo: Photo) -> None:

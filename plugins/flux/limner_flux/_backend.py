@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from limner.diffusion import DiffusersBackend, select_variant
-from limner.plugin import ImageGenerationConfig, ModelSpec
+from limner.diffusion import DiffusersBackend
+from limner.plugin import ImageGenerationConfig
 
 from ._tiny import TINY
 from ._variants import VARIANTS, FluxVariant
@@ -31,10 +31,8 @@ class FluxBackend(DiffusersBackend[FluxVariant]):
 
     pipeline_class = "FluxPipeline"
     tiny = TINY
+    variants = VARIANTS
     download_size = "34 GB"
-
-    def find_variant(self, spec: ModelSpec) -> FluxVariant:
-        return select_variant(spec, VARIANTS, "limner-flux")
 
     def preview_latents(
         self, pipe: Any, latents: torch.Tensor, config: ImageGenerationConfig

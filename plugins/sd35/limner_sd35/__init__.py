@@ -10,7 +10,10 @@ from limner.plugin import ModelSpec, RegisterModel, hookimpl
 
 from ._variants import VARIANTS
 
-__all__ = ["limner_register_models", "model_specs"]
+#: The major version of limner's plugin API this plugin is written for.
+LIMNER_PLUGIN_API = 1
+
+__all__ = ["LIMNER_PLUGIN_API", "limner_register_models", "model_specs"]
 
 _FACTORY = "limner_sd35._backend:SD35Backend"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from limner.diffusion import DiffusersBackend, LoadedPipeline, select_variant
+from limner.diffusion import DiffusersBackend, LoadedPipeline
 from limner.plugin import ImageGenerationConfig, ModelSettings, ModelSpec, parse_flag
 
 from ._tiny import TINY
@@ -31,19 +31,14 @@ class SD35Backend(DiffusersBackend[SD35Variant]):
 
     pipeline_class = "StableDiffusion3Pipeline"
     tiny = TINY
+    variants = VARIANTS
 
     def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
         super().__init__(spec, settings)
         self._drop_t5 = parse_flag("drop_t5", settings.options.get("drop_t5", False))
 
-    def find_variant(self, spec: ModelSpec) -> SD35Variant:
-        return select_variant(spec, VARIANTS, "limner-sd35")
-
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         return {"text_encoder_3": None, "tokenizer_3": None} if self._drop_t5 else {}
-
-    def call_kwargs(self, config: ImageGenerationConfig) -> dict[str, Any]:
-        return {"negative_prompt": config.negative_prompt}
 
     def extra_metadata(
         self, loaded: LoadedPipeline, config: ImageGenerationConfig

@@ -4,8 +4,7 @@ SD3.5 does: the negative prompt and ``drop_t5``."""
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 
 
 class TestSD35(DiffusionFamilyContract):
-    plugin: ClassVar[ModuleType] = limner_sd35
+    plugin = limner_sd35
     entry_point = "sd35"
     distribution = "limner-sd35"
     backend_class = SD35Backend
@@ -58,7 +57,7 @@ class TestSD35(DiffusionFamilyContract):
         (TURBO, "output_format", "bmp"),
         (TURBO, "preview", 1),
     )
-    bad_settings = (
+    bad_settings = (  # besides the suite's bad device and dtype
         ("device", "tpu"),
         ("dtype", "float8"),
         ("cpu_offload", 2),

@@ -14,8 +14,8 @@ that need them, when called.
 
 from __future__ import annotations
 
-from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
-from ._devices import (
+from limner._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
+from limner._devices import (
     DtypePolicy,
     Placement,
     parse_device,
@@ -24,13 +24,14 @@ from ._devices import (
     resolve_device,
     resolve_dtype,
 )
-from ._generation_types import GenerationResult, ImageGenerationConfig, Progress
-from ._hookspecs import RegisterModel, hookimpl
-from ._spec import BackendFactory, Capability, ModelInfo, ModelSettings, ModelSpec
-from ._tiny_text import (
+from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
+from limner._hookspecs import PLUGIN_API, RegisterModel, hookimpl
+from limner._spec import BackendFactory, Capability, ModelInfo, ModelSettings, ModelSpec
+from limner._tiny_text import (
     CLIP_BOS_ID,
     CLIP_EOS_ID,
     CLIP_MAX_LENGTH,
+    CLIP_TOKENS,
     CLIP_VOCAB_SIZE,
     clip_vocab,
     tiny_clip_text_encoder,
@@ -38,7 +39,8 @@ from ._tiny_text import (
     tiny_t5_encoder,
     tiny_t5_tokenizer,
 )
-from ._weights import (
+from limner._transformers_backend import TransformersEmbeddingBackend, embedding_dtype, tiny_model
+from limner._weights import (
     TinyModel,
     WeightSource,
     download_advice,
@@ -54,7 +56,9 @@ __all__ = [
     "CLIP_BOS_ID",
     "CLIP_EOS_ID",
     "CLIP_MAX_LENGTH",
+    "CLIP_TOKENS",
     "CLIP_VOCAB_SIZE",
+    "PLUGIN_API",
     "Backend",
     "BackendFactory",
     "Capability",
@@ -71,9 +75,11 @@ __all__ = [
     "StepCallback",
     "TextToImageBackend",
     "TinyModel",
+    "TransformersEmbeddingBackend",
     "WeightSource",
     "clip_vocab",
     "download_advice",
+    "embedding_dtype",
     "hf_cache_dir",
     "hf_offline",
     "hookimpl",
@@ -86,6 +92,7 @@ __all__ = [
     "resolve_dtype",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
+    "tiny_model",
     "tiny_revision",
     "tiny_t5_encoder",
     "tiny_t5_tokenizer",

@@ -1,0 +1,318 @@
+"""The ``limner`` command line: list models, embed images and texts, generate, serve."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from limner import __version__
+from limner._budget import MEMORY_BUDGET_ENV, MemoryBudget, parse_memory_budget
+from limner._defaults import ENV_VARS, default_model
+from limner._quiet import quiet_third_parties, verbose_logging
+from limner._registry import Registry
+from limner._spec import Capability
+from limner.errors import InvalidInput, LimnerError, describe_input
+
+if TYPE_CHECKING:
+    from limner._embedder import ImageEmbedder
+    from limner._generator import ImageGenerator
+
+__all__ = ["cli", "main"]
+
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jfif"}
+)
+# What an image file starts with, to tell an image piped to `limner embed -` from a list.
+_IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"RIFF",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PLUGIN_HINT = (
+    "From a clone of limner: pip install ./plugins/clip (or ./plugins/flux, ./plugins/sd35); "
+    "from its wheels: pip install --find-links dist 'limner[clip]'"
+)
+
+
+class _Failed(Exception):
+    """Some inputs failed; each was already reported on stderr."""
+
+
+class _BadValue(click.ClickException):
+    """A bad option value, reported on one line (no usage text around it); exit code 2."""
+
+    exit_code = 2
+
+
+def _one_line(text: str) -> str:
+    """A message on one line: libraries' errors may span several."""
+    return " ".join(text.split())
+
+
+def _leading_options(args: Sequence[str]) -> list[str]:
+    """The options before the command name: ``limner --debug embed ...`` gives --debug."""
+    leading = []
+    for arg in args:
+        if not arg.startswith("-"):
+            break
+        leading.append(arg)
+    return leading
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``limner`` script: limner's own lines on stderr, each error on one
+    line, no traceback unless --debug, no libraries' bars or warnings unless --verbose."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    leading = _leading_options(args)
+    debug = "--debug" in leading
+    if debug or {"-v", "--verbose"} & set(leading):
+        verbose_logging()
+    else:
+        quiet_third_parties()  # before transformers, diffusers or tqdm are imported
+    try:
+        cli.main(args=args, prog_name="limner", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except _Failed:
+        sys.exit(1)
+    except LimnerError as error:
+        if debug:
+            raise
+        click.echo(f"Error: {_one_line(str(error))}", err=True)
+        sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="limner")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors (implies --verbose).")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Show limner's log and what its libraries print (loading bars, warnings).",
+)
+def cli(debug: bool, verbose: bool) -> None:
+    """limner: serve image models from Python, extended by plugins.
+
+    Models come from installed plugins; `limner models` lists them. Errors are one line on
+    stderr, with exit code 1 (2 for bad usage).
+
+    \b
+    Examples:
+      limner models
+      limner embed photo.jpg --model limner/tiny-clip
+      limner generate "a lighthouse at dusk" --model limner/tiny-flux --out lighthouse.png
+      limner serve --models limner/tiny-clip
+    """
+
+
+if TYPE_CHECKING:
+    _BudgetParam = click.ParamType[MemoryBudget]
+else:
+    _BudgetParam = click.ParamType  # generic only in recent click
+
+
+class _MemoryBudget(_BudgetParam):
+    """``--memory-budget``: a fraction, a percentage or megabytes, as the pool's options."""
+
+    name = "BUDGET"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, dict):
+            return value
+        try:
+            return parse_memory_budget(str(value), field="--memory-budget")
+        except InvalidInput as error:
+            self.fail(error.reason, param, ctx)
+
+
+def _memory_option(function: F) -> F:
+    return click.option(
+        "--memory-budget",
+        "memory_budget",
+        type=_MemoryBudget(),
+        envvar=MEMORY_BUDGET_ENV,
+        show_envvar=True,
+        help="Memory the pool may fill with models: a fraction of the device's (0.9), a "
+        "percentage (90%), or megabytes (20000, 20GB). Default: 80%.",
+    )(function)
+
+
+def _model_options(function: F) -> F:
+    function = _memory_option(function)
+    function = click.option(
+        "--dtype", help="Weights dtype: float32, bfloat16, float16 (default: auto)."
+    )(function)
+    function = click.option("--device", help="Device: cpu, cuda, cuda:1 (default: auto).")(function)
+    return click.option(
+        "-m",
+        "--model",
+        "model_key",
+        help="Model key or alias (see `limner models`; default: `limner models default`).",
+    )(function)
+
+
+def _model_key(given: str | None, capability: Capability) -> str:
+    """``--model``, else the default for the capability; a usage error naming both ways."""
+    if given:
+        return given
+    found = default_model(capability)
+    if found is None:
+        raise click.UsageError(
+            f"no model given: pass --model KEY, or set a default {capability} model with "
+            f"`limner models default KEY` (or {ENV_VARS[capability]}); `limner models` lists "
+            "the keys"
+        )
+    return found[0]
+
+
+def _pool(memory_budget: MemoryBudget | None) -> Any:
+    """The command's pool: the memory budget asked for, else the pool's default."""
+    from limner._pool import Pool
+
+    return Pool(**(memory_budget or MemoryBudget()))
+
+
+async def _load(model: ImageEmbedder | ImageGenerator, show: bool) -> None:
+    """Load the weights before any bar starts, saying so on a terminal:
+    ``loading KEY ... 3.2 s``."""
+    if not show:
+        await model.load()
+        return
+    started = time.perf_counter()
+    click.echo(f"loading {model.key} ...", err=True, nl=False)
+    try:
+        await model.load()
+    except BaseException:
+        click.echo(err=True)  # the error gets a line of its own
+        raise
+    click.echo(f" {time.perf_counter() - started:.1f} s", err=True)
+
+
+def _os_reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def _bad_option(option: str, message: str) -> _BadValue:
+    return _BadValue(f"Invalid value for {option}: {message}")
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail now, before any model loads, if ``path`` cannot be written: a file is made and
+    removed where it will go (permissions alone say nothing to root, or of /proc)."""
+    if path.is_dir():
+        raise _bad_option(option, f"{path} is a directory")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _bad_option(option, f"{ancestor} is not a directory")
+    try:
+        if path.exists():
+            with path.open("ab"):
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=ancestor, prefix=".limner-"):
+                pass
+    except OSError as error:
+        where = path if path.exists() else ancestor
+        raise _bad_option(option, f"cannot write in {where}: {_os_reason(error)}") from None
+
+
+def _check_image_path(path: Path) -> None:
+    """The suffix must name a format Pillow writes, and the place must be writable."""
+    from PIL import Image
+
+    Image.init()
+    suffix = path.suffix.lower()
+    format_name = Image.registered_extensions().get(suffix)
+    if not suffix or format_name not in Image.SAVE:
+        what = f"{suffix!r} is not an image format" if suffix else "it has no suffix"
+        raise _bad_option(
+            "'-o' / '--out'",
+            f"{path}: {what}; end it in .png, .jpg or .webp (the suffix picks the format)",
+        )
+    _check_writable(path, "'-o' / '--out'")
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    """``"a, b"`` as ``("a", "b")``; None when the option was not given."""
+    if value is None:
+        return None
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def _configure(registry: Registry, key: str, device: str | None, dtype: str | None) -> None:
+    if device is not None or dtype is not None:
+        registry.configure(key, device=device, dtype=dtype)
+
+
+def _embed_entries(inputs: tuple[str, ...], as_text: bool) -> list[tuple[str, Any]]:
+    """Each input as (label for the output, value for the model), ``-`` read from stdin."""
+    entries: list[tuple[str, Any]] = []
+    for value in inputs:
+        if value == "-":
+            entries.extend(_stdin_entries(as_text))
+        elif as_text:
+            entries.append((_text_label(value), value))
+        else:
+            entries.extend((describe_input(item), item) for item in _expand_inputs((value,)))
+    return entries
+
+
+def _stdin_entries(as_text: bool) -> list[tuple[str, Any]]:
+    """An image piped in (its bytes), or one input per line (one text per line)."""
+    data = sys.stdin.buffer.read()
+    if not as_text and data.startswith(_IMAGE_SIGNATURES):
+        return [("-", data)]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(
+            "stdin is neither an image (PNG, JPEG, GIF, WebP, BMP, TIFF) nor UTF-8 text with "
+            "one input per line"
+        ) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if as_text:
+        return [(_text_label(line), line) for line in lines]
+    return [(describe_input(item), item) for item in _expand_inputs(tuple(lines))]
+
+
+def _text_label(text: str) -> str:
+    """A text as one field of a tab-separated line."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _expand_inputs(inputs: tuple[str, ...]) -> Iterator[str]:
+    for value in inputs:
+        if os.path.isdir(value):
+            found = sorted(
+                str(path)
+                for path in Path(value).rglob("*")
+                if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+            )
+            yield from found
+        else:
+            yield value

@@ -1,0 +1,228 @@
+"""`limner serve`: the HTTP API."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from limner._budget import MemoryBudget
+from limner._registry import default_registry
+from limner.errors import InvalidInput
+
+from ._app import _memory_option, _names, _os_reason, cli
+
+
+@cli.command(
+    epilog="""\b
+Examples:
+  limner serve --models limner/tiny-clip,limner/tiny-flux --preload limner/tiny-clip
+  LIMNER_API_KEY=change-me limner serve --host 0.0.0.0 --port 9000
+  limner serve --models flux-schnell --memory-budget 90%
+"""
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind. Only this machine can connect by default; 0.0.0.0 opens it to the "
+    "network (set an API key).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on; 0 picks a free one (printed).",
+)
+@click.option("--models", "models", help="Comma-separated keys or aliases to serve (default: all).")
+@click.option("--preload", help="Comma-separated keys to load at startup; /readyz waits for them.")
+@click.option(
+    "--api-key",
+    envvar="LIMNER_API_KEY",
+    show_envvar=True,
+    help="Require 'Authorization: Bearer KEY' on every route but /healthz and /readyz. Prefer "
+    "the environment variable: a command line is visible to other users.",
+)
+@click.option(
+    "--allow-private-urls",
+    is_flag=True,
+    help="Let URL inputs reach private, loopback and link-local addresses (off: SSRF guard).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="Allow browsers on this origin to call the API (repeatable; default: no CORS).",
+)
+@click.option("--no-ui", is_flag=True, help="Do not serve the playground page at /.")
+@_memory_option
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+    help="Least severe log lines shown (info: start-up, loads, one line per request).",
+)
+@click.option(
+    "--runtime",
+    "runtime_name",
+    type=click.Choice(["pool", "ray"]),
+    default="pool",
+    show_default=True,
+    help="Where models run: this process's pool, or a Ray cluster (pip install 'limner[ray]').",
+)
+@click.option(
+    "--address",
+    help="With --runtime ray: the cluster, 'auto' or ray://HOST:PORT (default: RAY_ADDRESS, "
+    "else a local cluster started for the server).",
+)
+def serve(
+    host: str,
+    port: int,
+    models: str | None,
+    preload: str | None,
+    api_key: str | None,
+    allow_private_urls: bool,
+    cors_origins: tuple[str, ...],
+    no_ui: bool,
+    memory_budget: MemoryBudget | None,
+    log_level: str,
+    runtime_name: str = "pool",
+    address: str | None = None,
+) -> None:
+    """Serve the models over HTTP: OpenAI-compatible embeddings and image generation.
+
+    Routes: /v1/models, /v1/embeddings, /v1/images/generations (stream: true for progress
+    events), /v1/pool, /metrics, /healthz, /readyz; the OpenAPI schema at /openapi.json; a
+    playground page at / to try the models in a browser. Start-up says which models are
+    served, whether a key is needed, and when the preloads are loaded.
+    """
+    try:
+        import uvicorn
+
+        from limner.server import ServerSettings, create_app
+        from limner.server._heap import limit_malloc_arenas
+    except ImportError as error:
+        raise click.ClickException(
+            f"the server needs its extra: pip install 'limner[server]' ({error})"
+        ) from None
+    if address is not None and runtime_name != "ray":
+        raise click.UsageError("--address needs --runtime ray")
+    try:
+        settings = ServerSettings(
+            models=_names(models),
+            preload=_names(preload) or (),
+            api_key=api_key or None,
+            allow_private_urls=allow_private_urls,
+            cors_origins=cors_origins,
+            ui=not no_ui,
+            pool_options=memory_budget or {},
+            runtime=_ray_runtime(address, _names(preload)) if runtime_name == "ray" else None,
+        )
+    except InvalidInput as error:
+        if error.field != "api_key":
+            raise
+        hint = "'--api-key' / LIMNER_API_KEY"
+        raise click.BadParameter(error.reason, param_hint=hint) from None
+    app = create_app(settings=settings)
+    limit_malloc_arenas(2)  # before the worker threads start: a flat heap under steady load
+    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"Warning: serving on {host} without an API key (--api-key).", err=True)
+    listener = _listen(host, port)  # a port in use fails here, in one line
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30)
+    server = _announcing_server(uvicorn.Server)(config)
+    try:
+        with _log_to_stderr(log_level):
+            server.run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass  # uvicorn already stopped gracefully; Ctrl-C is the way to stop
+    finally:
+        listener.close()
+    if not server.started:
+        raise click.ClickException("the server failed to start; see the log above")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, for uvicorn to serve on; a one-line error if not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        advice = ""
+        if error.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            advice = "; another program listens there: pick another --port (0 picks a free one)"
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {_os_reason(error)}{advice}"
+        ) from None
+    listener.set_inheritable(True)
+    return listener
+
+
+def _announcing_server(base: type[Any]) -> type[Any]:
+    """uvicorn's server, saying where it listens once it serves: it does not when given a
+    socket bound by someone else."""
+
+    class Server(base):  # type: ignore[misc]
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and sockets:
+                import logging
+
+                bound_host, bound_port = sockets[0].getsockname()[:2]
+                shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+                logging.getLogger("limner.server").info(
+                    "running on http://%s:%d (Ctrl-C to quit)", shown, bound_port
+                )
+
+    return Server
+
+
+@contextlib.contextmanager
+def _log_to_stderr(log_level: str) -> Iterator[None]:
+    """limner's server log beside uvicorn's, in its format (``INFO:     serving ...``), while
+    the server runs; the logger is as it was afterwards."""
+    import logging
+
+    from uvicorn.logging import DefaultFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=None))
+    logger = logging.getLogger("limner")
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(log_level.upper())
+    logger.propagate = False  # not twice under --verbose, whose handler is the root's
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _ray_runtime(address: str | None, preload: tuple[str, ...] | None) -> Callable[[], Any]:
+    """What makes the server's Ray runtime, once Ray Serve is known to be installed.
+    Preloaded keys keep a replica, as the pool keeps them loaded."""
+    try:
+        import ray.serve  # noqa: F401
+
+        from limner.ray import RayKeyOptions, RayRuntime
+    except ImportError as error:
+        raise click.ClickException(
+            f"--runtime ray needs Ray Serve: pip install 'limner[ray]' ({error})"
+        ) from None
+
+    def make() -> RayRuntime:
+        registry = default_registry()
+        kept = {registry.spec(name).key: RayKeyOptions(min_replicas=1) for name in preload or ()}
+        return RayRuntime(address=address, options_per_key=kept)
+
+    return make

@@ -1,0 +1,177 @@
+"""One replica of one model key: limner's own pool, over a backend built on the replica.
+
+Serve runs this class (``serve.deployment`` wraps it when a key is deployed). It receives the
+key's spec and settings, frozen data, and builds its backend here: from the replica's own
+registry when the plugin installed on its node serves the key, else from the spec shipped
+(a host-registered key, whose factory is an import path or an importable class). The
+plugin's blocking code then runs exactly as in one process: a :class:`~limner.Pool` holds
+the weights, batches, halves out-of-memory batches and stops a generation at its next step
+when its stream is closed, which is what Serve does to this replica's stream when the
+caller goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from limner._backends import Backend, TextToImageBackend
+from limner._capability_table import row_for
+from limner._generation_types import GenerationChunk, ImageGenerationConfig
+from limner._pool import Pool
+from limner._registry import default_registry
+from limner._runtime import KeyStats, RequestKind
+from limner._spec import ModelSettings, ModelSpec
+from limner.errors import LimnerError, PluginError
+
+__all__ = ["LimnerReplica", "build_backend"]
+
+log = logging.getLogger("limner.ray")
+
+
+def build_backend(spec: ModelSpec, settings: ModelSettings) -> Backend:
+    """The key's backend, built here (cheaply: no weights) with the host's settings."""
+    local = _local_spec(spec.key)
+    if local is not None and local != spec:
+        log.warning(
+            "the plugin on this node declares %s differently from the host's; using this "
+            "node's (install the same plugin versions everywhere)",
+            spec.key,
+        )
+    chosen = local or spec
+    factory: Any = chosen.factory
+    if isinstance(factory, str):
+        module_name, _, attribute = factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except Exception as error:
+            raise PluginError(
+                f"a replica of {spec.key} could not import its factory {chosen.factory!r}: "
+                f"{error!r}; install the plugin on every node"
+            ) from error
+    try:
+        backend: Backend = factory(chosen, settings)
+    except LimnerError:
+        raise
+    except Exception as error:
+        raise PluginError(f"a replica failed to build {spec.key}: {error!r}") from error
+    assert chosen.capability is not None, "registered specs have their capability"
+    row = row_for(chosen.capability)
+    if not isinstance(backend, row.backend):
+        raise PluginError(
+            f"the factory of {spec.key} returned {type(backend).__name__}, "
+            f"not an {row.backend.__name__}"
+        )
+    return backend
+
+
+def _local_spec(key: str) -> ModelSpec | None:
+    try:
+        return default_registry().spec(key)
+    except LimnerError:
+        return None
+
+
+class LimnerReplica:
+    """A Serve deployment's class: one backend, one pool, started on the first call."""
+
+    def __init__(
+        self, spec: ModelSpec, settings: ModelSettings, pool_options: Mapping[str, Any]
+    ) -> None:
+        self.backend = build_backend(spec, settings)
+        self.key = spec.key
+        self._pool_options = {"drain_timeout": 10.0, **pool_options}
+        self._pool: Pool | None = None
+        self._host: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._error: BaseException | None = None
+
+    async def _running(self) -> Pool:
+        """The pool, entered by a task of its own that lives as long as the replica."""
+        if self._pool is not None:
+            return self._pool
+        if self._host is None:
+            self._host = asyncio.get_running_loop().create_task(self._hold_pool())
+        await self._ready.wait()
+        if self._pool is None:
+            raise LimnerError(f"the pool of a replica of {self.key} did not start: {self._error}")
+        return self._pool
+
+    async def _hold_pool(self) -> None:
+        try:
+            async with Pool(**self._pool_options) as pool:
+                self._pool = pool
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as error:
+            self._error = error
+            raise
+        finally:
+            self._pool = None
+            self._ready.set()
+
+    async def embed(self, kind: RequestKind, items: Sequence[Any]) -> npt.NDArray[np.float32]:
+        pool = await self._running()
+        return await pool.embed(self.backend, kind, items)
+
+    async def generate(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        stream: str,
+        credits: Any,
+        window: int,
+    ) -> AsyncIterator[GenerationChunk]:
+        """The pool's stream, at most ``window`` chunks ahead of the consumer (``credits``
+        is the window's actor, or None for no window)."""
+        pool = await self._running()
+        assert isinstance(self.backend, TextToImageBackend)
+        chunks = pool.generate(self.backend, prompt, config)
+        sent = 0
+        try:
+            async for chunk in chunks:
+                if (
+                    credits is not None
+                    and sent >= window
+                    and not await credits.wait.remote(stream, sent - window + 1)
+                ):
+                    return  # the consumer closed the stream
+                sent += 1
+                yield chunk
+        finally:
+            # Serve cancels this generator when the caller goes away: closing the pool's
+            # stream makes the pipeline's next step raise, and frees the worker.
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def load(self) -> None:
+        pool = await self._running()
+        await pool.load(self.backend)
+
+    async def node(self) -> str:
+        """The id of the Ray node this replica runs on."""
+        import ray
+
+        node_id: str = ray.get_runtime_context().get_node_id()
+        return node_id
+
+    async def stats(self) -> KeyStats | None:
+        pool = self._pool
+        if pool is None:
+            return None
+        return next(iter(pool.stats().values()), None)
+
+    async def __del__(self) -> None:
+        """Serve's shutdown hook: drain and close the pool, unloading the weights."""
+        self._stop.set()
+        if self._host is not None:
+            try:
+                await self._host
+            except BaseException as error:  # closing anyway; say why
+                log.warning("the pool of %s closed with %r", self.key, error)

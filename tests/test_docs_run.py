@@ -1,0 +1,288 @@
+"""Every code block of README.md and docs/ runs as written, so the docs cannot drift.
+
+Each document's blocks run in order, in a folder holding a copy of examples/, offline, on the
+tiny models: a real key in a block is swapped for the tiny one of its family, and
+``https://example.com/`` for a local HTTP server serving the example images. Shell blocks run
+in bash (``curl`` with ``-f``, so an HTTP error fails); a ``limner serve`` line starts the
+server in the background (on a free port, URL inputs from this machine allowed) for the
+blocks after it, and ``127.0.0.1:8000`` then means that server. Python blocks run as scripts.
+docs/plugins.md shows pieces of a plugin of one's own: its Python is compiled and its TOML
+parsed. JSON and untagged blocks are data (answers, logs, diagrams), not code.
+
+A few shell lines are not run here, each for a reason listed in ``NOT_RUN``.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import tomllib
+
+if TYPE_CHECKING:
+    from tests.conftest import LocalHTTPServer
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ("README.md", "docs/cli.md", "docs/http.md")
+COMPILED = ("docs/plugins.md",)
+DATA = {"json", "", "text"}
+
+# Longest first: an alias may be part of a longer name.
+REAL_TO_TINY = (
+    ("black-forest-labs/FLUX.1-schnell", "limner/tiny-flux"),
+    ("openai/clip-vit-base-patch32", "limner/tiny-clip"),
+    ("flux-schnell", "limner/tiny-flux"),
+)
+
+NOT_RUN = {
+    "make demo": "runs the tiny models as these tests do, after installing (CI runs make test)",
+    "make test": "is how these tests run",
+    "make dist": "tests/test_dist.py builds the wheels and installs them",
+    "pip install": "would change the environment the tests run in; tests/test_dist.py "
+    "installs the wheels",
+}
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the docs call curl")
+
+
+@dataclass(frozen=True)
+class Block:
+    path: str
+    line: int
+    lang: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line} ({self.lang or 'untagged'})"
+
+
+def blocks(path: str) -> list[Block]:
+    """The fenced code blocks of a Markdown file, in order."""
+    found: list[Block] = []
+    lang: str | None = None
+    start, lines = 0, list[str]()
+    for number, line in enumerate((ROOT / path).read_text().splitlines(), start=1):
+        if lang is None:
+            if line.startswith("```"):
+                lang, start, lines = line[3:].strip(), number, []
+        elif line.startswith("```"):
+            found.append(Block(path, start, lang, "\n".join(lines) + "\n"))
+            lang = None
+        else:
+            lines.append(line)
+    assert lang is None, f"{path}:{start}: a code block is never closed"
+    return found
+
+
+def commands(script: str) -> list[str]:
+    """A shell block's commands: continuation lines joined, blank and comment lines dropped."""
+    joined, current = [], ""
+    for line in script.splitlines():
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        if current.strip() and not current.strip().startswith("#"):
+            joined.append(current.strip())
+        current = ""
+    return joined
+
+
+@dataclass
+class Workspace:
+    folder: Path
+    env: dict[str, str]
+    example_base: str
+    servers: list[subprocess.Popen[str]]
+    server_url: str | None = None
+
+    def swap(self, text: str) -> str:
+        for real, tiny in REAL_TO_TINY:
+            text = text.replace(real, tiny)
+        text = text.replace("https://example.com/", self.example_base)
+        if self.server_url is not None:
+            text = text.replace("http://127.0.0.1:8000", self.server_url)
+        return text
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hf-cache")
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, hf_cache: Path, http_server: LocalHTTPServer) -> Iterator[Workspace]:
+    """A folder with examples/ and a `limner` command, an offline environment, and the
+    example images behind the local server."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "limner"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m limner "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    for name, source in (("dog.png", "logo.png"), ("cat.jpg", "landscape.jpg")):
+        kind = "image/png" if name.endswith(".png") else "image/jpeg"
+        body = (ROOT / "examples" / source).read_bytes()
+        http_server.route(f"/docs/{name}", body=body, content_type=kind)
+    http_server.route(
+        "/docs/fox.jpg",
+        body=(ROOT / "examples" / "landscape.jpg").read_bytes(),
+        content_type="image/jpeg",
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_CACHE": str(hf_cache),
+        "HF_HUB_OFFLINE": "1",
+        "LIMNER_PLUGINS": "clip,flux",
+        "LIMNER_CONFIG_DIR": str(tmp_path / "config"),
+    }
+    for name in ("LIMNER_EMBED_MODEL", "LIMNER_GENERATE_MODEL", "LIMNER_MEMORY_BUDGET"):
+        env.pop(name, None)
+    space = Workspace(tmp_path, env, http_server.url("/docs/"), [])
+    try:
+        yield space
+    finally:
+        for server in space.servers:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def run_python(block: Block, space: Workspace) -> None:
+    script = space.folder / f"block_{block.line}.py"
+    script.write_text(space.swap(block.text))
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=space.folder,
+        env=space.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, f"{block} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def start_server(block: Block, command: str, space: Workspace) -> None:
+    """Run a `limner serve` line in the background until the test ends."""
+    for server in space.servers:  # one at a time: a later block's server replaces it
+        server.kill()
+        server.wait(timeout=10)
+    line = re.sub(r"\s+#.*$", "", command)  # options go before a comment
+    process = subprocess.Popen(
+        ["bash", "-c", f"exec env {line} --port 0 --allow-private-urls"],
+        cwd=space.folder,
+        env=space.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    space.servers.append(process)
+    assert process.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr or ()), daemon=True)
+    reader.start()
+    url, ready = None, "--preload" not in command
+    deadline = time.monotonic() + 120
+    while url is None or not ready:
+        if time.monotonic() > deadline or process.poll() is not None:
+            pytest.fail(f"{block}: `{command}` did not start:\n" + "".join(lines))
+        time.sleep(0.05)
+        log = "".join(lines)
+        found = re.search(r"running on (http://127\.0\.0\.1:\d+)", log)
+        url = found.group(1) if found else None
+        ready = ready or "ready: " in log
+    space.server_url = url
+
+
+def run_shell(block: Block, space: Workspace, skipped: list[str]) -> None:
+    script = []
+    for command in commands(block.text):
+        words = re.sub(r"^(\w+=\S+\s+)+", "", command)  # a leading NAME=value is the env's
+        reason = next((why for start, why in NOT_RUN.items() if words.startswith(start)), None)
+        if reason is not None:
+            skipped.append(f"{block}: `{command}` {reason}")
+            continue
+        exported = re.fullmatch(r"export (\w+)=(\S+)(\s+#.*)?", command)
+        if exported:
+            space.env[exported.group(1)] = exported.group(2)
+            continue
+        if words.startswith("limner serve"):
+            start_server(block, space.swap(command), space)
+            continue
+        script.append(space.swap(command).replace("curl ", "curl -sSf "))
+    if not script:
+        return
+    body = "\n".join(["trap 'echo \"failed: $BASH_COMMAND\" >&2' ERR", *script])
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", body],
+        cwd=space.folder,
+        env=space.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, f"{block} failed:\n{result.stdout[-3000:]}\n{result.stderr}"
+
+
+@pytest.mark.parametrize("path", RUN)
+def test_every_block_runs_as_written(path: str, workspace: Workspace) -> None:
+    skipped: list[str] = []
+    ran = 0
+    for block in blocks(path):
+        if block.lang == "python":
+            run_python(block, workspace)
+        elif block.lang in ("sh", "bash"):
+            run_shell(block, workspace, skipped)
+        else:
+            assert block.lang in DATA, f"{block}: no rule to run a {block.lang!r} block"
+            continue
+        ran += 1
+    assert ran, f"{path} has no code block to run"
+    for line in skipped:  # shown with -rP: what the docs say that this test does not run
+        print(line)
+
+
+SCAFFOLD_STEPS = frozenset({"cd", "limner", "pip", "pytest"})
+"""The commands a plugin guide's shell block may use: each is run by tests/test_scaffold.py."""
+
+
+@pytest.mark.parametrize("path", COMPILED)
+def test_plugin_pieces_compile(path: str) -> None:
+    found = blocks(path)
+    assert found
+    for block in found:
+        if block.lang == "python":
+            ast.parse(block.text, filename=str(block))
+        elif block.lang == "toml":
+            tomllib.loads(block.text)
+        elif block.lang in ("bash", "sh"):
+            # The scaffold's walk-through: tests/test_scaffold.py runs exactly these steps
+            # (new-plugin, an editable install, the plugin's pytest and its
+            # conformance run, limner models).
+            for line in filter(
+                None, (raw.split("#")[0].strip() for raw in block.text.splitlines())
+            ):
+                assert line.split()[0] in SCAFFOLD_STEPS, f"{block}: {line!r} is run nowhere"
+        else:
+            assert block.lang in DATA, f"{block}: no rule to check a {block.lang!r} block"
+
+
+def test_only_known_lines_are_left_unrun() -> None:
+    """Each line NOT_RUN leaves out is still in the docs: the list cannot go stale."""
+    text = "\n".join(block.text for path in RUN for block in blocks(path))
+    for start in NOT_RUN:
+        assert start in text, f"NOT_RUN lists {start!r}, which no document runs any more"
