@@ -73,6 +73,7 @@ async def run(args: argparse.Namespace, paths: list[Path], model_dir: Path) -> N
         offline_batch(backend, paths, max_batch)  # warm the batch size up too
 
         sequential, offline, concurrent, lags = [], [], [], []
+        batches_per_run = []
         for _ in range(args.repeats):
             started = time.perf_counter()
             for path in paths:
@@ -94,6 +95,7 @@ async def run(args: argparse.Namespace, paths: list[Path], model_dir: Path) -> N
             async def one(path: Path) -> None:
                 await model.embed_image(path)
 
+            batches_before = pool.stats()[KEY].batches
             async with anyio.create_task_group() as group:
                 group.start_soon(ticker, done)
                 started = time.perf_counter()
@@ -102,6 +104,7 @@ async def run(args: argparse.Namespace, paths: list[Path], model_dir: Path) -> N
                         requests.start_soon(one, path)
                 concurrent.append(time.perf_counter() - started)
                 done.set()
+            batches_per_run.append(pool.stats()[KEY].batches - batches_before)
 
         direct_latency, pool_latency = [], []
         for index in range(args.latency_samples):
@@ -122,8 +125,8 @@ async def run(args: argparse.Namespace, paths: list[Path], model_dir: Path) -> N
     print(f"  offline batch, direct:     {n / off:7.1f} img/s   (batches of {max_batch})")
     print(
         f"  concurrent, through pool:  {n / con:7.1f} img/s   {off / con:.2f}x the offline "
-        f"batch (goal >= 0.95x), {seq / con:.2f}x one by one; mean batch "
-        f"{stats.mean_batch_size:.1f}"
+        f"batch (goal >= 0.95x), {seq / con:.2f}x one by one; forward batches a run: "
+        f"{', '.join(map(str, batches_per_run))}"
     )
     per_run = ", ".join(f"{o / c:.2f}" for o, c in zip(offline, concurrent, strict=True))
     print(f"  pool / offline batch, run by run: {per_run}")
