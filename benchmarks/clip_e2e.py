@@ -4,14 +4,17 @@ Writes seeded 640x480 JPEGs and a real-size random-weight ViT-B/32 (``CLIPConfig
 defaults) to a temp dir, then embeds the same files in this process three ways:
 
 (a) limner: ``ImageEmbedder.batch_embed_images`` through the registry, default dtype
-    (bf16 on CPUs with native bf16; ``--dtype float32`` shows what preprocessing alone buys);
+    (what ``auto`` picks from the CPU's flags: bf16 with native bf16, int8 with AVX512-VNNI,
+    else fp32; ``--dtype float32`` shows what preprocessing alone buys);
 (b) plain transformers, batched: ``Image.open(p).convert("RGB")``, ``CLIPImageProcessor``,
-    ``get_image_features`` in fp32;
+    ``get_image_features`` in fp32 (``--plain-dtype bfloat16`` for bf16);
 (c) plain transformers, one image at a time.
 
-Each is warmed up once and timed as the median of ``--repeats`` runs. The weights are random,
-so every image's embedding shares one large common direction; agreement is also reported
-after removing the mean embedding ("centred"), which is the number that can tell images apart.
+Each is warmed up once and timed as the median of ``--repeats`` runs, interleaved. The
+weights are random, so every image's embedding shares one large common direction; agreement
+is also reported after removing the mean embedding ("centred"), which is the number that can
+tell images apart. The stage breakdown runs both model stages at the same batch size; the
+model stages are the same computation when limner runs in the plain path's dtype.
 
     python benchmarks/clip_e2e.py --images 64 --repeats 3 --batch-size 32 [--dtype float32]
 """
@@ -19,6 +22,7 @@ after removing the mean embedding ("centred"), which is the number that can tell
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -35,10 +39,32 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import limner
 import limner_clip
-from limner_clip._backend import ClipBackend
+from limner_clip._backend import BF16_FLAGS, VNNI_FLAGS, ClipBackend, clip_precision, cpu_flags
 
 KEY = "openai/clip-vit-base-patch32"
 Vectors = npt.NDArray[np.float32]
+
+
+def machine(precision: str) -> str:
+    """The CPU, the flags that decide CLIP's precision, threads and load, and the precision
+    a run uses against what ``auto`` picks here."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    name = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    shown = sorted(flags & (BF16_FLAGS | VNNI_FLAGS | {"avx512f", "avx2", "avx_vnni", "amx_int8"}))
+    auto = clip_precision(torch.device("cpu"))
+    return (
+        f"machine: {name}, {os.cpu_count()} CPUs, flags {' '.join(shown) or 'none of note'}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load "
+        f"{os.getloadavg()[0]:.1f}; precision {precision} (auto here: {auto})"
+    )
 
 
 def write_images(directory: Path, count: int, seed: int = 0) -> list[Path]:
@@ -69,9 +95,9 @@ def plain_batched(model: Any, processor: Any, paths: Sequence[Path], batch_size:
         images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            output = model.get_image_features(pixel_values=pixels)
+            output = model.get_image_features(pixel_values=pixels.to(model.dtype))
             features = output if isinstance(output, torch.Tensor) else output.pooler_output
-            rows.append(torch.nn.functional.normalize(features, dim=-1).numpy())
+            rows.append(torch.nn.functional.normalize(features.float(), dim=-1).numpy())
     return np.concatenate(rows)
 
 
@@ -98,44 +124,71 @@ def agreement(ours: Vectors, reference: Vectors) -> tuple[Vectors, Vectors]:
     return raw, centred
 
 
-def breakdown(embedder: limner.ImageEmbedder, paths: Sequence[Path], batch_size: int) -> None:
-    """Where limner's time goes, one thread, no overlap: decode + prepare, then the model."""
+def stages(
+    embedder: limner.ImageEmbedder,
+    model: Any,
+    processor: Any,
+    paths: Sequence[Path],
+    batch_size: int,
+    repeats: int,
+) -> None:
+    """Where the time goes, one thread, no overlap: preprocessing, then the model stage on
+    the same batches, limner's and plain's runs interleaved; medians, ms per image."""
     backend = embedder.backend
-    start = time.perf_counter()
-    prepared = [
-        backend.prepare(
-            limner.decode_image(str(p), kind=limner.InputKind.PATH, draft_size=backend.image_size)
-        )
-        for p in paths
-    ]
-    decode = time.perf_counter() - start
-    start = time.perf_counter()
-    for offset in range(0, len(prepared), batch_size):
-        backend.embed_prepared(prepared[offset : offset + batch_size])
-    model = time.perf_counter() - start
     n = len(paths)
+
+    def limner_prepare() -> list[Any]:
+        return [
+            backend.prepare(
+                limner.decode_image(
+                    str(p), kind=limner.InputKind.PATH, draft_size=backend.image_size
+                )
+            )
+            for p in paths
+        ]
+
+    def plain_prepare() -> list[Any]:
+        return [
+            processor(
+                images=[Image.open(p).convert("RGB") for p in paths[i : i + batch_size]],
+                return_tensors="pt",
+            )["pixel_values"].to(model.dtype)
+            for i in range(0, n, batch_size)
+        ]
+
+    prepared, batches = limner_prepare(), plain_prepare()
+
+    def limner_model() -> None:
+        for offset in range(0, n, batch_size):
+            backend.embed_prepared(prepared[offset : offset + batch_size])
+
+    def plain_model() -> None:
+        with torch.inference_mode():
+            for pixels in batches:
+                model.get_image_features(pixel_values=pixels)
+
+    runs: dict[str, Callable[[], object]] = {
+        "limner prepare": limner_prepare,
+        "plain prepare": plain_prepare,
+        "limner model": limner_model,
+        "plain model": plain_model,
+    }
+    times = timed(runs, repeats)  # type: ignore[arg-type]
+    ms = {name: 1000 * statistics.median(values) / n for name, values in times.items()}
     print(
-        f"  limner stages (1 thread): decode+prepare {1000 * decode / n:.1f} ms/img, "
-        f"model {1000 * model / n:.1f} ms/img"
+        f"  limner (1 thread): decode+prepare {ms['limner prepare']:.1f} ms/img, "
+        f"model {ms['limner model']:.1f} ms/img ({backend.dtype})"  # type: ignore[attr-defined]
     )
-
-
-def plain_breakdown(model: Any, processor: Any, paths: Sequence[Path], batch_size: int) -> None:
-    start = time.perf_counter()
-    batches = []
-    for offset in range(0, len(paths), batch_size):
-        images = [Image.open(p).convert("RGB") for p in paths[offset : offset + batch_size]]
-        batches.append(processor(images=images, return_tensors="pt")["pixel_values"])
-    preprocess = time.perf_counter() - start
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for pixels in batches:
-            model.get_image_features(pixel_values=pixels)
-    compute = time.perf_counter() - start
-    n = len(paths)
     print(
-        f"  plain stages:             open+process {1000 * preprocess / n:.1f} ms/img, "
-        f"model {1000 * compute / n:.1f} ms/img"
+        f"  plain:             open+process   {ms['plain prepare']:.1f} ms/img, "
+        f"model {ms['plain model']:.1f} ms/img ({str(model.dtype).removeprefix('torch.')})"
+    )
+    per_run = ", ".join(
+        f"{p / m:.2f}" for m, p in zip(times["limner model"], times["plain model"], strict=True)
+    )
+    print(
+        f"  model stage, plain time / limner time: "
+        f"{ms['plain model'] / ms['limner model']:.2f}x (runs: {per_run})"
     )
 
 
@@ -148,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--dtype", default="auto", help="limner's dtype: auto (default), float32, bfloat16, ..."
+    )
+    parser.add_argument(
+        "--plain-dtype", default="float32", help="the plain path's dtype (default float32)"
     )
     parser.add_argument("--no-naive", action="store_true", help="skip the one-at-a-time path")
     args = parser.parse_args(argv)
@@ -170,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             return anyio.run(embedder.batch_embed_images, paths)
 
         processor = CLIPImageProcessor.from_pretrained(weights)
-        model = CLIPModel.from_pretrained(weights)  # in eval mode already
+        plain_dtype = getattr(torch, args.plain_dtype)
+        model = CLIPModel.from_pretrained(weights, dtype=plain_dtype)  # in eval mode already
 
         def run_plain() -> Vectors:
             return plain_batched(model, processor, paths, args.batch_size)
@@ -184,10 +241,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             runs["naive"] = run_naive
         times = timed(runs, args.repeats)
         ours, reference = run_limner(), run_plain()
+        print(machine(str(backend.dtype)))
         print(
-            f"limner on {backend.device} in {backend.dtype}, transformers on cpu in float32; "
-            f"torch threads {torch.get_num_threads()}; {n} images 640x480; "
-            f"img/s as median (best) of {args.repeats}"
+            f"limner on {backend.device} in {backend.dtype}, transformers on cpu in "
+            f"{args.plain_dtype}; {n} images 640x480; img/s as median (best) of {args.repeats}"
         )
         labels = {
             "limner": "(a) limner",
@@ -207,9 +264,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raw, centred = agreement(ours, reference)
         print(f"cosine limner vs plain: min {raw.min():.5f}, mean {raw.mean():.5f}")
         print(f"centred cosine:         min {centred.min():.4f}, mean {centred.mean():.4f}")
-        print("where the time goes:")
-        breakdown(embedder, paths, limner_clip.specs()[0].info.max_batch_size)
-        plain_breakdown(model, processor, paths, args.batch_size)
+        print(f"where the time goes (both model stages in batches of {args.batch_size}):")
+        stages(embedder, model, processor, paths, args.batch_size, args.repeats)
 
 
 if __name__ == "__main__":

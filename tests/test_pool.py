@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import threading
 from typing import Any
@@ -23,6 +24,7 @@ from limner import (
     Progress,
     Registry,
 )
+from limner._pool import _serving as serving
 from limner.testing import (
     FakeClock,
     FakeEmbeddingBackend,
@@ -323,6 +325,53 @@ async def test_a_lone_request_is_not_delayed() -> None:
         with anyio.fail_after(2):  # max_batch_wait is 30 s: waiting for company would time out
             await model.embed_images([colour(1)])
     assert fake_backend(model).batch_sizes == [1, 1]
+
+
+class PrepareWaits(FakeEmbeddingBackend):
+    """Decoding held at a gate per image (by its red value), counting the callers inside."""
+
+    def prepare(self, image: Image.Image) -> Any:
+        options = self.settings.options
+        red = image.getpixel((0, 0))[0]  # type: ignore[index]
+        with options["lock"]:
+            options["entered"].append(red)
+        options["gates"][red].wait()
+        return super().prepare(image)
+
+
+async def test_a_burst_decoded_together_runs_as_one_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A burst of single-image callers: the first to finish decoding must not run alone while
+    # the rest are still decoding. A long wait makes the test about order, not speed.
+    monkeypatch.setattr(serving, "DECODE_WAIT", 30.0)
+    gates = {index: threading.Event() for index in range(7)}
+    entered: list[int] = []
+    spec = fake_embedding_spec(
+        "fake/a",
+        max_batch_size=8,
+        options={"gates": gates, "entered": entered, "lock": threading.Lock()},
+    )
+    model = make_registry(dataclasses.replace(spec, factory=PrepareWaits)).embedder("fake/a")
+    async with Pool(memory=FakeMemory(total_mb=10_000), clock=FakeClock(), max_workers=1) as pool:
+        gates[6].set()
+        await model.embed_images([colour(6)])  # warm; a lone caller never waits for others
+        with anyio.fail_after(20):  # a hang detector; the order is what is checked
+            async with anyio.create_task_group() as group:
+                for index in range(6):
+                    group.start_soon(model.embed_images, [colour(index)])
+                await wait_until(lambda: len(entered) == 7)
+                gates[0].set()  # one caller's image is ready; five are still decoding
+                stats = pool.stats
+                await wait_until(
+                    lambda: (
+                        stats()["fake/a"].in_flight + stats()["fake/a"].queue_depth > 0
+                        or len(fake_backend(model).batch_sizes) > 1
+                    )
+                )
+                for index in range(1, 6):
+                    gates[index].set()
+    assert fake_backend(model).batch_sizes == [1, 6]
 
 
 async def test_large_requests_are_split_at_the_max_batch() -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from ._front import ModelFront
 from ._image_fetch import fetch_image_bytes
 from ._image_kinds import InputKind, classify_input
 from ._images import DEFAULT_LIMITS, ImageLimits, decode_image
+from ._pool import Pool, current_pool
 from ._runtime import RequestKind, Runtime
 from ._spec import ModelSpec
 from ._vectors import describe_backend
@@ -151,11 +153,15 @@ class ImageEmbedder(ModelFront[ImageEmbeddingBackend]):
         decode_slots = anyio.CapacityLimiter(self.limits.max_concurrent_decodes)
         prepared: list[Any] = [None] * len(inputs)
         errors: list[LimnerError | None] = [None] * len(inputs)
-        async with anyio.create_task_group() as group:
-            for index, source in enumerate(inputs):
-                group.start_soon(
-                    self._prepare_one, index, source, expect, decode_slots, prepared, errors
-                )
+        # Tell a pool on this loop what is coming, so an idle model waits for it.
+        pool = self._runtime or current_pool()
+        announce = pool.decoding if isinstance(pool, Pool) else _no_announcement
+        with announce(self.backend, len(inputs)):
+            async with anyio.create_task_group() as group:
+                for index, source in enumerate(inputs):
+                    group.start_soon(
+                        self._prepare_one, index, source, expect, decode_slots, prepared, errors
+                    )
         for index, error in enumerate(errors):
             if isinstance(error, InvalidInput) and len(inputs) > 1:
                 raise error.at_index(index)
@@ -225,6 +231,11 @@ class ImageEmbedder(ModelFront[ImageEmbeddingBackend]):
         return await in_runtime(
             self._runtime, lambda runtime: runtime.embed(self.backend, kind, items)
         )
+
+
+@contextlib.contextmanager
+def _no_announcement(backend: ImageEmbeddingBackend, count: int) -> Iterator[None]:
+    yield
 
 
 class BlockingImageEmbedder(BlockingFront[ImageEmbedder]):

@@ -93,6 +93,25 @@ class RequestQueue:
                 self._event = anyio.Event()
             await self._event.wait()
 
+    def poke(self) -> None:
+        """Wake whoever waits in :meth:`top_up_while` to look again (nothing was queued)."""
+        self._event.set()
+
+    async def top_up_while(
+        self, batch: list[Request], *, max_items: int, pending: Callable[[], bool], wait: float
+    ) -> None:
+        """The model is idle but callers are still decoding inputs for it: wait up to
+        ``wait`` seconds, while ``pending()``, for their requests to join this batch."""
+        with anyio.move_on_after(wait):
+            while sum(len(request.items) for request in batch) < max_items and pending():
+                if not self.items:
+                    if self._event.is_set():
+                        self._event = anyio.Event()
+                    await self._event.wait()
+                self.take(batch, max_items=max_items)
+                if self.items:  # the next request does not fit this batch: run it as it is
+                    return
+
     def take(self, batch: list[Request], *, max_items: int) -> int:
         """Move queued requests into ``batch`` while they fit (one kind, ``max_items`` items);
         return how many moved. Cancelled requests are dropped on the way."""

@@ -27,6 +27,7 @@ class KeyState:
     device: str | None = None
     workers: list[anyio.CancelScope] = field(default_factory=list)
     busy_workers: int = 0
+    decoding: int = 0  # inputs callers are decoding for this key, to submit next
     generations: int = 0
     waiting_generations: int = 0
     slots: anyio.CapacityLimiter | None = None  # batches or generations running at once

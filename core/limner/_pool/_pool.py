@@ -8,10 +8,11 @@ docs/architecture.md for the policy in one page.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -173,6 +174,22 @@ class Pool(AsyncResource):
         return self._task_group is not None and not self._closing
 
     # -- the runtime ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def decoding(self, backend: Backend, count: int) -> Iterator[None]:
+        """A front is decoding ``count`` inputs for ``backend`` to submit next: an idle
+        worker about to run a batch waits for them (a burst of single requests then runs as
+        one batch, not one request and then the rest). Call from the pool's event loop."""
+        if not self.running:
+            yield
+            return
+        state = self._state(backend)
+        state.decoding += count
+        try:
+            yield
+        finally:
+            state.decoding -= count
+            state.queue.poke()
 
     async def embed(self, backend: Backend, kind: RequestKind, items: Sequence[Any]) -> Vector:
         """Embed prepared images (``kind="image"``) or texts; rows in the order given.

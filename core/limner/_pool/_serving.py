@@ -22,7 +22,12 @@ from ._batching import Request, Requeue
 from ._keys import KeyState
 from ._threads import ThreadExecutor, is_out_of_memory
 
-__all__ = ["run_generation", "serve_batches"]
+__all__ = ["DECODE_WAIT", "run_generation", "serve_batches"]
+
+#: The longest an idle model's batch waits for inputs callers are still decoding (a burst of
+#: single-image requests decodes together; without the wait its first request would run
+#: alone, then the rest). A lone request never waits: nothing else is decoding.
+DECODE_WAIT = 0.1
 
 
 async def serve_batches(
@@ -47,6 +52,15 @@ async def serve_batches(
                     continue
                 if max_batch_wait > 0 and state.busy_workers > 0:
                     await queue.top_up(batch, max_items=max_items, wait=max_batch_wait)
+                elif state.decoding > 0:
+                    await queue.top_up_while(
+                        batch,
+                        max_items=max_items,
+                        pending=lambda: state.decoding > 0,
+                        wait=DECODE_WAIT,
+                    )
+                    if max_batch_wait > 0:  # the last decoded ones are on their way
+                        await queue.top_up(batch, max_items=max_items, wait=max_batch_wait)
                 state.busy_workers += 1
                 try:
                     died = await _run_batch(state, executor, batch)

@@ -152,7 +152,7 @@ class PluginContract:
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         if "bad_setting" in metafunc.fixturenames:
-            settings = [("device", "gpu"), ("dtype", "int8"), *self.bad_settings]
+            settings = [("device", "gpu"), ("dtype", "int4"), *self.bad_settings]
             metafunc.parametrize("bad_setting", settings, ids=param_ids(settings))
 
     # -- fixtures -------------------------------------------------------------------------

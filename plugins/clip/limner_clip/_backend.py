@@ -17,7 +17,7 @@ import functools
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,9 +34,10 @@ from limner.plugin import (
     Placement,
     WeightSource,
     locate_weights,
+    parse_device,
+    parse_dtype,
     weights_where,
 )
-from limner.plugin import resolve_dtype as resolve_any_dtype
 
 from ._footprint import MIB, working_mb
 from ._tiny import TINY
@@ -47,14 +48,19 @@ if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel
 
 __all__ = [
+    "AMX_FLAGS",
+    "BF16_FLAGS",
     "CLIP_MEAN",
     "CLIP_STD",
+    "VNNI_FLAGS",
     "ClipBackend",
-    "clip_dtype",
-    "cpu_has_fast_bf16",
-    "cpuinfo_has_bf16",
+    "clip_precision",
+    "cpu_flags",
+    "cpu_precision",
+    "cpuinfo_flags",
+    "parse_clip_dtype",
     "resize_crop_box",
-    "resolve_dtype",
+    "resolve_precision",
     "token_prefix",
 ]
 
@@ -62,6 +68,10 @@ __all__ = [
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_IMAGE_SIZE = 224
+#: The most images one forward pass takes on a CPU; a larger batch runs as several passes.
+#: ViT-B/32 in batches of 64 ran 28% slower an image than in batches of 32 in int8, 16%
+#: slower in fp32 (same in bf16): the activations outgrow the caches.
+CPU_FORWARD_BATCH = 32
 
 # A word: a run of anything but Unicode White_Space, the characters tokenizers' \s matches.
 _WORD = re.compile(r"[^\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
@@ -73,37 +83,88 @@ TokenIds = list[int]
 # -- settings ---------------------------------------------------------------------------------
 
 
+#: CPU flags of native bf16 arithmetic: AVX512-BF16 (about 1.7x fp32 on the CLIP towers),
+#: and AMX tiles, whose bf16 products oneDNN runs several times faster again.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+AMX_FLAGS = frozenset({"amx_bf16"})
+#: The CPU flag of 8-bit dot products summed in int32 that fbgemm's int8 kernels use
+#: (AVX512-VNNI; the 256-bit AVX-VNNI of client CPUs is not among them).
+VNNI_FLAGS = frozenset({"avx512_vnni"})
+#: The values of the ``dtype`` setting: limner's common ones plus int8 (CPUs only).
+INT8_NAMES = frozenset({"int8", "qint8"})
+
+
 @functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX), so the CLIP
-    towers run 2-4x faster in bf16 than in fp32. Other CPUs emulate bf16: slower than fp32."""
+def cpu_flags() -> frozenset[str]:
+    """This CPU's flags from /proc/cpuinfo; empty where there is none (not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:  # not Linux: no cheap way to tell, fp32 is the safe choice
-        return False
-    return cpuinfo_has_bf16(text)
+    except OSError:
+        return frozenset()
+    return cpuinfo_flags(text)
 
 
-def cpuinfo_has_bf16(cpuinfo: str) -> bool:
-    """Whether a /proc/cpuinfo text lists a native bf16 instruction set."""
+def cpuinfo_flags(cpuinfo: str) -> frozenset[str]:
+    """The flags of the first processor in a /proc/cpuinfo text."""
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
 
 
-def clip_dtype(device: torch.device) -> str:
-    """What ``dtype="auto"`` means for CLIP: fp16 on accelerators, bf16 on CPUs that do it
-    natively, fp32 elsewhere."""
+def cpu_precision(flags: Collection[str]) -> str:
+    """What ``dtype="auto"`` means for CLIP on a CPU with these flags: the fastest precision
+    whose vectors agree with fp32's (centred cosine >= 0.98 on a real-size random-weight
+    ViT-B/32; the figures are in the plugin's README).
+
+    bf16 with AMX (its tiles do bf16, not fbgemm's int8); int8 with AVX512-VNNI, which was
+    faster than bf16 even where the CPU also does bf16 natively (AVX512-BF16) and agreed as
+    well, and several times faster than bf16 emulated; bf16 with AVX512-BF16 alone; fp32
+    elsewhere (int8 there gets 7-bit inputs, which do not agree).
+    """
+    present = frozenset(flags)
+    if present & AMX_FLAGS:
+        return "bfloat16"
+    if present & VNNI_FLAGS:
+        return "int8"
+    if present & BF16_FLAGS:
+        return "bfloat16"
+    return "float32"
+
+
+def clip_precision(device: torch.device, flags: Collection[str] | None = None) -> str:
+    """What ``dtype="auto"`` means for CLIP on ``device``: fp16 on accelerators; on a CPU,
+    :func:`cpu_precision` of its flags (this CPU's unless given)."""
     if device.type in ("cuda", "mps"):
         return "float16"
-    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+    return cpu_precision(cpu_flags() if flags is None else flags)
 
 
-def resolve_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """The weights' dtype: as asked, else :func:`clip_dtype`."""
-    return resolve_any_dtype(requested, device, auto=clip_dtype)
+def parse_clip_dtype(value: str) -> str | None:
+    """Validate a dtype setting without torch: ``"int8"``, or limner's common dtypes
+    (``parse_dtype``); ``None`` means auto."""
+    if value.strip().lower() in INT8_NAMES:
+        return "int8"
+    try:
+        return parse_dtype(value)
+    except InvalidInput as error:
+        raise InvalidInput(
+            "dtype must be 'auto', 'bfloat16' (bf16), 'float16' (fp16), 'float32' (fp32) or "
+            f"'int8' (CPUs only), got {value!r}",
+            field="dtype",
+        ) from error
+
+
+def resolve_precision(requested: str | None, device: torch.device) -> str:
+    """The precision CLIP runs in: as asked, else :func:`clip_precision`. int8 is for CPUs:
+    asked for on another device, it is a load error."""
+    precision = requested if requested is not None else clip_precision(device)
+    if precision == "int8" and device.type != "cpu":
+        raise ModelLoadError(
+            f"dtype int8 runs on CPUs only, and this model is placed on {device}; set dtype "
+            "to 'auto' (float16 there) or set device to 'cpu'"
+        )
+    return precision
 
 
 def resize_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
@@ -159,10 +220,12 @@ class _Loaded:
 
     model: CLIPModel
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the pixels the vision tower takes: float32 for int8
+    precision: str  # "float32", "bfloat16", "float16" or "int8"
     scale: torch.Tensor  # (1, 3, 1, 1) float32: 1 / (255 * std)
     shift: torch.Tensor  # (1, 3, 1, 1) float32: -mean / std
     working_mb: float
+    packed_mb: float  # int8 weights, held by fbgemm outside the parameters and buffers
     #: On the CPU one forward pass already uses every core; two at once (the pool runs two
     #: workers) only fight over them, about 20% slower in total, so they take turns.
     forward_lock: threading.Lock | None
@@ -190,7 +253,10 @@ class ClipBackend(ImageEmbeddingBackend):
 
     def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
         super().__init__(spec, settings)
-        self.placement = Placement.of(settings)
+        #: ``None`` for auto, ``"int8"``, or a torch dtype's name.
+        self.precision = parse_clip_dtype(settings.dtype)
+        float_dtype = None if self.precision in (None, "int8") else self.precision
+        self.placement = Placement(parse_device(settings.device), float_dtype)
         size = settings.options.get(
             "image_size", spec.info.default_settings.get("image_size", DEFAULT_IMAGE_SIZE)
         )
@@ -213,7 +279,11 @@ class ClipBackend(ImageEmbeddingBackend):
         from transformers import CLIPConfig, CLIPModel
 
         device = self.placement.torch_device()
-        dtype = resolve_dtype(self.placement.dtype, device)
+        precision = resolve_precision(self.precision, device)
+        if precision == "int8" and self.precision is None and not _int8_available():
+            precision = "float32"  # auto on a torch without fbgemm's int8 linear
+        # int8 loads the float32 weights, then rounds the encoders' Linear layers.
+        dtype: torch.dtype = torch.float32 if precision == "int8" else getattr(torch, precision)
         source = self._locate()
         try:
             # The config and preprocessing first: a mismatch fails before reading the weights.
@@ -229,15 +299,18 @@ class ClipBackend(ImageEmbeddingBackend):
                 f"could not load {self.spec.key} from {self._where()}: {error}"
             ) from error
         _to_inference(model, device, dtype)
+        packed_mb = _quantize(model, self._where()) / MIB if precision == "int8" else 0.0
         self._loaded = _Loaded(
             model=model,
             device=device,
             dtype=dtype,
+            precision=precision,
             scale=torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1),
             shift=torch.tensor(
                 [-m / s for m, s in zip(mean, std, strict=True)], device=device
             ).view(1, 3, 1, 1),
             working_mb=working,
+            packed_mb=packed_mb,
             forward_lock=threading.Lock() if device.type == "cpu" else None,
         )
 
@@ -259,9 +332,10 @@ class ClipBackend(ImageEmbeddingBackend):
 
     @property
     def dtype(self) -> str | None:
-        """The weights' dtype, e.g. ``"bfloat16"``, ``None`` before ``load``."""
+        """The precision the model runs in (what ``auto`` chose): ``"float32"``,
+        ``"bfloat16"``, ``"float16"`` or ``"int8"``; ``None`` before ``load``."""
         loaded = self._loaded
-        return None if loaded is None else str(loaded.dtype).removeprefix("torch.")
+        return None if loaded is None else loaded.precision
 
     def max_concurrent_calls(self) -> int | None:
         """One forward pass at a time on a CPU: each already uses every core, and two at
@@ -279,7 +353,7 @@ class ClipBackend(ImageEmbeddingBackend):
             return None
         tensors = [*loaded.model.parameters(), *loaded.model.buffers()]
         weights = sum(t.numel() * t.element_size() for t in tensors) / MIB
-        return weights + loaded.working_mb
+        return weights + loaded.packed_mb + loaded.working_mb
 
     def memory_device(self) -> str:
         """``"cpu"`` or ``"cuda:N"``: resolves ``auto`` (imports torch) without loading."""
@@ -385,13 +459,17 @@ class ClipBackend(ImageEmbeddingBackend):
         return np.asarray(resized, dtype=np.uint8)
 
     def embed_prepared(self, items: Sequence[Any]) -> Vectors:
+        loaded = self._require_loaded()
+        # Bound the working memory whatever the caller sends; on a CPU, also keep each
+        # forward pass's activations small enough to stay in cache (see CPU_FORWARD_BATCH).
         limit = self.spec.info.max_batch_size
-        if len(items) > limit:  # bound the working memory whatever the caller sends
+        if loaded.forward_lock is not None:
+            limit = min(limit, CPU_FORWARD_BATCH)
+        if len(items) > limit:
             chunks = [items[i : i + limit] for i in range(0, len(items), limit)]
             return np.concatenate([self.embed_prepared(chunk) for chunk in chunks])
         import torch
 
-        loaded = self._require_loaded()
         batch = np.stack(items)
         size = self.image_size
         if batch.shape[1:] != (size, size, 3) or batch.dtype != np.uint8:
@@ -402,6 +480,10 @@ class ClipBackend(ImageEmbeddingBackend):
         with _turn(loaded.forward_lock), torch.inference_mode():
             pixels = torch.from_numpy(batch).to(loaded.device, non_blocking=True)
             pixels = pixels.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last
+            if loaded.device.type == "cpu":
+                # The layout CLIPImageProcessor gives (contiguous NCHW), so the forward pass
+                # is the plain transformers one; reordered as uint8, a quarter of the bytes.
+                pixels = pixels.contiguous()
             # (x / 255 - mean) / std in one fused op, in fp32 so the only rounding to a
             # 16-bit dtype happens once, on the result.
             pixels = torch.addcmul(loaded.shift, pixels.float(), loaded.scale).to(loaded.dtype)
@@ -520,6 +602,30 @@ def _to_inference(model: torch.nn.Module, device: torch.device, dtype: torch.dty
     """Move to the device and dtype (a no-op where from_pretrained already did) for serving."""
     model.to(device=device, dtype=dtype)
     model.eval()
+
+
+def _int8_available() -> bool:
+    from ._int8 import int8_available
+
+    return int8_available()
+
+
+def _quantize(model: torch.nn.Module, where: str) -> int:
+    """Round the encoders' Linear layers to int8 (``limner_clip._int8``); the bytes the
+    int8 weights take outside the model's parameters and buffers."""
+    import torch
+
+    from ._int8 import int8_available, int8_bytes, quantize_encoders
+
+    if not int8_available():
+        raise ModelLoadError(
+            "dtype int8 needs fbgemm's int8 linear (torch's x86 quantized engine), which this "
+            f"torch ({torch.__version__}, engine {torch.backends.quantized.engine!r}) lacks; "
+            f"load {where} in float32 or bfloat16 instead"
+        )
+    # Without VNNI, fbgemm sums 8-bit products in int16 pairs, which can saturate: 7 bits.
+    quantize_encoders(model, exact_bytes=bool(cpu_flags() & VNNI_FLAGS))
+    return int8_bytes(model)
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 import limner
 from limner.plugin import parse_device, parse_dtype, resolve_device
 from limner_clip import _backend
-from limner_clip._backend import cpuinfo_has_bf16, resolve_dtype
+from limner_clip._backend import cpuinfo_flags, resolve_precision
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -57,30 +57,37 @@ def test_bad_dtype_names_the_setting(value: str) -> None:
 
 
 def test_cpuinfo_flags() -> None:
-    assert cpuinfo_has_bf16(CPUINFO.format(extra="avx512_bf16"))
-    assert cpuinfo_has_bf16(CPUINFO.format(extra="amx_tile amx_bf16"))
-    assert not cpuinfo_has_bf16(CPUINFO.format(extra="avx512_vnni"))
-    assert not cpuinfo_has_bf16("")
+    assert "avx512_bf16" in cpuinfo_flags(CPUINFO.format(extra="avx512_bf16"))
+    assert {"amx_tile", "amx_bf16"} <= cpuinfo_flags(CPUINFO.format(extra="amx_tile amx_bf16"))
+    assert cpuinfo_flags("") == frozenset()
 
 
-@pytest.mark.parametrize(("fast_bf16", "expected"), [(True, "bfloat16"), (False, "float32")])
-def test_auto_dtype_on_cpu_follows_native_bf16(
-    monkeypatch: pytest.MonkeyPatch, fast_bf16: bool, expected: str
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("amx_bf16 avx512_bf16 avx512_vnni", "bfloat16"),
+        ("avx512_bf16 avx512_vnni", "int8"),
+        ("avx512_vnni", "int8"),
+        ("", "float32"),
+    ],
+)
+def test_auto_dtype_on_cpu_follows_the_flags(
+    monkeypatch: pytest.MonkeyPatch, extra: str, expected: str
 ) -> None:
-    monkeypatch.setattr(_backend, "cpu_has_fast_bf16", lambda: fast_bf16)
-    assert resolve_dtype(None, torch.device("cpu")) == getattr(torch, expected)
+    monkeypatch.setattr(_backend, "cpu_flags", lambda: cpuinfo_flags(CPUINFO.format(extra=extra)))
+    assert resolve_precision(None, torch.device("cpu")) == expected
 
 
 def test_auto_dtype_on_accelerators_is_fp16() -> None:
-    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
-    assert resolve_dtype(None, torch.device("cuda:1")) == torch.float16
+    assert resolve_precision(None, torch.device("cuda")) == "float16"
+    assert resolve_precision(None, torch.device("cuda:1")) == "float16"
 
 
 def test_explicit_dtype_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_backend, "cpu_has_fast_bf16", lambda: True)
-    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
-    assert resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(_backend, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert resolve_precision("float32", torch.device("cpu")) == "float32"
+    assert resolve_precision("float16", torch.device("cpu")) == "float16"
+    assert resolve_precision("bfloat16", torch.device("cuda")) == "bfloat16"
 
 
 def test_auto_device() -> None:

@@ -63,10 +63,15 @@ async def test_lazy_first_embed_writes_the_snapshot_and_loads(
     # ... while different images do not.
     assert np.abs(vectors[0] - vectors[1]).max() > 1e-2
     assert backend.device == "cpu"
-    # 157,313 parameters in the weights' dtype and 127 int64 position ids, plus the working
-    # memory of a full batch: the declared per-worker overhead (16-bit), up to twice in fp32
-    weight_bytes = {"bfloat16": 2, "float32": 4}[str(backend.dtype)]
-    weights = (157_313 * weight_bytes + 127 * 8) / 2**20
+    # 157,313 parameters in the weights' dtype (in int8, 32,768 of them in 896 output
+    # channels at one byte, with 20 bytes a channel) and 127 int64 position ids, plus the
+    # working memory of a full batch: the declared per-worker overhead (16-bit), up to twice
+    # in fp32
+    if backend.dtype == "int8":
+        weight_bytes = 4 * (157_313 - 32_768 - 896) + 32_768 + 20 * 896
+    else:
+        weight_bytes = 157_313 * {"bfloat16": 2, "float32": 4}[str(backend.dtype)]
+    weights = (weight_bytes + 127 * 8) / 2**20
     overhead = registry.spec(TINY_KEY).info.worker_overhead_mb
     assert overhead is not None
     assert overhead - 1 <= (backend.memory_mb() or 0) - weights <= 2 * overhead + 1
