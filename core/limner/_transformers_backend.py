@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -38,7 +38,15 @@ if TYPE_CHECKING:
 
     from ._spec import ModelSettings, ModelSpec
 
-__all__ = ["TransformersEmbeddingBackend", "embedding_dtype", "tiny_model"]
+__all__ = [
+    "BuiltOnFirstUse",
+    "TransformersEmbeddingBackend",
+    "embedding_dtype",
+    "pad_token_rows",
+    "pooled_features",
+    "tiny_model",
+    "unit_rows",
+]
 
 Vectors = npt.NDArray[np.float32]
 
@@ -68,6 +76,50 @@ def tiny_model(recipe: str, *, seed: int, write: Callable[[Path], None]) -> Tiny
         return materialize_in_hf_cache(key, revision, seeded_write, cache_dir=cache_dir)
 
     return TinyModel(key=key, revision=revision, ensure=ensure)
+
+
+T = TypeVar("T")
+
+
+class BuiltOnFirstUse(Generic[T]):
+    """A part a backend builds the first time a thread asks for it, once, whichever thread
+    asks first (a tokenizer image-only users never pay for); ``forget`` drops it (unload)."""
+
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> T:
+        value = self._value
+        if value is not None:
+            return value
+        with self._lock:
+            if self._value is None:
+                self._value = self._build()
+            return self._value
+
+    def forget(self) -> None:
+        with self._lock:
+            self._value = None
+
+
+def pad_token_rows(
+    rows: Sequence[Sequence[int]], *, pad_id: int, pad_left: bool, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one batch, ``(input_ids, attention_mask)``, padded
+    as the tokenizer pads a batch (on the left or the right) to the longest row, or to
+    ``width``: what ``prepare_text`` rows need before the text tower."""
+    import torch
+
+    width = max((len(row) for row in rows), default=0) if width is None else width
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        span = slice(width - len(row), width) if pad_left else slice(0, len(row))
+        input_ids[index, span] = torch.tensor(list(row), dtype=torch.long)
+        attention_mask[index, span] = 1
+    return input_ids, attention_mask
 
 
 def embedding_dtype(device: torch.device) -> str:
@@ -122,7 +174,7 @@ class TransformersEmbeddingBackend(ImageEmbeddingBackend):
         self.placement = Placement.of(settings)  # a bad device or dtype fails here
         self._loaded: _Loaded | None = None
         self._processor: Any = None
-        self._text: _Text | None = None
+        self._text = BuiltOnFirstUse(self._load_text_encoder)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -199,14 +251,14 @@ class TransformersEmbeddingBackend(ImageEmbeddingBackend):
         loaded = self._require_loaded()
         pixels = torch.from_numpy(np.stack(items)).to(loaded.device, loaded.dtype)
         with torch.inference_mode():
-            return _normalised(self.image_features(loaded.model, pixels))
+            return unit_rows(self.image_features(loaded.model, pixels))
 
     def image_features(self, model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
         """A batch's image features, before normalising: ``get_image_features`` where the
         model has it, else its pooled output."""
         if hasattr(model, "get_image_features"):
-            return _pooled(model.get_image_features(pixel_values=pixel_values))
-        return _pooled(model(pixel_values=pixel_values))
+            return pooled_features(model.get_image_features(pixel_values=pixel_values))
+        return pooled_features(model(pixel_values=pixel_values))
 
     def _image_processor(self) -> Any:
         processor = self._processor
@@ -222,7 +274,7 @@ class TransformersEmbeddingBackend(ImageEmbeddingBackend):
 
     def prepare_text(self, text: str) -> list[int]:
         """The token ids the text tower reads: the checkpoint's tokenizer, truncated."""
-        encoder = self._text_encoder()
+        encoder = self._text.get()
         with self._lock:  # a fast tokenizer sets its truncation on shared state per call
             ids = encoder.tokenizer(text, truncation=True, max_length=encoder.max_length)
         return list(ids["input_ids"])
@@ -232,37 +284,27 @@ class TransformersEmbeddingBackend(ImageEmbeddingBackend):
         import torch
 
         loaded = self._require_loaded()
-        encoder = self._text_encoder()
+        encoder = self._text.get()
         rows = [self.prepare_text(t) if isinstance(t, str) else list(t) for t in texts]
-        width = max((len(row) for row in rows), default=0)
-        if self.text_padding == "max_length":
-            width = encoder.max_length
-        input_ids = torch.full((len(rows), width), encoder.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            span = slice(width - len(row), width) if encoder.pad_left else slice(0, len(row))
-            input_ids[index, span] = torch.tensor(row, dtype=torch.long)
-            attention_mask[index, span] = 1
+        input_ids, attention_mask = pad_token_rows(
+            rows,
+            pad_id=encoder.pad_id,
+            pad_left=encoder.pad_left,
+            width=encoder.max_length if self.text_padding == "max_length" else None,
+        )
         with torch.inference_mode():
             features = self.text_features(
                 loaded.model, input_ids.to(loaded.device), attention_mask.to(loaded.device)
             )
-            return _normalised(features)
+            return unit_rows(features)
 
     def text_features(
         self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """A batch's text features, before normalising: ``get_text_features``."""
-        return _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
-
-    def _text_encoder(self) -> _Text:
-        encoder = self._text
-        if encoder is not None:
-            return encoder
-        with self._lock:
-            if self._text is None:
-                self._text = self._load_text_encoder()
-            return self._text
+        return pooled_features(
+            model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        )
 
     def _load_text_encoder(self) -> _Text:
         source = self.weights()
@@ -306,7 +348,7 @@ def _loading(
         ) from error
 
 
-def _pooled(output: Any) -> torch.Tensor:
+def pooled_features(output: Any) -> torch.Tensor:
     """The pooled features of a transformers output: the tensor itself (transformers 4's
     ``get_*_features``), or its ``pooler_output`` (transformers 5, vision models)."""
     import torch
@@ -320,7 +362,8 @@ def _pooled(output: Any) -> torch.Tensor:
     raise ModelError(f"no pooled features in a {type(output).__name__}")
 
 
-def _normalised(features: torch.Tensor) -> Vectors:
+def unit_rows(features: torch.Tensor) -> Vectors:
+    """Features as L2-normalised float32 rows on the host, rounded once from fp32."""
     import torch
 
     vectors: Vectors = torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy()

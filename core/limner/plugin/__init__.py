@@ -39,7 +39,15 @@ from limner._tiny_text import (
     tiny_t5_encoder,
     tiny_t5_tokenizer,
 )
-from limner._transformers_backend import TransformersEmbeddingBackend, embedding_dtype, tiny_model
+from limner._transformers_backend import (
+    BuiltOnFirstUse,
+    TransformersEmbeddingBackend,
+    embedding_dtype,
+    pad_token_rows,
+    pooled_features,
+    tiny_model,
+    unit_rows,
+)
 from limner._weights import (
     TinyModel,
     WeightSource,
@@ -61,6 +69,7 @@ __all__ = [
     "PLUGIN_API",
     "Backend",
     "BackendFactory",
+    "BuiltOnFirstUse",
     "Capability",
     "DtypePolicy",
     "GenerationResult",
@@ -85,9 +94,11 @@ __all__ = [
     "hookimpl",
     "locate_weights",
     "materialize_in_hf_cache",
+    "pad_token_rows",
     "parse_device",
     "parse_dtype",
     "parse_flag",
+    "pooled_features",
     "resolve_device",
     "resolve_dtype",
     "tiny_clip_text_encoder",
@@ -96,5 +107,6 @@ __all__ = [
     "tiny_revision",
     "tiny_t5_encoder",
     "tiny_t5_tokenizer",
+    "unit_rows",
     "weights_where",
 ]

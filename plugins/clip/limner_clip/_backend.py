@@ -28,14 +28,18 @@ from PIL import Image
 
 from limner.errors import InvalidInput, ModelError, ModelLoadError
 from limner.plugin import (
+    BuiltOnFirstUse,
     ImageEmbeddingBackend,
     ModelSettings,
     ModelSpec,
     Placement,
     WeightSource,
     locate_weights,
+    pad_token_rows,
     parse_device,
     parse_dtype,
+    pooled_features,
+    unit_rows,
     weights_where,
 )
 
@@ -266,8 +270,8 @@ class ClipBackend(ImageEmbeddingBackend):
             )
         self.image_size: int = size
         self._loaded: _Loaded | None = None
-        self._text_encoder: _TextEncoder | None = None
-        self._text_encoder_lock = threading.Lock()
+        #: The tokenizer, loaded on the first text: image-only users never pay for it.
+        self._text_encoder = BuiltOnFirstUse(self._load_text_encoder)
 
     def __repr__(self) -> str:
         return f"<ClipBackend {self.spec.key} weights={self.settings.weights!r}>"
@@ -316,8 +320,7 @@ class ClipBackend(ImageEmbeddingBackend):
 
     def unload(self) -> None:
         loaded, self._loaded = self._loaded, None
-        with self._text_encoder_lock:
-            self._text_encoder = None
+        self._text_encoder.forget()
         if loaded is not None and loaded.device.type == "cuda":
             import torch
 
@@ -487,8 +490,8 @@ class ClipBackend(ImageEmbeddingBackend):
             # (x / 255 - mean) / std in one fused op, in fp32 so the only rounding to a
             # 16-bit dtype happens once, on the result.
             pixels = torch.addcmul(loaded.shift, pixels.float(), loaded.scale).to(loaded.dtype)
-            features = _features(loaded.model.get_image_features(pixel_values=pixels))
-            return _normalised(features)
+            features = pooled_features(loaded.model.get_image_features(pixel_values=pixels))
+            return unit_rows(features)
 
     # -- texts --------------------------------------------------------------------------------
 
@@ -500,7 +503,7 @@ class ClipBackend(ImageEmbeddingBackend):
         (``token_prefix``), so its cost does not grow with its length; a text of normal length
         is tokenized whole.
         """
-        encoder = self._encoder()
+        encoder = self._text_encoder.get()
         return list(encoder.rust.encode(token_prefix(text, encoder.prefix_chars)).ids)
 
     def embed_texts(self, texts: Sequence[str | TokenIds]) -> Vectors:
@@ -512,31 +515,17 @@ class ClipBackend(ImageEmbeddingBackend):
         import torch
 
         loaded = self._require_loaded()
-        encoder = self._encoder()
+        encoder = self._text_encoder.get()
         rows = [self.prepare_text(t) if isinstance(t, str) else t for t in texts]
-        width = max((len(row) for row in rows), default=0)
-        input_ids = torch.full((len(rows), width), encoder.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):  # padded as the tokenizer pads a batch
-            span = slice(width - len(row), width) if encoder.pad_left else slice(0, len(row))
-            input_ids[index, span] = torch.tensor(row, dtype=torch.long)
-            attention_mask[index, span] = 1
+        input_ids, attention_mask = pad_token_rows(
+            rows, pad_id=encoder.pad_id, pad_left=encoder.pad_left
+        )
         with _turn(loaded.forward_lock), torch.inference_mode():
             features = loaded.model.get_text_features(
                 input_ids=input_ids.to(loaded.device),
                 attention_mask=attention_mask.to(loaded.device),
             )
-            return _normalised(_features(features))
-
-    def _encoder(self) -> _TextEncoder:
-        """The tokenizer, loaded on the first text: image-only users never pay for it."""
-        encoder = self._text_encoder
-        if encoder is not None:
-            return encoder
-        with self._text_encoder_lock:
-            if self._text_encoder is None:
-                self._text_encoder = self._load_text_encoder()
-            return self._text_encoder
+            return unit_rows(pooled_features(features))
 
     def _load_text_encoder(self) -> _TextEncoder:
         from transformers import AutoTokenizer, CLIPConfig
@@ -634,25 +623,3 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 
     major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def _features(output: Any) -> torch.Tensor:
-    """transformers 5 returns a model output whose ``pooler_output`` holds the projected
-    features; transformers 4 returns the tensor itself."""
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return output
-    for name in ("pooler_output", "image_embeds", "text_embeds"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    raise ModelError(f"unexpected output from CLIPModel: {type(output).__name__}")
-
-
-def _normalised(features: torch.Tensor) -> Vectors:
-    import torch
-
-    vectors = torch.nn.functional.normalize(features.float(), dim=-1)
-    result: Vectors = vectors.cpu().numpy()
-    return result

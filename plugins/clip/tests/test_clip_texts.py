@@ -14,6 +14,7 @@ import torch
 
 import limner
 import limner_clip
+from limner.plugin import BuiltOnFirstUse
 from limner_clip._backend import ClipBackend, token_prefix
 from limner_clip._tiny import TINY_KEY, ensure_tiny_clip
 
@@ -90,7 +91,7 @@ async def test_a_long_text_embeds_as_the_same_text_cut_cheaply(
     np.testing.assert_array_equal(vector, await model.embed_text(long[:5_000]))
     np.testing.assert_allclose(vector, reference([long[:5_000]])[0], atol=1e-5)
     # What is tokenized: a prefix of a few thousand characters, not the 8 MiB.
-    assert len(token_prefix(long, _backend(model)._encoder().prefix_chars)) < 5_000
+    assert len(token_prefix(long, _backend(model)._text_encoder.get().prefix_chars)) < 5_000
 
 
 def test_token_prefix_keeps_short_texts_and_whole_words() -> None:
@@ -124,10 +125,9 @@ async def test_a_short_text_is_not_held_up_by_a_long_ones_tokenizing() -> None:
         model = registry.embedder(TINY_KEY).using(pool)
         await model.embed_text("warm up")  # weights and tokenizer loaded
         backend = _backend(model)
-        encoder = backend._encoder()
-        backend._text_encoder = dataclasses.replace(
-            encoder, rust=cast(Any, StoppingTokenizer(encoder.rust))
-        )
+        encoder = backend._text_encoder.get()
+        stopping = dataclasses.replace(encoder, rust=cast(Any, StoppingTokenizer(encoder.rust)))
+        backend._text_encoder = BuiltOnFirstUse(lambda: stopping)
 
         async def long_request() -> None:
             await model.embed_text("a lighthouse at dusk " * 400)
