@@ -136,7 +136,7 @@ def test_ray_s_wrappers_are_unwrapped_to_limner_s_errors() -> None:
     ray = import_ray()
     from ray.serve.exceptions import BackPressureError
 
-    from limner.ray._runtime import typed_error
+    from limner.ray._calls import typed_error
 
     busy = limner.PoolBusy("fake/embedder", queue_size=7, retry_after=2.5)
     wrapped = ray.exceptions.RayTaskError("embed", "traceback", busy).as_instanceof_cause()

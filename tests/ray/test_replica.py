@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from limner import GenerationResult, ImageGenerationConfig, ModelError, Pool, Progress
+from limner.ray._calls import next_chunk, result
 from limner.ray._replica import LimnerReplica
-from limner.ray._runtime import _next, _result
 
 from .conftest import fake_registry, import_ray
 
@@ -45,9 +45,9 @@ async def test_embed_answers_the_rows_of_the_in_process_pool() -> None:
         expected = await pool.embed(backend, "image", prepared)
         expected_text = await pool.embed(backend, "text", ["a fox"])
     handle = local_handle("fake/embedder")
-    rows = await _result(handle.embed.remote("image", prepared), "fake/embedder")
+    rows = await result(handle.embed.remote("image", prepared), "fake/embedder")
     np.testing.assert_array_equal(rows, expected)
-    text = await _result(handle.embed.remote("text", ["a fox"]), "fake/embedder")
+    text = await result(handle.embed.remote("text", ["a fox"]), "fake/embedder")
     np.testing.assert_array_equal(text, expected_text)
     stats = await handle.stats.remote()
     assert (stats.key, stats.batches, stats.in_flight) == ("fake/embedder", 2, 0)
@@ -59,7 +59,7 @@ async def stream(handle: Any, key: str, steps: int) -> list[Any]:
     chunks = []
     while True:
         try:
-            chunks.append(await _next(response, key))
+            chunks.append(await next_chunk(response, key))
         except StopAsyncIteration:
             return chunks
 
@@ -76,9 +76,9 @@ async def test_a_replica_s_failures_come_back_as_limner_s_typed_errors() -> None
     backend = fake_registry().embedder("fake/failing-batch").backend
     prepared = [backend.prepare(image) for image in IMAGES]
     with pytest.raises(ModelError, match="injected failure on a batch of 3") as caught:
-        await _result(failing.embed.remote("image", prepared), "fake/failing-batch")
+        await result(failing.embed.remote("image", prepared), "fake/failing-batch")
     assert type(caught.value) is ModelError
-    assert len(await _result(failing.embed.remote("image", prepared[:2]), "x")) == 2
+    assert len(await result(failing.embed.remote("image", prepared[:2]), "x")) == 2
     with pytest.raises(ModelError, match="injected failure at step 2") as failed:
         await stream(local_handle("fake/failing"), "fake/failing", steps=4)
     assert type(failed.value) is ModelError

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from limner import Registry
 from limner.errors import InvalidInput
 
-from ._runtime import RayRuntime, _import_ray
+from ._cluster import import_ray
+from ._runtime import RayRuntime
 
 if TYPE_CHECKING:
     from limner.server import ServerSettings
@@ -76,7 +77,7 @@ def http_ingress(
         raise InvalidInput("must be >= 0", input=num_cpus, field="num_cpus")
     from limner.server import ServerSettings
 
-    _import_ray()
+    import_ray()
     from ray import serve
 
     ingress = serve.ingress()(LimnerIngress)
