@@ -293,7 +293,7 @@ class ClipBackend(ImageEmbeddingBackend):
             # The config and preprocessing first: a mismatch fails before reading the weights.
             config = CLIPConfig.from_pretrained(source.path, **source.kwargs)
             working = self._check_config(config, dtype.itemsize)
-            mean, std = self._normalisation(source)
+            mean, std = _normalisation(source, self.image_size, self._where())
             kwargs = {**source.kwargs, **_dtype_kwarg(dtype)}
             model = CLIPModel.from_pretrained(source.path, config=config, **kwargs)
         except ModelLoadError:
@@ -381,7 +381,7 @@ class ClipBackend(ImageEmbeddingBackend):
         a full batch."""
         vision = config.vision_config
         expected, patch, hidden, heads = (
-            self._int_field(vision, name)
+            _int_field(vision, name, self._where())
             for name in ("image_size", "patch_size", "hidden_size", "num_attention_heads")
         )
         if expected != self.image_size:
@@ -390,7 +390,10 @@ class ClipBackend(ImageEmbeddingBackend):
                 f"for {self.image_size} px; set the option image_size={expected}"
             )
         dimension = self.spec.info.embedding_dimension
-        if dimension is not None and self._int_field(config, "projection_dim") != dimension:
+        if (
+            dimension is not None
+            and _int_field(config, "projection_dim", self._where()) != dimension
+        ):
             raise ModelLoadError(
                 f"{self._where()} makes {config.projection_dim}-d embeddings, but "
                 f"{self.spec.key} serves {dimension}-d ones; use the key of that model"
@@ -404,44 +407,6 @@ class ClipBackend(ImageEmbeddingBackend):
             activation_bytes=activation_bytes,
         )
         return working
-
-    def _int_field(self, config: object, name: str) -> int:
-        value = getattr(config, name, None)
-        if not isinstance(value, int):
-            raise ModelLoadError(
-                f"{self._where()} does not hold a CLIP config: {name} is {value!r}"
-            )
-        return value
-
-    def _normalisation(self, source: WeightSource) -> tuple[Sequence[float], Sequence[float]]:
-        """Mean and std from the repo's preprocessor_config.json (CLIP's if it has none),
-        after checking it asks for the resize and crop ``prepare`` does."""
-        from transformers.utils.hub import cached_file
-
-        path = cached_file(
-            source.path,
-            "preprocessor_config.json",
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **source.kwargs,
-        )
-        if path is None:
-            return CLIP_MEAN, CLIP_STD
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-        problem = _preprocessing_mismatch(config, self.image_size)
-        if problem:
-            raise ModelLoadError(
-                f"{self._where()} asks for a preprocessing limner's CLIP backend does not do "
-                f"({problem}); it resizes the shorter side to {self.image_size} px and centre "
-                f"crops {self.image_size} x {self.image_size}"
-            )
-        mean, std = config.get("image_mean", CLIP_MEAN), config.get("image_std", CLIP_STD)
-        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
-            raise ModelLoadError(
-                f"{self._where()} has a preprocessor_config.json with image_mean={mean!r} and "
-                f"image_std={std!r}; expected three values each, std positive"
-            )
-        return mean, std
 
     def _require_loaded(self) -> _Loaded:
         loaded = self._loaded
@@ -538,7 +503,7 @@ class ClipBackend(ImageEmbeddingBackend):
             raise ModelLoadError(
                 f"could not load the tokenizer of {self.spec.key} from {self._where()}: {error}"
             ) from error
-        max_length = self._int_field(config.text_config, "max_position_embeddings")
+        max_length = _int_field(config.text_config, "max_position_embeddings", self._where())
         shared = getattr(tokenizer, "backend_tokenizer", None)
         if shared is None:
             raise ModelLoadError(
@@ -561,6 +526,46 @@ class ClipBackend(ImageEmbeddingBackend):
             pad_id=pad_id if isinstance(pad_id, int) else 0,
             pad_left=tokenizer.padding_side == "left",
         )
+
+
+def _int_field(config: object, name: str, where: str) -> int:
+    value = getattr(config, name, None)
+    if not isinstance(value, int):
+        raise ModelLoadError(f"{where} does not hold a CLIP config: {name} is {value!r}")
+    return value
+
+
+def _normalisation(
+    source: WeightSource, image_size: int, where: str
+) -> tuple[Sequence[float], Sequence[float]]:
+    """Mean and std from the repo's preprocessor_config.json (CLIP's if it has none),
+    after checking it asks for the resize and crop ``prepare`` does."""
+    from transformers.utils.hub import cached_file
+
+    path = cached_file(
+        source.path,
+        "preprocessor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **source.kwargs,
+    )
+    if path is None:
+        return CLIP_MEAN, CLIP_STD
+    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    problem = _preprocessing_mismatch(config, image_size)
+    if problem:
+        raise ModelLoadError(
+            f"{where} asks for a preprocessing limner's CLIP backend does not do "
+            f"({problem}); it resizes the shorter side to {image_size} px and centre "
+            f"crops {image_size} x {image_size}"
+        )
+    mean, std = config.get("image_mean", CLIP_MEAN), config.get("image_std", CLIP_STD)
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise ModelLoadError(
+            f"{where} has a preprocessor_config.json with image_mean={mean!r} and "
+            f"image_std={std!r}; expected three values each, std positive"
+        )
+    return mean, std
 
 
 def _turn(lock: threading.Lock | None) -> contextlib.AbstractContextManager[object]:
