@@ -9,7 +9,8 @@ each interleaved (a slow spell on a shared machine hits every path alike):
    requests run one by one as direct calls.
 2. Latency at concurrency 1: p50 of one request through the pool against p50 of the same
    direct call.
-3. Event-loop lag while saturated: how late a 1 ms ticker wakes up, p99, while (1) runs.
+3. Event-loop lag while saturated: how late a 1 ms ticker wakes up, p99, during ``--repeats``
+   more bursts of (1), run apart from the timed ones.
 
     python benchmarks/pool_load.py --requests 32 --repeats 5 [--dtype auto]
 
@@ -30,7 +31,7 @@ import numpy as np
 from clip_e2e import machine, write_images, write_model  # benchmarks/ is on sys.path
 
 import limner_clip
-from limner import Pool, Registry, decode_image
+from limner import ImageEmbedder, Pool, Registry, decode_image
 from limner.plugin import ImageEmbeddingBackend
 
 KEY = "openai/clip-vit-base-patch32"
@@ -54,6 +55,30 @@ def offline_batch(backend: ImageEmbeddingBackend, paths: list[Path], batch: int)
         backend.embed_prepared(prepared[start : start + batch])
 
 
+async def burst(model: ImageEmbedder, paths: list[Path], *, lags: list[float] | None) -> float:
+    """Seconds for one concurrent single-image request per path. With ``lags``, a 1 ms
+    ticker runs on the loop meanwhile and records how late it wakes: it is kept out of the
+    throughput runs, as its thousand wake-ups a second take turns from the model's threads."""
+    done = anyio.Event()
+
+    async def ticker(lags: list[float]) -> None:
+        while not done.is_set():
+            before = time.perf_counter()
+            await anyio.sleep(0.001)
+            lags.append(time.perf_counter() - before - 0.001)
+
+    async with anyio.create_task_group() as group:
+        if lags is not None:
+            group.start_soon(ticker, lags)
+        started = time.perf_counter()
+        async with anyio.create_task_group() as requests:
+            for path in paths:
+                requests.start_soon(model.embed_image, path)
+        elapsed = time.perf_counter() - started
+        done.set()
+    return elapsed
+
+
 async def run(args: argparse.Namespace, paths: list[Path], model_dir: Path) -> None:
     registry = Registry(entry_points=False)
     registry.register_plugin(limner_clip)
@@ -72,7 +97,8 @@ async def run(args: argparse.Namespace, paths: list[Path], model_dir: Path) -> N
         print(machine(str(getattr(backend, "dtype", None))))
         offline_batch(backend, paths, max_batch)  # warm the batch size up too
 
-        sequential, offline, concurrent, lags = [], [], [], []
+        sequential, offline, concurrent = [], [], []
+        lags: list[float] = []
         batches_per_run = []
         for _ in range(args.repeats):
             started = time.perf_counter()
@@ -84,27 +110,11 @@ async def run(args: argparse.Namespace, paths: list[Path], model_dir: Path) -> N
             offline_batch(backend, paths, max_batch)
             offline.append(time.perf_counter() - started)
 
-            done = anyio.Event()
-
-            async def ticker(done: anyio.Event) -> None:
-                while not done.is_set():
-                    before = time.perf_counter()
-                    await anyio.sleep(0.001)
-                    lags.append(time.perf_counter() - before - 0.001)
-
-            async def one(path: Path) -> None:
-                await model.embed_image(path)
-
             batches_before = pool.stats()[KEY].batches
-            async with anyio.create_task_group() as group:
-                group.start_soon(ticker, done)
-                started = time.perf_counter()
-                async with anyio.create_task_group() as requests:
-                    for path in paths:
-                        requests.start_soon(one, path)
-                concurrent.append(time.perf_counter() - started)
-                done.set()
+            concurrent.append(await burst(model, paths, lags=None))
             batches_per_run.append(pool.stats()[KEY].batches - batches_before)
+        for _ in range(args.repeats):  # the loop's lag under the same load, measured apart
+            await burst(model, paths, lags=lags)
 
         direct_latency, pool_latency = [], []
         for index in range(args.latency_samples):
