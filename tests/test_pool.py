@@ -374,6 +374,27 @@ async def test_a_burst_decoded_together_runs_as_one_batch(
     assert fake_backend(model).batch_sizes == [1, 6]
 
 
+class RecordsItsThread(FakeEmbeddingBackend):
+    def embed_prepared(self, items: Any) -> Any:
+        self.settings.options["threads"].add(threading.current_thread().name)
+        return super().embed_prepared(items)
+
+
+async def test_batches_run_on_the_pool_s_own_steady_threads() -> None:
+    # Not on whichever anyio worker thread last decoded an image: each thread allocates in
+    # its own malloc arena, and a forward pass in a cold one each call ran slower.
+    threads: set[str] = set()
+    spec = fake_embedding_spec("fake/a", max_batch_size=4, options={"threads": threads})
+    model = make_registry(dataclasses.replace(spec, factory=RecordsItsThread)).embedder("fake/a")
+    async with Pool(memory=FakeMemory(total_mb=10_000), clock=FakeClock(), max_threads=2):
+        for _ in range(3):
+            async with anyio.create_task_group() as group:
+                for index in range(12):
+                    group.start_soon(model.embed_images, [colour(index)])
+    assert threads and all(name.startswith("limner-batch") for name in threads), threads
+    assert len(threads) <= 2  # max_threads
+
+
 async def test_large_requests_are_split_at_the_max_batch() -> None:
     registry = make_registry(fake_embedding_spec("fake/a", max_batch_size=4))
     model = registry.embedder("fake/a")

@@ -158,6 +158,7 @@ class Pool(AsyncResource):
                 for state in self._keys.values():
                     if state.loaded:
                         await self._residency.unload(state, reason="pool shut down")
+            self.executor.close()
 
     @property
     def memory_budget_mb(self) -> float | None:
