@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -155,8 +155,12 @@ class ImageEmbedder(ModelFront[ImageEmbeddingBackend]):
         errors: list[LimnerError | None] = [None] * len(inputs)
         # Tell a pool on this loop what is coming, so an idle model waits for it.
         pool = self._runtime or current_pool()
-        announce = pool.decoding if isinstance(pool, Pool) else _no_announcement
-        with announce(self.backend, len(inputs)):
+        announcing = (
+            pool.decoding(self.backend, len(inputs))
+            if isinstance(pool, Pool)
+            else contextlib.nullcontext()
+        )
+        with announcing:
             async with anyio.create_task_group() as group:
                 for index, source in enumerate(inputs):
                     group.start_soon(
@@ -231,11 +235,6 @@ class ImageEmbedder(ModelFront[ImageEmbeddingBackend]):
         return await in_runtime(
             self._runtime, lambda runtime: runtime.embed(self.backend, kind, items)
         )
-
-
-@contextlib.contextmanager
-def _no_announcement(backend: ImageEmbeddingBackend, count: int) -> Iterator[None]:
-    yield
 
 
 class BlockingImageEmbedder(BlockingFront[ImageEmbedder]):

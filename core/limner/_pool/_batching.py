@@ -89,9 +89,13 @@ class RequestQueue:
 
     async def wait(self) -> None:
         while not self.items:
-            if self._event.is_set():
-                self._event = anyio.Event()
-            await self._event.wait()
+            await self._changed()
+
+    async def _changed(self) -> None:
+        """Until something is queued or :meth:`poke` is called."""
+        if self._event.is_set():
+            self._event = anyio.Event()
+        await self._event.wait()
 
     def poke(self) -> None:
         """Wake whoever waits in :meth:`top_up_while` to look again (nothing was queued)."""
@@ -105,9 +109,7 @@ class RequestQueue:
         with anyio.move_on_after(wait):
             while sum(len(request.items) for request in batch) < max_items and pending():
                 if not self.items:
-                    if self._event.is_set():
-                        self._event = anyio.Event()
-                    await self._event.wait()
+                    await self._changed()
                 self.take(batch, max_items=max_items)
                 if self.items:  # the next request does not fit this batch: run it as it is
                     return
