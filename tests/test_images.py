@@ -7,6 +7,7 @@ import base64
 import io
 import math
 import os
+import re
 import socket
 import struct
 import zlib
@@ -22,7 +23,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from limner._image_fetch import fetch_image_bytes
-from limner._image_kinds import ACCEPTED_FORMATS, InputKind, classify_input, input_kind
+from limner._image_kinds import (
+    ACCEPTED_FORMATS,
+    InputKind,
+    classify_input,
+    input_kind,
+    without_whitespace,
+)
 from limner._images import (
     DEFAULT_LIMITS,
     ImageLimits,
@@ -244,6 +251,11 @@ def test_other_url_schemes_are_refused_with_texts_too(url: str) -> None:
         server_kind(url)
 
 
+def test_whitespace_removed_from_base64_is_every_character_regex_s_matches() -> None:
+    every_character = "".join(map(chr, range(0x110000)))
+    assert without_whitespace(every_character) == re.sub(r"\s+", "", every_character)
+
+
 def test_whitespace_around_a_url_or_data_url_is_no_part_of_it(tmp_path: Path) -> None:
     assert input_kind("  http://example.com/cat.jpg\n") is InputKind.URL
     padded = "\n data:image/png;base64," + B64 + " \n"
@@ -412,6 +424,7 @@ def _sources(tmp_path: Path) -> dict[str, object]:
         "base64 unpadded": B64.rstrip("="),
         "base64 urlsafe": urlsafe,
         "base64 with newlines": base64.encodebytes(PNG).decode(),
+        "base64 with unicode spaces": "\u2003".join(B64[i : i + 8] for i in range(0, len(B64), 8)),
         "bytes": PNG,
         "bytearray": bytearray(PNG),
         "memoryview": memoryview(PNG),
@@ -432,6 +445,7 @@ def _sources(tmp_path: Path) -> dict[str, object]:
         "base64 unpadded",
         "base64 urlsafe",
         "base64 with newlines",
+        "base64 with unicode spaces",
         "bytes",
         "bytearray",
         "memoryview",

@@ -29,10 +29,10 @@ from ._image_kinds import (
     ACCEPTED_FORMATS,
     ACCEPTED_NAMES,
     BASE64_TEXT,
-    WHITESPACE,
     InputKind,
     input_kind,
     sniff_format,
+    without_whitespace,
 )
 from .errors import InvalidInput
 
@@ -216,7 +216,7 @@ def _decode_data_url(text: str, *, limits: ImageLimits, label: object) -> bytes:
 
 
 def _decode_base64(text: str, *, limits: ImageLimits, label: object) -> bytes:
-    compact = WHITESPACE.sub("", text)
+    compact = without_whitespace(text)
     # Refuse before allocating the decoded copy: four characters carry three bytes.
     if len(compact) // 4 * 3 > limits.max_bytes:
         raise InvalidInput(

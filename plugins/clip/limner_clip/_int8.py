@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["INT8_ENGINES", "Int8Linear", "int8_available", "int8_bytes", "quantize_encoders"]
+from ._layers import replace_encoder_linears
+
+__all__ = ["INT8_ENGINES", "Int8Linear", "int8_available", "quantize_encoders"]
 
 #: torch's quantized engines whose linear takes per-channel int8 weights (fbgemm's).
 INT8_ENGINES = frozenset({"x86", "fbgemm"})
@@ -94,21 +96,7 @@ class Int8Linear(torch.nn.Module):
 
 
 def quantize_encoders(model: torch.nn.Module, *, exact_bytes: bool = True) -> int:
-    """Replace every ``nn.Linear`` under a module named ``encoder`` (CLIP's two transformer
-    stacks) with an :class:`Int8Linear`, in place; how many were replaced. The float weights
-    they held are dropped."""
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] != "encoder":
-            continue
-        for parent in list(module.modules()):
-            for child_name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    setattr(parent, child_name, Int8Linear(child, exact_bytes=exact_bytes))
-                    replaced += 1
-    return replaced
-
-
-def int8_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the int8 weights in ``model``, which its parameters and buffers miss."""
-    return sum(m.packed_bytes for m in model.modules() if isinstance(m, Int8Linear))
+    """Replace every ``nn.Linear`` of CLIP's two transformer stacks with an
+    :class:`Int8Linear`, in place; how many were replaced. The float weights they held are
+    dropped."""
+    return replace_encoder_linears(model, lambda layer: Int8Linear(layer, exact_bytes=exact_bytes))
