@@ -3,8 +3,8 @@
 torch runs a bf16 ``nn.Linear`` on a CPU through oneDNN, which first reorders the weight
 matrix into the blocked layout its AVX512-BF16 and AMX kernels read, on every call. Packing
 each weight once at load and calling oneDNN's linear on it skips that copy: the real-size
-ViT-B/32 vision tower ran 1.14-1.16x faster in batches of 32 on a Xeon with AMX, with
-outputs identical to ``nn.Linear``'s (the same kernels on the same numbers).
+ViT-B/32 vision tower ran 1.14-1.18x faster in batches of 32 on a Xeon with AMX, with
+outputs identical there to ``nn.Linear``'s (the same kernels on the same numbers).
 
 This is torch's own path for frozen bf16 graphs (inductor packs weights with the same two
 operators). They are not public API: where a torch lacks them, or the CPU has no native

@@ -1,9 +1,10 @@
 """The same CLIP, faster: quick_gelu folded into one SiLU pass (fp32 and int8), and bf16
 Linear layers on weights packed once for oneDNN (CPUs with native bf16).
 
-Both must leave the model the same function: the fold to within fp32 rounding, packing
-exactly (the same oneDNN kernels on the same numbers). The speed-ups themselves are measured
-in benchmarks/, not here.
+Both must leave the model the same function: the fold to within fp32 rounding, packing to
+within bf16's (on the Xeon with AMX it was measured on, bit for bit: the same oneDNN kernels
+on the same numbers; other CPUs may sum in another order). The speed-ups themselves are
+measured in benchmarks/, not here.
 """
 
 from __future__ import annotations
@@ -111,17 +112,16 @@ async def test_fp32_and_int8_load_folded(
 @needs_native_bf16
 @pytest.mark.parametrize("rows", [1, 7, 50, 77, 1_600, 3_000])
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_packed_linear_is_exactly_the_linear(rows: int, bias: bool) -> None:
+def test_a_packed_linear_is_the_linear(rows: int, bias: bool) -> None:
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
     x = torch.randn(rows, 96).to(torch.bfloat16)
     with torch.inference_mode():
-        assert torch.equal(PackedLinear(linear)(x), linear(x))
         # tokens of a batch: any leading shape, and an input that is not contiguous
         batch = torch.randn(3, rows, 96).to(torch.bfloat16)
-        assert torch.equal(PackedLinear(linear)(batch), linear(batch))
         wide = torch.randn(rows, 192).to(torch.bfloat16)[:, ::2]
-        assert torch.equal(PackedLinear(linear)(wide), linear(wide))
+        for inputs in (x, batch, wide):
+            torch.testing.assert_close(PackedLinear(linear)(inputs), linear(inputs))
 
 
 @needs_native_bf16
@@ -131,7 +131,9 @@ def test_packing_covers_the_encoders_only_and_keeps_the_function() -> None:
     assert pack_encoders(packed) == 24  # 6 Linear layers (q, k, v, out, fc1, fc2) x 4
     assert isinstance(packed.visual_projection, torch.nn.Linear)
     assert isinstance(packed.text_projection, torch.nn.Linear)
-    assert torch.equal(features(packed, torch.bfloat16), features(model, torch.bfloat16))
+    torch.testing.assert_close(
+        features(packed, torch.bfloat16), features(model, torch.bfloat16), rtol=0.02, atol=2e-3
+    )
 
 
 @needs_native_bf16
@@ -155,10 +157,10 @@ async def test_bf16_on_a_native_bf16_cpu_loads_packed(
 
     monkeypatch.setattr(_packed, "packing_available", lambda *_: False)
     reference = plain.embedder(TINY_KEY)
-    np.testing.assert_array_equal(ours, await reference.batch_embed_images(varied_images))
-    np.testing.assert_array_equal(
-        texts, await reference.embed_text(["a cat", "a lighthouse at dusk"])
-    )
+    # within bf16's tolerance for two passes (the conformance suite's)
+    plain_texts = await reference.embed_text(["a cat", "a lighthouse at dusk"])
+    np.testing.assert_allclose(ours, await reference.batch_embed_images(varied_images), atol=2e-3)
+    np.testing.assert_allclose(texts, plain_texts, atol=2e-3)
     unpacked = reference.backend
     assert isinstance(unpacked, ClipBackend)
     assert unpacked._require_loaded().packed_mb == 0
