@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import limner
+from limner.plugin import pooled_features
 from limner_clip import _backend, _packed
 from limner_clip._backend import BF16_FLAGS, ClipBackend, cpu_flags
 from limner_clip._fold import fold_quick_gelu
@@ -60,12 +61,7 @@ def features(model: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     with torch.inference_mode():
         images = model.get_image_features(pixel_values=pixels)
         texts = model.get_text_features(input_ids=tokens)
-    return torch.cat([_pooled(images), _pooled(texts)], dim=1).float()
-
-
-def _pooled(output: object) -> torch.Tensor:
-    """transformers 5 returns an output object where 4.x returned the tensor."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
+    return torch.cat([pooled_features(images), pooled_features(texts)], dim=1).float()
 
 
 # -- the fold -----------------------------------------------------------------------------------
