@@ -54,6 +54,11 @@ NOT_RUN = {
     "installs the wheels",
 }
 
+WRITE_INTO_OUT = ("README.md", "docs/cli.md")
+"""What these documents' examples write goes into out/, which .gitignore covers, never next to
+the code of a clone they are run in."""
+WORKSPACE_OWN = frozenset({"examples", "bin", "config"})
+
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the docs call curl")
 
 
@@ -250,6 +255,10 @@ def test_every_block_runs_as_written(path: str, workspace: Workspace) -> None:
             continue
         ran += 1
     assert ran, f"{path} has no code block to run"
+    if path in WRITE_INTO_OUT:
+        made = {entry.name for entry in workspace.folder.iterdir()} - WORKSPACE_OWN
+        scripts = {name for name in made if re.fullmatch(r"block_\d+\.py", name)}
+        assert made - scripts <= {"out"}, f"{path} writes outside out/: {made - scripts}"
     for line in skipped:  # shown with -rP: what the docs say that this test does not run
         print(line)
 
