@@ -1,7 +1,10 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs everything, then runs limner offline on the tiny models
-#   make test   installs everything, then runs the test suite
-# and `make dist` builds the four wheels (limner and its three plugins) into dist/.
+#   make demo   installs limner and its three plugins, then runs limner offline on the tiny
+#               models
+#   make test   installs those and the test tools (Ray, mypy, Selenium, ...), then runs the
+#               test suite
+# and `make dist` builds the four wheels (limner and its three plugins) into dist/. Both
+# installs go into the one .venv: `make test` after `make demo` adds only the test tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,17 +17,26 @@ EXAMPLES := examples/plugins/limner-acme examples/plugins/limner-acme-diffusion
 DEMO_OUT ?= out
 DIST ?= dist
 
-.PHONY: install demo test lint format bench dist clean
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+PROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+
+.PHONY: install install-demo demo test lint format bench dist clean
 
 install: $(VENV)/.installed
+install-demo: $(VENV)/.installed-demo
 
-$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+# What the demo runs: the core and the plugins (editable), torch pinned in the same resolve.
+$(VENV)/.installed-demo: $(PROJECTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" $(addprefix -e ,$(PLUGINS))
+	$(PIP) "$(TORCH)" -e . $(addprefix -e ,$(PLUGINS))
 	touch $@
 
-demo: install
+# And the development tools, for the tests, lint and benchmarks.
+$(VENV)/.installed: $(VENV)/.installed-demo $(PROJECTS)
+	$(PIP) "$(TORCH)" -e ".[dev]" $(addprefix -e ,$(PLUGINS))
+	touch $@
+
+demo: install-demo
 	HF_HUB_OFFLINE=1 $(BIN)/limner models
 	HF_HUB_OFFLINE=1 $(BIN)/limner embed examples --model limner/tiny-clip --npy $(DEMO_OUT)/embeddings.npy
 	HF_HUB_OFFLINE=1 $(BIN)/limner embed --text "a red fox" "a lighthouse at dusk" --model limner/tiny-clip --json | cut -c1-120
