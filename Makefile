@@ -8,8 +8,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Pinned so pip takes this machine's local CPU wheel; on a CUDA machine PyPI serves the CUDA
-# build of the same release. Override with e.g. `make test TORCH='torch==2.9.1'`.
+# torch is pinned. On Linux, PyPI's torch is the CUDA build (2.6 GB of wheels, 15 nvidia-*
+# among them); `make demo CPU=1` takes the CPU build (180 MB) from PyTorch's own index
+# instead. A machine whose pip finds the CPU wheel locally (find-links) takes it without.
+# Another release: e.g. `make test TORCH='torch==2.9.1'`.
+ifdef CPU
+TORCH ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+endif
 TORCH ?= torch==2.13.0
 PLUGINS := plugins/clip plugins/flux plugins/sd35
 # Tested in place, not installed (see pytest's pythonpath in pyproject.toml).
@@ -17,7 +23,8 @@ EXAMPLES := examples/plugins/limner-acme examples/plugins/limner-acme-diffusion
 DEMO_OUT ?= out
 DIST ?= dist
 
-PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 PROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 
 .PHONY: install install-demo demo test lint format bench dist clean
