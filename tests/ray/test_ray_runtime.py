@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -30,7 +31,8 @@ from limner import (
     Registry,
 )
 from limner.ray import NoRoomInCluster, RayKeyOptions, RayRuntime, http_ingress
-from limner.testing import fake_embedding_spec
+from limner.ray._board import BOARD_NAME, BOARD_NAMESPACE
+from limner.testing import fake_embedding_spec, fake_generation_spec
 
 from .conftest import FAKE_OPTIONS, check_embeddings_over_http, fake_registry, import_ray
 
@@ -273,6 +275,134 @@ async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_r
         assert (stats["fake/recent"].state, stats["fake/second"].state) == ("cold", "ready")
 
 
+ONE_CORE = RayKeyOptions(num_cpus=1, keep_alive=600)
+
+
+async def cores_free(count: float) -> None:
+    """Until the module's cluster has ``count`` cores free (an earlier test's replicas
+    going)."""
+    ray = import_ray()
+    with anyio.fail_after(60):
+        while True:
+            if ray.available_resources().get("CPU", 0) >= count:
+                return
+            await anyio.sleep(0.1)
+
+
+class Generations:
+    """Generations run in the background of a task group, each noted once its first chunk
+    came (its key is busy then) and with its chunks once it ends."""
+
+    def __init__(self, group: anyio.abc.TaskGroup) -> None:
+        self.group = group
+        self.running: dict[str, anyio.Event] = {}
+        self.chunks: dict[str, list[Any]] = {}
+
+    async def start(self, name: str, model: limner.ImageGenerator, steps: int) -> None:
+        self.running[name] = anyio.Event()
+        self.group.start_soon(self._run, name, model, steps)
+        with anyio.fail_after(60):
+            await self.running[name].wait()
+
+    async def _run(self, name: str, model: limner.ImageGenerator, steps: int) -> None:
+        chunks = []
+        async for chunk in model.generate_image("a fox", ImageGenerationConfig(steps=steps)):
+            chunks.append(chunk)
+            self.running[name].set()
+        self.chunks[name] = chunks
+
+
+async def a_third_key_while_both_generate(
+    runtime: RayRuntime, registry: Registry, **steps: int
+) -> dict[str, list[Any]]:
+    """Two generators (``fake/NAME``, deployed in this order) each generating ``steps[NAME]``
+    steps, and meanwhile a call to fake/third, which needs one of their cores; the
+    generations' chunks, once every one ended."""
+    models = {name: registry.generator(f"fake/{name}").using(runtime) for name in steps}
+    for model in models.values():
+        await collect(model, "warm", steps=1)
+    async with anyio.create_task_group() as group:
+        running = Generations(group)
+        for name, model in models.items():
+            await running.start(name, model, steps[name])
+        rows = await registry.embedder("fake/third").using(runtime).embed_text(["a fox"])
+    assert rows.shape[0] == 1
+    return running.chunks
+
+
+def generators(**step_seconds: float) -> Registry:
+    """Fake generators ``fake/NAME`` taking that long a step, and the embedder fake/third."""
+    registry = Registry(entry_points=False)
+    for name, seconds in step_seconds.items():
+        registry.register(fake_generation_spec(f"fake/{name}", options={"step_seconds": seconds}))
+    registry.register(fake_embedding_spec("fake/third"))
+    return registry
+
+
+async def test_a_key_that_turns_idle_while_a_caller_waits_for_room_gives_its_room_up(
+    ray_cluster: None,
+) -> None:
+    """Both cores are busy when a third key needs one, and busy keys keep their room
+    (``min_hold``): the first look finds nothing to scale to zero. The caller looks again
+    until the short generation's key turns idle, and that key gives its room up; it is not
+    failed after ``room_timeout`` for a choice made once."""
+    registry = generators(short=0.1, long=0.2)
+    await cores_free(2)
+    async with RayRuntime(options=ONE_CORE, room_timeout=120, min_hold=600) as runtime:
+        chunks = await a_third_key_while_both_generate(runtime, registry, short=15, long=50)
+        stats = await runtime.refresh()
+    assert (stats["fake/short"].evictions, stats["fake/short"].state) == (1, "cold")
+    assert (stats["fake/long"].evictions, stats["fake/long"].state) == (0, "ready")
+    assert isinstance(chunks["short"][-1], GenerationResult)
+    assert isinstance(chunks["long"][-1], GenerationResult)
+
+
+async def test_with_every_key_busy_the_one_holding_its_room_longest_goes_after_min_hold(
+    ray_cluster: None,
+) -> None:
+    """Nobody is idle: once ``min_hold`` has passed, the key that has held its core longest
+    stops taking calls and is scaled to zero for the waiting key; the generation it runs
+    ends as it would have."""
+    registry = generators(older=0.1, newer=0.1)
+    await cores_free(2)
+    async with RayRuntime(options=ONE_CORE, room_timeout=120, min_hold=1.0) as runtime:
+        chunks = await a_third_key_while_both_generate(runtime, registry, older=30, newer=30)
+        stats = await runtime.refresh()
+    assert (stats["fake/older"].evictions, stats["fake/newer"].evictions) == (1, 0)
+    for name in ("older", "newer"):
+        *steps, last = chunks[name]
+        assert isinstance(last, GenerationResult) and len(steps) == 30, name
+
+
+async def test_a_dead_board_is_made_again_and_room_is_still_made(ray_cluster: None) -> None:
+    """The cluster's board actor dies: a runtime that needs room makes it again, makes room
+    from what it knows of its own keys meanwhile (no ModelError, no 500), and the replicas
+    report to the new board."""
+    ray = import_ray()
+    registry = Registry(entry_points=False)
+    for key in ("fake/first", "fake/second", "fake/third"):
+        registry.register(fake_embedding_spec(key))
+    await cores_free(2)
+    async with RayRuntime(options=ONE_CORE) as runtime:
+        await registry.embedder("fake/first").using(runtime).embed_text("a fox")
+        await registry.embedder("fake/second").using(runtime).embed_text("a fox")
+        board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+        ray.kill(board)
+        third = registry.embedder("fake/third")
+        async with Pool() as pool:
+            expected = await third.using(pool).embed_text("a fox")
+        np.testing.assert_array_equal(await third.using(runtime).embed_text("a fox"), expected)
+        stats = runtime.stats()
+        assert (stats["fake/first"].evictions, stats["fake/second"].evictions) == (1, 0)
+        again = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+        assert again._actor_id != board._actor_id
+        with anyio.fail_after(30):  # the replicas find the new board within a period or two
+            while True:
+                if (await runtime.refresh())["fake/third"].batches == 1:
+                    break
+                await anyio.sleep(0.2)
+
+
 async def test_stats_sum_the_batches_of_every_replica(
     ray_cluster: None, registry: Registry
 ) -> None:
@@ -364,6 +494,48 @@ async def test_the_http_api_answers_through_the_cluster(served: str) -> None:
         "fake/embedder": "ray",
         "fake/generator": "ray",
     }
+
+
+def replica_processes(app: str) -> list[psutil.Process]:
+    """The Ray workers of the module's cluster (this process's) running a replica of
+    ``app``."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:{app}:" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_replica_that_dies_under_a_call_is_a_503_with_retry_after(served: str) -> None:
+    """Its worker process is killed mid-generation: the caller gets 503 with Retry-After
+    (a RuntimeUnavailable), not a 500; Serve starts another replica, and the retry is
+    answered."""
+    request = {"model": "fake/slow", "prompt": "a fox", "size": "16x16", "steps": 50}
+    with httpx.Client(base_url=served, timeout=120) as client:
+        assert client.post("/v1/images/generations", json=request | {"steps": 1}).is_success
+        [replica] = replica_processes("limner:fake/slow")
+        answers: list[httpx.Response] = []
+        calling = threading.Thread(
+            target=lambda: answers.append(client.post("/v1/images/generations", json=request))
+        )
+        calling.start()
+        deadline = time.monotonic() + 60
+        while not any(m["in_flight"] for m in client.get("/v1/pool").json()["models"]):
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few steps in
+        replica.kill()
+        calling.join(timeout=120)
+        [answer] = answers
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "runtime_unavailable" and "died" in error["message"]
+        assert int(answer.headers["Retry-After"]) >= 1
+        retried = client.post("/v1/images/generations", json=request | {"steps": 2})
+        assert retried.status_code == 200, retried.text
 
 
 @pytest.fixture
