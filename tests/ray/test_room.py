@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from limner import ModelSettings
 from limner.ray import RayKeyOptions
 from limner.ray._board import AppUsage
@@ -15,6 +17,8 @@ from limner.ray._keys import KeyEntry
 from limner.ray._placement import ReplicaResources
 from limner.ray._room import Holder, choose_victim, holders
 from limner.testing import fake_embedding_spec
+
+pytestmark = pytest.mark.anyio
 
 RUNNING = AppStatus(status="RUNNING", running=1)
 NOW = 1_000.0
@@ -111,6 +115,13 @@ def test_another_runtime_s_key_is_as_its_replicas_report_it() -> None:
         ("limner:theirs", True, None, 50.0),
     ]
     assert found[0].resources == {"CPU": 1.0}
+
+
+async def test_a_key_this_runtime_deploys_or_retires_now_is_no_candidate() -> None:
+    deploying = own("a", idle_for=60.0)
+    async with deploying.lock:
+        assert holders("limner:x", {"limner:a": RUNNING}, {}, [deploying]) == []
+    assert len(holders("limner:x", {"limner:a": RUNNING}, {}, [deploying])) == 1
 
 
 def test_without_the_board_only_this_runtime_s_own_keys_may_give_room_up() -> None:

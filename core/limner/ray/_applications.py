@@ -10,10 +10,11 @@ decides by :mod:`limner.ray._placement` and :mod:`limner.ray._room`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -59,6 +60,7 @@ class Applications:
 
     def __post_init__(self) -> None:
         self._waits: set[anyio.CancelScope] = set()
+        self._turn = anyio.Lock()  # one key at a time makes room and takes it
 
     # -- the cluster, in threads ----------------------------------------------------------
 
@@ -138,7 +140,8 @@ class Applications:
                 if entry.handle is None:
                     await self._deploy(entry)
                 elif entry.replicas == 0:
-                    await self._make_room(entry)
+                    async with self._room_for(entry):
+                        pass
                     entry.replicas = 1  # the call starts one; the next refresh says for sure
                     entry.since = time.monotonic()
             except LimnerError as error:
@@ -164,46 +167,67 @@ class Applications:
             entry.handle = await self._on_cluster(cluster.app_handle, entry.app)
             entry.replicas, entry.status, entry.owned = running.running, running.status, False
             return
-        await self._make_room(entry)
-        handle = await self._on_cluster(cluster.run_application, entry, self.log_level)
-        entry.owned = True
-        deadline = started + self.deploy_timeout
-        while True:
-            statuses = await self.statuses()
-            found = statuses.get(entry.app, cluster.NOT_DEPLOYED)
-            entry.status = found.status
-            if found.status == "RUNNING" and found.running:
-                break
-            if found.status in ("DEPLOY_FAILED", "UNHEALTHY") or time.monotonic() > deadline:
-                await self._on_cluster(cluster.delete_application, entry.app)
-                entry.status = "NOT_STARTED"
-                if found.status != "DEPLOYING":
-                    raise PluginError(
-                        f"{entry.key} failed to deploy on the cluster: {found.message}"
+        async with self._room_for(entry):  # held until its replica holds the room
+            handle = await self._on_cluster(cluster.run_application, entry, self.log_level)
+            entry.owned = True
+            deadline = started + self.deploy_timeout
+            while True:
+                statuses = await self.statuses()
+                found = statuses.get(entry.app, cluster.NOT_DEPLOYED)
+                entry.status = found.status
+                if found.status == "RUNNING" and found.running:
+                    break
+                if found.status in ("DEPLOY_FAILED", "UNHEALTHY") or time.monotonic() > deadline:
+                    await self._on_cluster(cluster.delete_application, entry.app)
+                    entry.status = "NOT_STARTED"
+                    if found.status != "DEPLOYING":
+                        raise PluginError(
+                            f"{entry.key} failed to deploy on the cluster: {found.message}"
+                        )
+                    available = await self._nodes("available")
+                    check_fits(entry.key, need, available, busy=True)
+                    raise LimnerError(
+                        f"{entry.key} was not running on the cluster after "
+                        f"{self.deploy_timeout:g} s ({found.message or found.status}); its "
+                        "application was deleted"
                     )
-                available = await self._nodes("available")
-                check_fits(entry.key, need, available, busy=True)
-                raise LimnerError(
-                    f"{entry.key} was not running on the cluster after {self.deploy_timeout:g} "
-                    f"s ({found.message or found.status}); its application was deleted"
-                )
-            await anyio.sleep(0.1)
+                await anyio.sleep(0.1)
         entry.handle, entry.replicas = handle, found.running
         entry.since = time.monotonic()
         entry.loads += 1
         entry.load_seconds += time.monotonic() - started
         log.info("deployed %s in %.1f s", entry.key, time.monotonic() - started)
 
-    async def _make_room(self, entry: KeyEntry) -> None:
+    @contextlib.asynccontextmanager
+    async def _room_for(self, entry: KeyEntry) -> AsyncIterator[None]:
+        """This runtime's turn at the cluster's room (one key at a time, so that two keys do
+        not both see the same free room and deploy into it), with room made for one replica
+        of the key; the turn is held until the caller has taken the room. A caller that does
+        not get its turn within ``room_timeout`` gets :class:`~limner.ray.NoRoomInCluster`
+        unless there is room now."""
+        assert entry.resources is not None
+        deadline = time.monotonic() + self.room_timeout
+        with anyio.move_on_after(self.room_timeout) as waiting:
+            await self._turn.acquire()
+        if waiting.cancelled_caught:
+            available = await self._nodes("available")
+            check_fits(entry.key, entry.resources.as_ray(), available, busy=True)
+            await self._turn.acquire()  # there is room: the turn comes
+        try:
+            await self._make_room(entry, deadline)
+            yield
+        finally:
+            self._turn.release()
+
+    async def _make_room(self, entry: KeyEntry, deadline: float) -> None:
         """Until a node has room for one replica of the key, looking again every
         ``ROOM_POLL`` seconds: another application gives its room up if
         :func:`~limner.ray._room.choose_victim` names one (any limner application under
         ``app_prefix``, whichever runtime deployed it), then Ray is waited on to count what
-        it freed; else the caller waits. With no room ``room_timeout`` seconds after it
-        began, :class:`~limner.ray.NoRoomInCluster` naming the largest room there is."""
+        it freed; else the caller waits. With no room at ``deadline`` (monotonic),
+        :class:`~limner.ray.NoRoomInCluster` naming the largest room there is."""
         assert entry.resources is not None
         need = entry.resources.as_ray()
-        deadline = time.monotonic() + self.room_timeout
         while True:
             available = await self._nodes("available")
             if any(fits(need, node) for node in available):

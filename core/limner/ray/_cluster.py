@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -39,6 +40,11 @@ __all__ = [
 ]
 
 _DEPLOYMENT = "LimnerReplica"
+
+_DEPLOYING = threading.Lock()
+"""One deployment at a time per process: Serve registers and unregisters its request
+router's module for pickling by value around each, process-wide, and two at once fail
+(``... is not registered for pickle by value``)."""
 
 
 def import_ray() -> Any:
@@ -186,12 +192,13 @@ def run_application(entry: KeyEntry, log_level: str) -> Any:
             logging_config={"log_level": log_level, "enable_access_log": False},
             graceful_shutdown_wait_loop_s=0.1,
         )
-        return serve._run(
-            deployment.bind(*arguments, True),
-            name=entry.app,
-            route_prefix=None,
-            _blocking=False,
-        )
+        with _DEPLOYING:
+            return serve._run(
+                deployment.bind(*arguments, True),
+                name=entry.app,
+                route_prefix=None,
+                _blocking=False,
+            )
 
 
 def delete_application(app: str) -> None:

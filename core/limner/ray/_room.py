@@ -68,8 +68,9 @@ def holders(
 
     For its own keys the runtime knows better than a report made before its last call
     ended: a call in flight here is busy, and no call in flight here since the last busy
-    report is idle. With no board to read (``usage`` None) only its own keys are candidates:
-    it cannot tell whether another runtime's key is in use.
+    report is idle; one it deploys or retires now is no candidate. With no board to read
+    (``usage`` None) only its own keys are candidates: it cannot tell whether another
+    runtime's key is in use.
     """
     own_keys = {entry.app: entry for entry in mine}
     found: list[Holder] = []
@@ -77,6 +78,8 @@ def holders(
         own = own_keys.get(app)
         if app == exclude or not status.running or (usage is None and own is None):
             continue
+        if own is not None and own.lock.locked():
+            continue  # this runtime deploys or retires it right now
         report = usage.get(app) if usage is not None else None
         busy = report is not None and report.busy
         last_used = report.last_used if report is not None else None
