@@ -10,7 +10,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ import limner
 from limner import (
     GenerationResult,
     ImageGenerationConfig,
+    KeyStats,
     MemoryExhausted,
     ModelError,
     Pool,
@@ -577,3 +579,113 @@ async def test_the_http_api_answers_from_an_ingress_replica(ingress: str) -> Non
         assert refused.status_code == 400 and "loopback" in refused.json()["error"]["message"]
         pool = (await client.get("/v1/pool")).json()["models"]
     assert [(model["key"], model["device"]) for model in pool] == [("fake/embedder", "ray")]
+
+
+MIXED_SECONDS = 60.0
+
+Pick = Callable[[int, int, float], str]
+"""The key a client calls: of its number, its call's number and the seconds since the start."""
+
+
+@dataclass
+class MixedLoad:
+    """What 30 clients saw calling fake embedders through one runtime: per answered call its
+    key and when it ended, per refusal its error, and the longest call."""
+
+    answered: list[tuple[str, float]] = field(default_factory=list)
+    refused: list[BaseException] = field(default_factory=list)
+    failed: list[BaseException] = field(default_factory=list)
+    longest: float = 0.0
+
+    def windows_without(self, keys: Sequence[str], *, window: float) -> list[tuple[int, str]]:
+        """``(window index, key)`` for each window of the run in which the key answered
+        nobody."""
+        seen = {(int(ended // window), key) for key, ended in self.answered}
+        count = int(MIXED_SECONDS // window)
+        return [(n, key) for n in range(count) for key in keys if (n, key) not in seen]
+
+    def summary(self, name: str, keys: Sequence[str], stats: Mapping[str, KeyStats]) -> str:
+        total = len(self.answered) + len(self.refused)
+        answered = {key: sum(1 for k, _ in self.answered if k == key) for key in keys}
+        swaps = sum(stats[key].evictions for key in keys)
+        return (
+            f"{name}: {total} calls, {len(self.refused) / max(total, 1):.0%} refused "
+            f"({sorted({type(e).__name__ for e in self.refused})}), answered {answered}, "
+            f"{swaps} swaps, longest call {self.longest:.1f} s, "
+            f"10-s windows a key answered nobody: {self.windows_without(keys, window=10)}"
+        )
+
+
+async def mixed_load(
+    runtime: RayRuntime, registry: Registry, keys: Sequence[str], pick: Pick
+) -> MixedLoad:
+    """30 clients for ``MIXED_SECONDS``, each call's key ``pick(client, call, elapsed)``;
+    a refused caller (a typed error saying to retry) tries again after a short pause."""
+    load = MixedLoad()
+    models = {key: registry.embedder(key).using(runtime) for key in keys}
+    started = time.monotonic()
+
+    async def client(number: int) -> None:
+        call = 0
+        while (now := time.monotonic() - started) < MIXED_SECONDS:
+            key = pick(number, call, now)
+            call += 1
+            try:
+                await models[key].embed_text([f"client {number} call {call}"])
+                load.answered.append((key, time.monotonic() - started))
+            except (NoRoomInCluster, limner.PoolBusy, limner.RuntimeUnavailable) as refused:
+                load.refused.append(refused)
+                await anyio.sleep(0.5)
+            except Exception as error:
+                load.failed.append(error)
+            load.longest = max(load.longest, time.monotonic() - started - now)
+
+    async with anyio.create_task_group() as group:
+        for number in range(30):
+            group.start_soon(client, number)
+    return load
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["cycling", "switching together"])
+async def test_three_keys_that_fit_one_at_a_time_share_the_cluster_under_load(
+    ray_cluster: None, pattern: str
+) -> None:
+    """Three keys of 1.5 of the cluster's 2 cores, 30 clients for 60 s: each client cycling
+    through the keys, or all switching key together every 5 s. Every call is answered or
+    refused with a typed error to retry (none fails otherwise, none waits unbounded), and
+    every key is answered throughout: busy keys take turns after ``min_hold``."""
+    keys = ["fake/a", "fake/b", "fake/c"]
+    registry = Registry(entry_points=False)
+    for key in keys:
+        registry.register(fake_embedding_spec(key))
+    options = RayKeyOptions(num_cpus=1.5, keep_alive=600)
+
+    def pick(client: int, call: int, now: float) -> str:
+        return keys[(client + call) % 3 if pattern == "cycling" else int(now // 5) % 3]
+
+    await cores_free(2)
+    async with RayRuntime(options=options, room_timeout=15, min_hold=3) as runtime:
+        load = await mixed_load(runtime, registry, keys, pick)
+        stats = await runtime.refresh()
+    print(load.summary(pattern, keys, stats))
+    assert load.failed == []
+    assert load.longest < 15 + 30  # room_timeout, plus a swap
+    assert load.windows_without(keys, window=30) == []
+    assert sum(stats[key].evictions for key in keys) >= 2
+
+
+@pytest.mark.slow
+async def test_two_keys_that_fit_together_are_never_refused_under_load(ray_cluster: None) -> None:
+    keys = ["fake/a", "fake/b"]
+    registry = Registry(entry_points=False)
+    for key in keys:
+        registry.register(fake_embedding_spec(key))
+    await cores_free(2)
+    async with RayRuntime(options=ONE_CORE) as runtime:
+        load = await mixed_load(runtime, registry, keys, lambda client, call, now: keys[call % 2])
+        stats = await runtime.refresh()
+    print(load.summary("two that fit", keys, stats))
+    assert (load.failed, load.refused) == ([], [])
+    assert load.windows_without(keys, window=10) == []
+    assert sum(stats[key].evictions for key in keys) == 0
