@@ -48,6 +48,7 @@ from .errors import (
     ModelLoadError,
     PluginError,
     PoolBusy,
+    RuntimeUnavailable,
     UnknownModelError,
 )
 
@@ -92,6 +93,7 @@ __all__ = [
     "Progress",
     "Registry",
     "Runtime",
+    "RuntimeUnavailable",
     "SystemMemory",
     "TextToImageCapable",
     "UnknownModelError",

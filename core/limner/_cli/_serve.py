@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -113,6 +116,7 @@ def serve(
         ) from None
     if address is not None and runtime_name != "ray":
         raise click.UsageError("--address needs --runtime ray")
+    cluster_lost = _StopOnClusterLoss()
     try:
         settings = ServerSettings(
             models=_names(models),
@@ -122,7 +126,11 @@ def serve(
             cors_origins=cors_origins,
             ui=not no_ui,
             pool_options=memory_budget or {},
-            runtime=_ray_runtime(address, _names(preload)) if runtime_name == "ray" else None,
+            runtime=(
+                _ray_runtime(address, _names(preload), memory_budget or {}, cluster_lost)
+                if runtime_name == "ray"
+                else None
+            ),
         )
     except InvalidInput as error:
         if error.field != "api_key":
@@ -136,6 +144,7 @@ def serve(
     listener = _listen(host, port)  # a port in use fails here, in one line
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30)
     server = _announcing_server(uvicorn.Server)(config)
+    cluster_lost.server = server
     try:
         with _log_to_stderr(log_level):
             server.run(sockets=[listener])
@@ -143,6 +152,8 @@ def serve(
         pass  # uvicorn already stopped gracefully; Ctrl-C is the way to stop
     finally:
         listener.close()
+    if cluster_lost.reason is not None:
+        raise click.ClickException(f"the server stopped: {cluster_lost.reason}")
     if not server.started:
         raise click.ClickException("the server failed to start; see the log above")
 
@@ -208,9 +219,47 @@ def _log_to_stderr(log_level: str) -> Iterator[None]:
         logger.propagate = propagate
 
 
-def _ray_runtime(address: str | None, preload: tuple[str, ...] | None) -> Callable[[], Any]:
-    """What makes the server's Ray runtime, once Ray Serve is known to be installed.
-    Preloaded keys keep a replica, as the pool keeps them loaded."""
+_STOP_SECONDS = 30.0
+"""How long the server may take to stop once its Ray cluster's control plane is lost,
+before the process exits anyway."""
+
+
+class _StopOnClusterLoss:
+    """What the Ray runtime calls when it gives up on the cluster's control plane: the
+    server stops (and `limner serve` exits with status 1, saying why); if it has not within
+    ``_STOP_SECONDS``, the process exits at once."""
+
+    def __init__(self) -> None:
+        self.server: Any = None
+        self.reason: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        self.reason = reason
+        if self.server is not None:
+            self.server.should_exit = True
+        watchdog = threading.Timer(_STOP_SECONDS, self._exit_now)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def _exit_now(self) -> None:
+        logging.getLogger("limner.server").error(
+            "the server did not stop within %g s of losing the Ray cluster (%s): exiting now",
+            _STOP_SECONDS,
+            self.reason,
+        )
+        os._exit(1)
+
+
+def _ray_runtime(
+    address: str | None,
+    preload: tuple[str, ...] | None,
+    pool_options: MemoryBudget,
+    on_lost: Callable[[str], object],
+) -> Callable[[], Any]:
+    """What makes the server's Ray runtime, once Ray Serve is known to be installed. Each
+    replica's pool takes ``pool_options`` (the memory budget); preloaded keys keep a replica,
+    as the pool keeps them loaded. ``on_lost`` is called if the cluster's control plane is
+    lost for good."""
     try:
         import ray.serve  # noqa: F401
 
@@ -222,7 +271,13 @@ def _ray_runtime(address: str | None, preload: tuple[str, ...] | None) -> Callab
 
     def make() -> RayRuntime:
         registry = default_registry()
-        kept = {registry.spec(name).key: RayKeyOptions(min_replicas=1) for name in preload or ()}
-        return RayRuntime(address=address, options_per_key=kept)
+        options = RayKeyOptions(pool_options=dict(pool_options))
+        kept = {
+            registry.spec(name).key: RayKeyOptions(min_replicas=1, pool_options=dict(pool_options))
+            for name in preload or ()
+        }
+        return RayRuntime(
+            address=address, options=options, options_per_key=kept, on_control_plane_lost=on_lost
+        )
 
     return make

@@ -40,7 +40,7 @@ def create_app(
     service = Service.create(registry, settings)
     metrics = Metrics(
         stats=lambda: dict(service.pool.stats()) if service.pool is not None else None,
-        ready=lambda: service.ready,
+        ready=service.serving,
     )
 
     @asynccontextmanager

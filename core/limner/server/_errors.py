@@ -86,6 +86,16 @@ _SERVER_ERRORS: tuple[tuple[type[errors.LimnerError], int, str], ...] = (
 """limner's errors that are the server's side, with their status and code."""
 
 
+_RETRY_LATER: tuple[
+    tuple[type[errors.PoolBusy | errors.RuntimeUnavailable], int, str, str], ...
+] = (
+    (errors.PoolBusy, 429, "rate_limit_error", "pool_busy"),
+    (errors.RuntimeUnavailable, 503, "server_error", "runtime_unavailable"),
+)
+"""limner's errors that say when to try again (``retry_after``), with their status, type and
+code: the answer carries ``Retry-After``."""
+
+
 def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
     """The answer for an exception raised while serving a request."""
     if isinstance(error, APIError):
@@ -96,15 +106,16 @@ def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
         return APIError(400, str(error), param=param, code="fetch_failed")
     if isinstance(error, errors.InvalidInput):
         return APIError(400, str(error), param=param, code="invalid_input")
-    if isinstance(error, errors.PoolBusy):
-        seconds = max(1, math.ceil(error.retry_after))
-        return APIError(
-            429,
-            str(error),
-            type="rate_limit_error",
-            code="pool_busy",
-            headers={"Retry-After": str(seconds)},
-        )
+    for later, status, error_type, code in _RETRY_LATER:
+        if isinstance(error, later):
+            seconds = max(1, math.ceil(error.retry_after))
+            return APIError(
+                status,
+                str(error),
+                type=error_type,
+                code=code,
+                headers={"Retry-After": str(seconds)},
+            )
     for kind, status, code in _SERVER_ERRORS:  # the most specific class first
         if isinstance(error, kind):
             return APIError(status, str(error), type="server_error", code=code)

@@ -421,11 +421,23 @@ async def healthz() -> dict[str, str]:
 @_route(
     "GET",
     "/readyz",
-    responses={503: {"model": ErrorResponse, "description": "Preloads not (yet) loaded"}},
+    responses={
+        503: {"model": ErrorResponse, "description": "Preloads not loaded, or runtime unavailable"}
+    },
 )
 async def readyz(request: Request) -> dict[str, str]:
-    """200 once every preloaded model is loaded; 503 before, or if one failed."""
+    """200 once every preloaded model is loaded; 503 before, if one failed, or while the
+    runtime cannot serve (a Ray cluster's control plane is gone)."""
     service = _service(request)
+    unavailable = service.unavailable()
+    if unavailable is not None:
+        raise APIError(
+            503,
+            unavailable,
+            type="server_error",
+            code="runtime_unavailable",
+            headers={"Retry-After": "5"},
+        )
     if service.ready:
         return {"status": "ready"}
     if service.preload_errors:
@@ -446,7 +458,7 @@ async def pool_stats(request: Request) -> PoolResponse:
     service = _service(request)
     stats = service.pool.stats() if service.pool is not None else {}
     models = [dataclasses.asdict(s) for _, s in sorted(stats.items())]
-    return PoolResponse.model_validate({"ready": service.ready, "models": models})
+    return PoolResponse.model_validate({"ready": service.serving(), "models": models})
 
 
 @_route(
