@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+import limner
+
 SNAPSHOT = Path(__file__).with_name("public_api.txt")
 
 #: The modules whose ``__all__`` is a promise: to host applications, plugin authors, and
@@ -331,6 +333,50 @@ def test_every_stored_name_still_works() -> None:
 )
 def test_the_check_itself(old: str, new: str, broken: bool) -> None:
     assert bool(incompatibilities(old, new)) is broken
+
+
+#: Fields typed with names imported only for type checkers (PIL and torch types, which
+#: importing limner must not import): as unresolvable in their own modules as anywhere.
+TYPE_CHECKING_ONLY = {
+    "limner.GenerationResult.images",
+    "limner.Progress.preview",
+    "limner.diffusion.LatentRGB.factors",
+    "limner.diffusion.LatentRGB.bias",
+    "limner.diffusion.LoadedPipeline.device",
+    "limner.diffusion.LoadedPipeline.dtype",
+    "limner.diffusion.LoadedPipeline.preview",
+}
+
+
+def test_public_dataclasses_have_resolved_field_types() -> None:
+    """A dataclass shown under a public module (``limner.KeyStats``) has its field types
+    resolved where it was written: pydantic and FastAPI (the server's /v1/pool answers
+    ``KeyStats``) would otherwise look its names up in ``limner`` and fail."""
+    unresolved = []
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            value = getattr(module, name)
+            if not (inspect.isclass(value) and dataclasses.is_dataclass(value)):
+                continue
+            for field in dataclasses.fields(value):
+                path = f"{value.__module__}.{value.__qualname__}.{field.name}"
+                if isinstance(field.type, str) and path not in TYPE_CHECKING_ONLY:
+                    unresolved.append(path)
+    assert unresolved == []
+    pydantic = pytest.importorskip("pydantic", reason="pydantic comes with the server extra")
+    stats = pydantic.TypeAdapter(list[limner.KeyStats]).validate_python(
+        [
+            {
+                **{field.name: 0 for field in dataclasses.fields(limner.KeyStats)},
+                "key": "a",
+                "state": "ready",
+                "device": None,
+                "last_used": None,
+            }
+        ]
+    )
+    assert stats[0].state == "ready"
 
 
 def write() -> None:

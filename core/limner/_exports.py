@@ -9,6 +9,7 @@ exported name goes without that.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import sys
@@ -94,3 +95,7 @@ def _evaluate_annotations(cls: type, namespace: dict[str, Any]) -> None:
             except NameError:
                 continue
     cls.__annotations__ = resolved
+    if dataclasses.is_dataclass(cls):  # pydantic reads a dataclass's fields' types
+        for field in dataclasses.fields(cls):
+            if isinstance(field.type, str) and field.name in resolved:
+                field.type = resolved[field.name]
