@@ -11,7 +11,11 @@ or from a shell, ``limner serve --models limner/tiny-clip``. See docs/http.md.
 
 from __future__ import annotations
 
+from limner._exports import present_as_public
+
 from ._app import create_app
 from ._settings import ServerSettings
 
 __all__ = ["ServerSettings", "create_app"]
+
+present_as_public(__name__, globals(), __all__)
