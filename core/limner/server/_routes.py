@@ -36,6 +36,7 @@ from limner.errors import InvalidInput, ModelError
 from ._errors import APIError, input_param, to_api_error
 from ._inputs import split_inputs
 from ._metrics import Metrics
+from ._middleware import is_authorized
 from ._schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -424,10 +425,13 @@ async def healthz() -> dict[str, str]:
     responses={503: {"model": ErrorResponse, "description": "Preloads not (yet) loaded"}},
 )
 async def readyz(request: Request) -> dict[str, str]:
-    """200 once every preloaded model is loaded; 503 before, or if one failed."""
+    """200 once every preloaded model is loaded; 503 before, or if one failed. Why not is
+    told only to a request with the API key (or when there is none), and in the log."""
     service = _service(request)
     if service.ready:
         return {"status": "ready"}
+    if not is_authorized(request.scope):
+        raise APIError(503, "not ready", type="server_error", code="not_ready")
     if service.preload_errors:
         failed = "; ".join(f"{key}: {error}" for key, error in service.preload_errors.items())
         raise APIError(503, f"preloading failed: {failed}", type="server_error", code="not_ready")
