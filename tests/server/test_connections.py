@@ -8,6 +8,8 @@ seconds of slack, so a busy machine does not fail them.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import selectors
@@ -17,6 +19,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from limner.server._connections import MAX_HEADER_BYTES
 from limner.testing import fake_embedding_spec
@@ -200,23 +204,31 @@ def test_when_every_connection_is_served_a_new_one_gets_503(
     )
     with served.client() as client:  # loaded first
         assert client.post("/v1/embeddings", json={"model": "fake/held", "input": "x"}).is_success
-    registry = served.app.state.limner_metrics.registry
+    registry: CollectorRegistry = served.app.state.limner_metrics.registry
     gate.clear()
     results: list[int] = []
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
-    def held() -> None:
+    def held() -> None:  # an image's batch waits for the gate (a text's does not)
         with served.client() as client:
-            answer = client.post("/v1/embeddings", json={"model": "fake/held", "input": "x"})
+            answer = client.post("/v1/embeddings", json={"model": "fake/held", "input": image})
             results.append(answer.status_code)
 
+    def count(name: str) -> float | None:
+        return registry.get_sample_value(name)
+
+    wait_for(lambda: count("limner_http_connections_open") == 0, what="the first one to close")
     threads = [threading.Thread(target=held) for _ in range(2)]
     try:
-        for thread in threads:
-            thread.start()
-        wait_for(
-            lambda: registry.get_sample_value("limner_http_requests_in_progress") == 2,
-            what="both requests to be in the app",
-        )
+        for served_already, thread in enumerate(threads, start=1):
+            thread.start()  # one at a time: a connection still sending could make room
+            wait_for(
+                lambda n=served_already: count("limner_http_requests_in_progress") == n,
+                timeout=30,
+                what="the request to be in the app",
+            )
         status, headers, body = parse(read_to_end(connect(served), timeout=SLACK)[0])
         assert status == 503
         assert headers["retry-after"] == "1"
@@ -336,3 +348,23 @@ def test_an_app_not_made_by_create_app_has_no_protocol() -> None:
 
     with pytest.raises(TypeError, match="create_app"):
         http_protocol(FastAPI())
+
+
+def test_a_websocket_upgrade_is_refused_and_leaves_no_connection_counted(
+    make_server: ServerFactory, wait_for: WaitFor
+) -> None:
+    served = make_server(fake_embedding_spec("fake/e"), header_timeout=1.0, body_timeout=1.0)
+    sock = connect(
+        served,
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    raw, _ = read_to_end(sock, timeout=SLACK)
+    sock.close()
+    assert raw.startswith(b"HTTP/1.1 403 ")  # the app serves no WebSocket
+    assert b"408" not in raw  # no deadline of the HTTP connection fired on it
+    wait_for(
+        lambda: metric(served, "limner_http_connections_open") == 1,  # the scrape's own
+        what="the upgraded connection to leave the count",
+    )

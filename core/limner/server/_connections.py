@@ -156,6 +156,16 @@ class LimnerHTTPProtocol(HttpToolsProtocol):
             return
         super().eof_received()
 
+    def handle_websocket_upgrade(self) -> None:
+        """The connection becomes a WebSocket's (the app refuses it: it serves none). Its
+        deadlines and its place among the open HTTP connections end here."""
+        self._cancel_deadline()
+        self._in_message = False  # the WebSocket's close is a plain one
+        self._refused = True  # and the parser's callbacks are no longer this protocol's
+        if self.metrics is not None:
+            self.metrics.connections_open.dec()
+        super().handle_websocket_upgrade()
+
     def shutdown(self) -> None:
         """The server stops: lingering ends at once, and the rest as uvicorn closes it."""
         self._shutting_down = True
