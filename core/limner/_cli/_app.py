@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import click
 
 from limner import __version__
@@ -24,6 +25,7 @@ from limner.errors import InvalidInput, LimnerError, describe_input
 if TYPE_CHECKING:
     from limner._embedder import ImageEmbedder
     from limner._generator import ImageGenerator
+    from limner._pool import Pool
 
 __all__ = ["cli", "main"]
 
@@ -210,7 +212,7 @@ async def _loaded(
     ``loading KEY ... 3.2 s``."""
     from limner._pool import Pool
 
-    async with Pool(**(memory_budget or MemoryBudget())):
+    async with Pool(**(memory_budget or MemoryBudget())) as pool:
         if not show:
             await model.load()
         else:
@@ -222,7 +224,21 @@ async def _loaded(
                 click.echo(err=True)  # the error gets a line of its own
                 raise
             click.echo(f" {time.perf_counter() - started:.1f} s", err=True)
-        yield
+        try:
+            yield
+        except BaseException:
+            # Interrupted (Ctrl-C): the work the command started stops at its next step (a
+            # generation) or batch. Wait for just that here, so that the pool has nothing to
+            # drain: its drain, once it has work, waits out all of drain_timeout (30 s).
+            with anyio.CancelScope(shield=True):
+                await _until_idle(pool)
+            raise
+
+
+async def _until_idle(pool: Pool) -> None:
+    """Until ``pool`` runs and queues nothing (polled: the pool signals no such moment)."""
+    while any(s.in_flight or s.queue_depth for s in pool.stats().values()):  # noqa: ASYNC110
+        await anyio.sleep(0.05)
 
 
 @contextmanager

@@ -139,10 +139,33 @@ def _location(loc: Sequence[int | str]) -> str | None:
     return text or None
 
 
-def _validation_error(error: RequestValidationError) -> APIError:
+# What pydantic says of a body that is not a JSON object: FastAPI parses a body as JSON
+# only when its Content-Type says JSON, so a body sent without one arrives as bytes.
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type"})
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _validation_error(error: RequestValidationError, content_type: str | None) -> APIError:
     problems = error.errors()
     if not problems:
         return APIError(400, "invalid request", code="invalid_request")
+    body_kind = next(
+        (p.get("type") for p in problems if tuple(p.get("loc", ())) == ("body",)), None
+    )
+    if body_kind in _NOT_AN_OBJECT and not _is_json(content_type):
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        return APIError(
+            400,
+            f"the body must be a JSON object sent with Content-Type: application/json; this "
+            f"request has {sent}",
+            code="invalid_request",
+        )
     # A union reports every member's complaint; the deepest one is about what was sent
     # (``input[1]`` of a list, not "input should be a string").
     first = max(problems, key=lambda p: len((_location(p.get("loc", ())) or "").split("[")))
@@ -171,7 +194,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        return _validation_error(error).response()
+        return _validation_error(error, request.headers.get("content-type")).response()
 
     async def on_http(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
