@@ -38,6 +38,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
 import limner
+import limner.inputs
 import limner_clip
 from limner_clip._backend import BF16_FLAGS, VNNI_FLAGS, ClipBackend, clip_precision, cpu_flags
 
@@ -140,8 +141,8 @@ def stages(
     def limner_prepare() -> list[Any]:
         return [
             backend.prepare(
-                limner.decode_image(
-                    str(p), kind=limner.InputKind.PATH, draft_size=backend.image_size
+                limner.inputs.decode_image(
+                    str(p), kind=limner.inputs.InputKind.PATH, draft_size=backend.image_size
                 )
             )
             for p in paths

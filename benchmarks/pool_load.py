@@ -38,7 +38,8 @@ import numpy as np
 from clip_e2e import machine, write_images, write_model  # benchmarks/ is on sys.path
 
 import limner_clip
-from limner import ImageEmbedder, Pool, Registry, decode_image
+from limner import ImageEmbedder, Pool, Registry
+from limner.inputs import decode_image
 from limner.plugin import ImageEmbeddingBackend
 from limner.server._heap import limit_malloc_arenas
 

@@ -4,6 +4,7 @@ derived from its backend's base class instead of being declared twice."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from typing import Any
 
@@ -13,7 +14,12 @@ import limner
 from limner import Capability, ModelInfo, ModelSpec, PluginError, Registry
 from limner._capability_table import CAPABILITIES, row_for, row_of_backend
 from limner.plugin import hookimpl
-from limner.testing import FakeEmbeddingBackend, FakeTextToImageBackend
+from limner.testing import (
+    FakeEmbeddingBackend,
+    FakeTextToImageBackend,
+    fake_embedding_spec,
+    fake_generation_spec,
+)
 
 
 def undeclared(key: str, factory: Any) -> ModelSpec:
@@ -81,3 +87,39 @@ def test_a_plugin_whose_factory_is_no_backend_breaks_alone() -> None:
     broken = {record.name: record.error for record in registry.plugins()}
     assert broken["good_plugin"] is None
     assert "not a backend class" in (broken["bad_plugin"] or "")
+
+
+def test_the_fronts_are_the_capabilities_host_code_types_against() -> None:
+    """``embedder`` and ``generator`` give objects of the protocols: mypy checks the
+    assignments below (tests are type-checked), and at run time every member of each
+    protocol is there with the same parameters."""
+    registry = Registry(entry_points=False)
+    registry.register(fake_embedding_spec("fake/embedder", dimension=8))
+    registry.register(fake_generation_spec("fake/generator"))
+    embedder: limner.ImageEmbeddingCapable = registry.embedder("fake/embedder")
+    generator: limner.TextToImageCapable = registry.generator("fake/generator")
+    for front, protocol in (
+        (embedder, limner.ImageEmbeddingCapable),
+        (generator, limner.TextToImageCapable),
+    ):
+        assert isinstance(front, protocol)
+        members = [name for name in vars(protocol) if not name.startswith("_")]
+        assert members, protocol
+        for name in members:
+            declared, implemented = inspect.getattr_static(protocol, name), getattr(front, name)
+            if isinstance(declared, property):
+                continue
+            assert list(inspect.signature(declared).parameters)[1:] == list(
+                inspect.signature(implemented).parameters
+            ), f"{type(front).__name__}.{name}"
+
+
+def test_an_object_without_every_member_is_not_capable() -> None:
+    class Partial:
+        key = "partial"
+        embedding_dimension = 8
+
+        async def embed_image(self, path: str) -> None: ...
+
+    assert not isinstance(Partial(), limner.ImageEmbeddingCapable)
+    assert not isinstance(Partial(), limner.TextToImageCapable)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -578,3 +579,54 @@ def test_every_option_says_what_it_does_and_every_command_shows_examples() -> No
                 assert param.help, f"{name} {param.opts[0]} has no help"
         text = (command.help or "") + (command.epilog or "")
         assert "Examples:" in text, f"{name} --help shows no examples"
+
+
+# A fake generator whose steps take STEP_SECONDS, registered in the process the CLI runs in.
+SLOW_GENERATOR = """
+import sys
+import limner
+from limner.testing import fake_generation_spec
+limner.default_registry().register(
+    fake_generation_spec("fake/slow", options={"step_seconds": float(sys.argv.pop(1))})
+)
+from limner._cli import main
+main()
+"""
+
+
+def test_ctrl_c_stops_a_generation_at_its_next_step_and_exits_130(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGINT while a step runs: the run stops when that step returns, the pool has nothing
+    left to drain, and the command exits 130 within 2 s of that step (not after the pool's
+    30 s drain, nor after the 20 steps)."""
+    step_seconds = 2.0
+    target = tmp_path / "fox.png"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_GENERATOR, str(step_seconds), "generate", "a fox",
+         "-m", "fake/slow", "--steps", "20", "-o", str(target), "--progress"],
+        env={**env, "LIMNER_PLUGINS": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    seen = b""
+    try:
+        while b"1/20" not in seen:  # the first step is done: the second is running
+            chunk = os.read(process.stderr.fileno(), 4096)
+            assert chunk, seen.decode(errors="replace")
+            seen += chunk
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+        took = time.monotonic() - interrupted
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = (seen + process.stderr.read()).decode(errors="replace")
+    assert code == 130, stderr
+    assert took < step_seconds + 2.0 + 4.0, stderr  # the step, 2 s, and slack for a busy box
+    assert "Aborted." in stderr
+    assert "Traceback" not in stderr
+    assert not target.exists()

@@ -22,6 +22,9 @@ CORE = ROOT / "core" / "limner"
 PLUGIN_PACKAGES = sorted(ROOT.glob("plugins/*/limner_*"))
 #: What a plugin package may import of limner.
 PLUGIN_MAY_IMPORT = {"limner.plugin", "limner.diffusion", "limner.errors"}
+#: The one private core import a wing (limner.diffusion, .server, .ray) may make: the helper
+#: that gives its public names their public ``__module__``.
+WING_MAY_IMPORT = ("limner._exports", ("present_as_public",))
 
 
 def isort_style(name: str) -> tuple[int, str]:  # ruff's RUF022 order
@@ -132,7 +135,10 @@ def source_files(*directories: Path) -> list[Path]:
     ids=lambda path: str(path.relative_to(ROOT)),
 )
 def test_no_private_core_module_is_imported(path: Path) -> None:
-    assert [imported for imported in imports_of(path) if reaches_private_core(imported)] == []
+    found = [imported for imported in imports_of(path) if reaches_private_core(imported)]
+    if path.is_relative_to(CORE):  # a wing's __init__ presents its names as limner's do
+        found = [imported for imported in found if imported[1:] != WING_MAY_IMPORT]
+    assert found == []
 
 
 @pytest.mark.parametrize(

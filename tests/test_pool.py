@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -555,8 +556,10 @@ async def test_graceful_shutdown_drains_in_flight_work() -> None:
     registry = make_registry(fake_embedding_spec("fake/a", options={"batch_seconds": 0.05}))
     model = registry.embedder("fake/a")
     results: list[np.ndarray] = []
+    started = time.monotonic()
     async with anyio.create_task_group() as group:
-        async with Pool(memory=FakeMemory(total_mb=10_000), clock=FakeClock()) as pool:
+        pool = Pool(memory=FakeMemory(total_mb=10_000), clock=FakeClock(), drain_timeout=120)
+        async with pool:
 
             async def request(index: int) -> None:
                 results.append(await model.using(pool).embed_images([colour(index)]))
@@ -570,6 +573,9 @@ async def test_graceful_shutdown_drains_in_flight_work() -> None:
 
             await wait_until(all_submitted)
         assert len(results) == 10  # all finished before the pool closed
+    # The drain ended with the work (half a second of batches), not at its timeout: one
+    # that missed the work's end would sit out all 120 s.
+    assert time.monotonic() - started < 60
     assert fake_backend(model).unloads == 1
     with pytest.raises(limner.LimnerError, match="not running"):
         await model.using(pool).embed_images([colour(1)])

@@ -14,17 +14,17 @@ host's API.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from . import errors
 from ._capabilities import ImageEmbeddingCapable, ImageInput, TextToImageCapable
 from ._default_pool import default_pool
 from ._embedder import DEFAULT_MAX_TEXT_CHARS, BlockingImageEmbedder, ImageEmbedder
+from ._exports import Moved, Removed, deprecated_names, present_as_public
 from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
 from ._generator import BlockingImageGenerator, ImageGenerator
-from ._image_fetch import fetch_image_bytes
-from ._image_kinds import InputKind, classify_input
-from ._images import DEFAULT_LIMITS, ImageLimits, decode_image, encoded_bytes
+from ._images import DEFAULT_LIMITS, ImageLimits
 from ._pool import Pool, current_pool
-from ._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from ._registry import (
     Model,
     ModelEntry,
@@ -48,6 +48,7 @@ from .errors import (
     ModelLoadError,
     PluginError,
     PoolBusy,
+    RuntimeUnavailable,
     UnknownModelError,
 )
 
@@ -61,7 +62,6 @@ __all__ = [
     "BlockingImageGenerator",
     "Cancelled",
     "Capability",
-    "Clock",
     "FetchError",
     "GenerationChunk",
     "GenerationResult",
@@ -71,12 +71,10 @@ __all__ = [
     "ImageGenerator",
     "ImageInput",
     "ImageLimits",
-    "InputKind",
     "InvalidInput",
     "KeyStats",
     "LimnerError",
     "MemoryExhausted",
-    "MemoryProbe",
     "Model",
     "ModelEntry",
     "ModelError",
@@ -84,7 +82,6 @@ __all__ = [
     "ModelLoadError",
     "ModelSettings",
     "ModelSpec",
-    "MonotonicClock",
     "PluginError",
     "PluginRecord",
     "Pool",
@@ -92,19 +89,55 @@ __all__ = [
     "Progress",
     "Registry",
     "Runtime",
-    "SystemMemory",
+    "RuntimeUnavailable",
     "TextToImageCapable",
     "UnknownModelError",
     "__version__",
-    "classify_input",
     "current_pool",
-    "decode_image",
     "default_pool",
     "default_registry",
     "embedder",
-    "encoded_bytes",
     "errors",
-    "fetch_image_bytes",
     "generator",
     "get",
 ]
+
+present_as_public(__name__, globals(), __all__)
+
+_RUNTIMES = (
+    "runtimes implement limner.Runtime (see limner.runtime); limner.Pool is the in-process "
+    "one, and a model's device and dtype are limner.plugin.Placement"
+)
+
+if not TYPE_CHECKING:  # type checkers flag the old names; at run time they warn
+    __getattr__ = deprecated_names(
+        __name__,
+        {
+            # What plugins implement and use moved to limner.plugin, their one contract.
+            "Backend": Moved("limner.plugin"),
+            "ImageEmbeddingBackend": Moved("limner.plugin"),
+            "TextToImageBackend": Moved("limner.plugin"),
+            "StepCallback": Moved("limner.plugin"),
+            "hookimpl": Moved("limner.plugin"),
+            "hookspec": Moved(
+                "limner._hookspecs",
+                advice="plugins implement limner's hooks with limner.plugin.hookimpl; the hook "
+                "specifications are limner's own",
+            ),
+            "hf_cache_dir": Moved("limner.plugin"),
+            "materialize_in_hf_cache": Moved("limner.plugin"),
+            "tiny_revision": Moved("limner.plugin"),
+            "Placement": Removed(_RUNTIMES),
+            "ThreadPlacement": Removed(_RUNTIMES),
+            # What only a server needs: reading strangers' inputs, and the pool's probes.
+            "InputKind": Moved("limner.inputs"),
+            "classify_input": Moved("limner.inputs"),
+            "decode_image": Moved("limner.inputs"),
+            "encoded_bytes": Moved("limner.inputs"),
+            "fetch_image_bytes": Moved("limner.inputs"),
+            "Clock": Moved("limner.runtime"),
+            "MemoryProbe": Moved("limner.runtime"),
+            "MonotonicClock": Moved("limner.runtime"),
+            "SystemMemory": Moved("limner.runtime"),
+        },
+    )

@@ -21,6 +21,7 @@ __all__ = [
     "ModelLoadError",
     "PluginError",
     "PoolBusy",
+    "RuntimeUnavailable",
     "UnknownModelError",
     "describe_input",
 ]
@@ -166,6 +167,18 @@ class PoolBusy(LimnerError):
             f"Model {key} is busy: {queue_size} requests already queued. Retry in "
             f"{retry_after:g} s, or raise the pool's queue size."
         )
+
+
+class RuntimeUnavailable(LimnerError):
+    """Where a model runs failed under a request, not the model: a replica on a cluster died,
+    or the cluster's control plane is unreachable. Retry after ``retry_after`` seconds (the
+    HTTP API answers 503 with ``Retry-After``); ``key`` is the model's, when one was asked.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, retry_after: float = 1.0):
+        self.key = key
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class Cancelled(LimnerError):

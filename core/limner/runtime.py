@@ -13,14 +13,22 @@ A runtime runs a model's calls somewhere: :class:`~limner.Pool` in this process,
 from __future__ import annotations
 
 from limner._capability_table import CapabilityRow, row_for
+from limner._exports import present_as_public
+from limner._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from limner._runtime import KeyStats, ModelState, RequestKind, Runtime, repeat_every
 
 __all__ = [
     "CapabilityRow",
+    "Clock",
     "KeyStats",
+    "MemoryProbe",
     "ModelState",
+    "MonotonicClock",
     "RequestKind",
     "Runtime",
+    "SystemMemory",
     "repeat_every",
     "row_for",
 ]
+
+present_as_public(__name__, globals(), __all__)

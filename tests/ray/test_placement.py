@@ -12,7 +12,7 @@ from limner import KeyStats, MemoryExhausted, ModelSettings, Pool
 from limner.errors import InvalidInput
 from limner.ray import GPU_MB, NoRoomInCluster, RayKeyOptions, RayRuntime, ReplicaResources
 from limner.ray._board import AppUsage, ReplicaReport, app_usage
-from limner.ray._placement import check_fits, fits, least_recently_used, replica_resources
+from limner.ray._placement import check_fits, fits, replica_resources
 from limner.testing import fake_embedding_spec
 
 from .conftest import fake_registry
@@ -92,16 +92,22 @@ def test_the_placement_error_pickles_with_its_fields() -> None:
     assert (copy.key, copy.resource, copy.need, copy.largest, copy.busy) == ("k", "CPU", 3, 2, True)
 
 
-def test_the_least_recently_used_idle_key_gives_its_room_up_first() -> None:
-    assert least_recently_used([("a", 30.0), ("b", 10.0), ("c", 20.0)]) == "b"
-    assert least_recently_used([]) is None
+def test_a_node_fits_a_need_when_it_has_each_resource() -> None:
     assert fits({"CPU": 1}, {"CPU": 1.0, "memory": 0.0})
     assert not fits({"CPU": 1, GPU_MB: 10}, {"CPU": 4.0})
 
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("stream_window", -1), ("deploy_timeout", 0), ("room_timeout", -1), ("refresh_interval", 0)],
+    [
+        ("stream_window", -1),
+        ("deploy_timeout", 0),
+        ("room_timeout", -1),
+        ("refresh_interval", 0),
+        ("min_hold", -1),
+        ("health_interval", 0),
+        ("control_plane_timeout", -1),
+    ],
 )
 def test_a_bad_runtime_setting_is_refused_naming_its_field(setting: str, value: float) -> None:
     with pytest.raises(InvalidInput) as caught:
@@ -137,3 +143,15 @@ async def test_the_board_sums_an_application_s_replicas() -> None:
         queue_depth=0,
     )
     assert (usage["limner:b"].busy, usage["limner:b"].last_used) == (False, None)
+
+
+def test_the_board_says_since_when_an_application_holds_room_and_when_it_was_seen_busy() -> None:
+    rows = [
+        ReplicaReport("limner:a", "r1", 1, None, 5.0, started=100.0, reported=130.0),
+        ReplicaReport("limner:a", "r2", 2, None, 6.0, started=110.0, reported=131.0),
+        ReplicaReport("limner:a", "r3", 0, None, 7.0, started=90.0, reported=140.0),
+        ReplicaReport("limner:b", "r4", 0, None, 7.0, started=120.0, reported=141.0),
+    ]
+    usage = app_usage(rows)
+    assert (usage["limner:a"].held_since, usage["limner:a"].busy_reported) == (90.0, 131.0)
+    assert (usage["limner:b"].held_since, usage["limner:b"].busy_reported) == (120.0, None)

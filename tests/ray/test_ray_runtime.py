@@ -10,12 +10,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -23,6 +25,7 @@ import limner
 from limner import (
     GenerationResult,
     ImageGenerationConfig,
+    KeyStats,
     MemoryExhausted,
     ModelError,
     Pool,
@@ -30,7 +33,8 @@ from limner import (
     Registry,
 )
 from limner.ray import NoRoomInCluster, RayKeyOptions, RayRuntime, http_ingress
-from limner.testing import fake_embedding_spec
+from limner.ray._board import BOARD_NAME, BOARD_NAMESPACE
+from limner.testing import fake_embedding_spec, fake_generation_spec
 
 from .conftest import FAKE_OPTIONS, check_embeddings_over_http, fake_registry, import_ray
 
@@ -273,6 +277,134 @@ async def test_an_idle_key_scales_to_zero_and_back_and_the_cluster_s_lru_gives_r
         assert (stats["fake/recent"].state, stats["fake/second"].state) == ("cold", "ready")
 
 
+ONE_CORE = RayKeyOptions(num_cpus=1, keep_alive=600)
+
+
+async def cores_free(count: float) -> None:
+    """Until the module's cluster has ``count`` cores free (an earlier test's replicas
+    going)."""
+    ray = import_ray()
+    with anyio.fail_after(60):
+        while True:
+            if ray.available_resources().get("CPU", 0) >= count:
+                return
+            await anyio.sleep(0.1)
+
+
+class Generations:
+    """Generations run in the background of a task group, each noted once its first chunk
+    came (its key is busy then) and with its chunks once it ends."""
+
+    def __init__(self, group: anyio.abc.TaskGroup) -> None:
+        self.group = group
+        self.running: dict[str, anyio.Event] = {}
+        self.chunks: dict[str, list[Any]] = {}
+
+    async def start(self, name: str, model: limner.ImageGenerator, steps: int) -> None:
+        self.running[name] = anyio.Event()
+        self.group.start_soon(self._run, name, model, steps)
+        with anyio.fail_after(60):
+            await self.running[name].wait()
+
+    async def _run(self, name: str, model: limner.ImageGenerator, steps: int) -> None:
+        chunks = []
+        async for chunk in model.generate_image("a fox", ImageGenerationConfig(steps=steps)):
+            chunks.append(chunk)
+            self.running[name].set()
+        self.chunks[name] = chunks
+
+
+async def a_third_key_while_both_generate(
+    runtime: RayRuntime, registry: Registry, **steps: int
+) -> dict[str, list[Any]]:
+    """Two generators (``fake/NAME``, deployed in this order) each generating ``steps[NAME]``
+    steps, and meanwhile a call to fake/third, which needs one of their cores; the
+    generations' chunks, once every one ended."""
+    models = {name: registry.generator(f"fake/{name}").using(runtime) for name in steps}
+    for model in models.values():
+        await collect(model, "warm", steps=1)
+    async with anyio.create_task_group() as group:
+        running = Generations(group)
+        for name, model in models.items():
+            await running.start(name, model, steps[name])
+        rows = await registry.embedder("fake/third").using(runtime).embed_text(["a fox"])
+    assert rows.shape[0] == 1
+    return running.chunks
+
+
+def generators(**step_seconds: float) -> Registry:
+    """Fake generators ``fake/NAME`` taking that long a step, and the embedder fake/third."""
+    registry = Registry(entry_points=False)
+    for name, seconds in step_seconds.items():
+        registry.register(fake_generation_spec(f"fake/{name}", options={"step_seconds": seconds}))
+    registry.register(fake_embedding_spec("fake/third"))
+    return registry
+
+
+async def test_a_key_that_turns_idle_while_a_caller_waits_for_room_gives_its_room_up(
+    ray_cluster: None,
+) -> None:
+    """Both cores are busy when a third key needs one, and busy keys keep their room
+    (``min_hold``): the first look finds nothing to scale to zero. The caller looks again
+    until the short generation's key turns idle, and that key gives its room up; it is not
+    failed after ``room_timeout`` for a choice made once."""
+    registry = generators(short=0.1, long=0.2)
+    await cores_free(2)
+    async with RayRuntime(options=ONE_CORE, room_timeout=120, min_hold=600) as runtime:
+        chunks = await a_third_key_while_both_generate(runtime, registry, short=15, long=50)
+        stats = await runtime.refresh()
+    assert (stats["fake/short"].evictions, stats["fake/short"].state) == (1, "cold")
+    assert (stats["fake/long"].evictions, stats["fake/long"].state) == (0, "ready")
+    assert isinstance(chunks["short"][-1], GenerationResult)
+    assert isinstance(chunks["long"][-1], GenerationResult)
+
+
+async def test_with_every_key_busy_the_one_holding_its_room_longest_goes_after_min_hold(
+    ray_cluster: None,
+) -> None:
+    """Nobody is idle: once ``min_hold`` has passed, the key that has held its core longest
+    stops taking calls and is scaled to zero for the waiting key; the generation it runs
+    ends as it would have."""
+    registry = generators(older=0.1, newer=0.1)
+    await cores_free(2)
+    async with RayRuntime(options=ONE_CORE, room_timeout=120, min_hold=1.0) as runtime:
+        chunks = await a_third_key_while_both_generate(runtime, registry, older=30, newer=30)
+        stats = await runtime.refresh()
+    assert (stats["fake/older"].evictions, stats["fake/newer"].evictions) == (1, 0)
+    for name in ("older", "newer"):
+        *steps, last = chunks[name]
+        assert isinstance(last, GenerationResult) and len(steps) == 30, name
+
+
+async def test_a_dead_board_is_made_again_and_room_is_still_made(ray_cluster: None) -> None:
+    """The cluster's board actor dies: a runtime that needs room makes it again, makes room
+    from what it knows of its own keys meanwhile (no ModelError, no 500), and the replicas
+    report to the new board."""
+    ray = import_ray()
+    registry = Registry(entry_points=False)
+    for key in ("fake/first", "fake/second", "fake/third"):
+        registry.register(fake_embedding_spec(key))
+    await cores_free(2)
+    async with RayRuntime(options=ONE_CORE) as runtime:
+        await registry.embedder("fake/first").using(runtime).embed_text("a fox")
+        await registry.embedder("fake/second").using(runtime).embed_text("a fox")
+        board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+        ray.kill(board)
+        third = registry.embedder("fake/third")
+        async with Pool() as pool:
+            expected = await third.using(pool).embed_text("a fox")
+        np.testing.assert_array_equal(await third.using(runtime).embed_text("a fox"), expected)
+        stats = runtime.stats()
+        assert (stats["fake/first"].evictions, stats["fake/second"].evictions) == (1, 0)
+        again = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+        assert again._actor_id != board._actor_id
+        with anyio.fail_after(30):  # the replicas find the new board within a period or two
+            while True:
+                if (await runtime.refresh())["fake/third"].batches == 1:
+                    break
+                await anyio.sleep(0.2)
+
+
 async def test_stats_sum_the_batches_of_every_replica(
     ray_cluster: None, registry: Registry
 ) -> None:
@@ -366,6 +498,48 @@ async def test_the_http_api_answers_through_the_cluster(served: str) -> None:
     }
 
 
+def replica_processes(app: str) -> list[psutil.Process]:
+    """The Ray workers of the module's cluster (this process's) running a replica of
+    ``app``."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:{app}:" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_replica_that_dies_under_a_call_is_a_503_with_retry_after(served: str) -> None:
+    """Its worker process is killed mid-generation: the caller gets 503 with Retry-After
+    (a RuntimeUnavailable), not a 500; Serve starts another replica, and the retry is
+    answered."""
+    request = {"model": "fake/slow", "prompt": "a fox", "size": "16x16", "steps": 50}
+    with httpx.Client(base_url=served, timeout=120) as client:
+        assert client.post("/v1/images/generations", json=request | {"steps": 1}).is_success
+        [replica] = replica_processes("limner:fake/slow")
+        answers: list[httpx.Response] = []
+        calling = threading.Thread(
+            target=lambda: answers.append(client.post("/v1/images/generations", json=request))
+        )
+        calling.start()
+        deadline = time.monotonic() + 60
+        while not any(m["in_flight"] for m in client.get("/v1/pool").json()["models"]):
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few steps in
+        replica.kill()
+        calling.join(timeout=120)
+        [answer] = answers
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "runtime_unavailable" and "died" in error["message"]
+        assert int(answer.headers["Retry-After"]) >= 1
+        retried = client.post("/v1/images/generations", json=request | {"steps": 2})
+        assert retried.status_code == 200, retried.text
+
+
 @pytest.fixture
 def ingress(serve_url: str) -> Iterator[str]:
     """The ingress app on one quarter-core replica, behind the cluster's Serve proxy."""
@@ -405,3 +579,113 @@ async def test_the_http_api_answers_from_an_ingress_replica(ingress: str) -> Non
         assert refused.status_code == 400 and "loopback" in refused.json()["error"]["message"]
         pool = (await client.get("/v1/pool")).json()["models"]
     assert [(model["key"], model["device"]) for model in pool] == [("fake/embedder", "ray")]
+
+
+MIXED_SECONDS = 60.0
+
+Pick = Callable[[int, int, float], str]
+"""The key a client calls: of its number, its call's number and the seconds since the start."""
+
+
+@dataclass
+class MixedLoad:
+    """What 30 clients saw calling fake embedders through one runtime: per answered call its
+    key and when it ended, per refusal its error, and the longest call."""
+
+    answered: list[tuple[str, float]] = field(default_factory=list)
+    refused: list[BaseException] = field(default_factory=list)
+    failed: list[BaseException] = field(default_factory=list)
+    longest: float = 0.0
+
+    def windows_without(self, keys: Sequence[str], *, window: float) -> list[tuple[int, str]]:
+        """``(window index, key)`` for each window of the run in which the key answered
+        nobody."""
+        seen = {(int(ended // window), key) for key, ended in self.answered}
+        count = int(MIXED_SECONDS // window)
+        return [(n, key) for n in range(count) for key in keys if (n, key) not in seen]
+
+    def summary(self, name: str, keys: Sequence[str], stats: Mapping[str, KeyStats]) -> str:
+        total = len(self.answered) + len(self.refused)
+        answered = {key: sum(1 for k, _ in self.answered if k == key) for key in keys}
+        swaps = sum(stats[key].evictions for key in keys)
+        return (
+            f"{name}: {total} calls, {len(self.refused) / max(total, 1):.0%} refused "
+            f"({sorted({type(e).__name__ for e in self.refused})}), answered {answered}, "
+            f"{swaps} swaps, longest call {self.longest:.1f} s, "
+            f"10-s windows a key answered nobody: {self.windows_without(keys, window=10)}"
+        )
+
+
+async def mixed_load(
+    runtime: RayRuntime, registry: Registry, keys: Sequence[str], pick: Pick
+) -> MixedLoad:
+    """30 clients for ``MIXED_SECONDS``, each call's key ``pick(client, call, elapsed)``;
+    a refused caller (a typed error saying to retry) tries again after a short pause."""
+    load = MixedLoad()
+    models = {key: registry.embedder(key).using(runtime) for key in keys}
+    started = time.monotonic()
+
+    async def client(number: int) -> None:
+        call = 0
+        while (now := time.monotonic() - started) < MIXED_SECONDS:
+            key = pick(number, call, now)
+            call += 1
+            try:
+                await models[key].embed_text([f"client {number} call {call}"])
+                load.answered.append((key, time.monotonic() - started))
+            except (NoRoomInCluster, limner.PoolBusy, limner.RuntimeUnavailable) as refused:
+                load.refused.append(refused)
+                await anyio.sleep(0.5)
+            except Exception as error:
+                load.failed.append(error)
+            load.longest = max(load.longest, time.monotonic() - started - now)
+
+    async with anyio.create_task_group() as group:
+        for number in range(30):
+            group.start_soon(client, number)
+    return load
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["cycling", "switching together"])
+async def test_three_keys_that_fit_one_at_a_time_share_the_cluster_under_load(
+    ray_cluster: None, pattern: str
+) -> None:
+    """Three keys of 1.5 of the cluster's 2 cores, 30 clients for 60 s: each client cycling
+    through the keys, or all switching key together every 5 s. Every call is answered or
+    refused with a typed error to retry (none fails otherwise, none waits unbounded), and
+    every key is answered throughout: busy keys take turns after ``min_hold``."""
+    keys = ["fake/a", "fake/b", "fake/c"]
+    registry = Registry(entry_points=False)
+    for key in keys:
+        registry.register(fake_embedding_spec(key))
+    options = RayKeyOptions(num_cpus=1.5, keep_alive=600)
+
+    def pick(client: int, call: int, now: float) -> str:
+        return keys[(client + call) % 3 if pattern == "cycling" else int(now // 5) % 3]
+
+    await cores_free(2)
+    async with RayRuntime(options=options, room_timeout=15, min_hold=3) as runtime:
+        load = await mixed_load(runtime, registry, keys, pick)
+        stats = await runtime.refresh()
+    print(load.summary(pattern, keys, stats))
+    assert load.failed == []
+    assert load.longest < 15 + 30  # room_timeout, plus a swap
+    assert load.windows_without(keys, window=30) == []
+    assert sum(stats[key].evictions for key in keys) >= 2
+
+
+@pytest.mark.slow
+async def test_two_keys_that_fit_together_are_never_refused_under_load(ray_cluster: None) -> None:
+    keys = ["fake/a", "fake/b"]
+    registry = Registry(entry_points=False)
+    for key in keys:
+        registry.register(fake_embedding_spec(key))
+    await cores_free(2)
+    async with RayRuntime(options=ONE_CORE) as runtime:
+        load = await mixed_load(runtime, registry, keys, lambda client, call, now: keys[call % 2])
+        stats = await runtime.refresh()
+    print(load.summary("two that fit", keys, stats))
+    assert (load.failed, load.refused) == ([], [])
+    assert load.windows_without(keys, window=10) == []
+    assert sum(stats[key].evictions for key in keys) == 0

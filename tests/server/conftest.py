@@ -28,7 +28,7 @@ from fastapi import FastAPI
 
 from limner import ModelSpec, Registry
 from limner.plugin import ImageEmbeddingBackend
-from limner.server import ServerSettings, create_app
+from limner.server import ServerSettings, create_app, http_protocol
 from limner.testing import (
     FakeEmbeddingBackend,
     fake_embedding_spec,
@@ -83,13 +83,15 @@ def wait_for(condition: Callable[[], bool], *, timeout: float = 10.0, what: str 
 
 @contextmanager
 def serve(app: FastAPI, registry: Registry) -> Iterator[Served]:
-    """Run ``app`` under uvicorn on 127.0.0.1:<ephemeral> until the block ends."""
+    """Run ``app`` under uvicorn on 127.0.0.1:<ephemeral> until the block ends, with limner's
+    connection layer (``http_protocol``), as ``limner serve`` runs it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
+        http=http_protocol(app),
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=5,

@@ -50,11 +50,13 @@ def lines_of(stream: object) -> Lines:
 
 
 @contextmanager
-def serving(env: dict[str, str], *args: str) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+def serving(
+    env: dict[str, str], *args: str, command: tuple[str, ...] = ("-m", "limner")
+) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
     """``limner serve --port 0 ARGS`` in the background, and its stderr's lines; killed at the
-    end unless it has stopped."""
+    end unless it has stopped. ``command`` is what Python runs instead of ``-m limner``."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "limner", "serve", "--port", "0", *args],
+        [sys.executable, *command, "serve", "--port", "0", *args],
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
@@ -176,3 +178,82 @@ def test_serve_takes_the_memory_budget(env: dict[str, str]) -> None:
     with serving(env, "--preload", "limner/tiny-clip", "--memory-budget", "1MB") as (_, lines):
         seen = read_until(lines, r"preloading limner/tiny-clip failed")
     assert "Cannot spawn workers for limner/tiny-clip" in seen[-1]
+
+
+# `limner serve` in a process whose registry also has a fake generator with slow steps.
+SLOW_GENERATOR = """
+import limner
+from limner.testing import fake_generation_spec
+limner.default_registry().register(
+    fake_generation_spec("fake/slow", options={"step_seconds": 0.4})
+)
+from limner._cli import main
+main()
+"""
+
+
+def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(env: dict[str, str]) -> None:
+    """As http.md says: on SIGTERM the server stops accepting, lets the request in flight
+    finish, the pool drains, and the command exits 0 (not 143)."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    command = ("-c", SLOW_GENERATOR)
+    with serving(env, "--models", "fake/slow", command=command) as (process, lines):
+        running = re.search(RUNNING, read_until(lines, RUNNING, timeout=60)[-1])
+        assert running is not None
+        url = running.group(1)
+        answers: list[httpx.Response] = []
+
+        def generate() -> None:
+            with httpx.Client(base_url=url, timeout=60, headers=auth) as client:
+                body = {"model": "fake/slow", "prompt": "p", "steps": 8, "size": "16x16"}
+                answers.append(client.post("/v1/images/generations", json=body))
+
+        in_flight = threading.Thread(target=generate)
+        in_flight.start()
+        with httpx.Client(base_url=url, timeout=10, headers=auth) as client:
+            deadline = time.monotonic() + 60
+            while not any(m["in_flight"] for m in client.get("/v1/pool").json()["models"]):
+                assert time.monotonic() < deadline, "the generation never started"
+                time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        in_flight.join(timeout=60)
+        assert process.wait(timeout=60) == 0
+    assert len(answers) == 1
+    assert answers[0].status_code == 200, answers[0].text
+    assert len(answers[0].json()["data"]) == 1
+
+
+def test_the_host_and_connection_options_reach_the_server(env: dict[str, str]) -> None:
+    options = ("--models", "limner/tiny-clip", "--allowed-host", "models.lan",
+               "--header-timeout", "1", "--max-connections", "8")  # fmt: skip
+    with serving(env, *options) as (process, lines):
+        running = re.search(RUNNING, read_until(lines, RUNNING, timeout=60)[-1])
+        assert running is not None
+        url = running.group(1)
+        auth = {"Authorization": f"Bearer {KEY}"}
+        with httpx.Client(base_url=url, timeout=10, headers=auth) as client:
+            assert client.get("/v1/models", headers={"Host": "models.lan:8000"}).is_success
+            forged = client.get("/v1/models", headers={"Host": "rebind.attacker.example"})
+            metrics = client.get("/metrics").text
+        assert forged.status_code == 400
+        assert forged.json()["error"]["code"] == "invalid_host"
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            started = time.monotonic()
+            answer = b""
+            while chunk := slow.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - started < 1 + 5
+        assert "limner_http_connections_open" in metrics
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+
+
+def test_a_bad_allowed_host_is_refused_before_binding(env: dict[str, str]) -> None:
+    result = limner_serve(env, "--port", "0", "--allowed-host", "models.lan:8000")
+    assert result.returncode == 2
+    assert "--allowed-host" in result.stderr
+    assert "running on" not in result.stderr
+    assert "Traceback" not in result.stderr

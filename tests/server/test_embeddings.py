@@ -271,6 +271,8 @@ def test_bad_image_inputs_are_400_with_their_index(
         ({"model": TINY_CLIP, "input": [1, 2, 3]}, "input[0]"),
         ({"model": TINY_CLIP, "input": "x", "encoding_format": "int8"}, "encoding_format"),
         ({"model": TINY_CLIP, "input": "x", "dimensions": 32}, "dimensions"),
+        ({"model": TINY_CLIP, "input": "x", "dimensions": True}, "dimensions"),
+        ({"model": TINY_CLIP, "input": "x", "dimensions": "512"}, "dimensions"),
         ({"model": TINY_CLIP, "input": "x", "temperature": 1}, "temperature"),
         ({"model": TINY_CLIP, "input": ["x"] * 65}, "input"),
         ({"model": "fake/generator", "input": "x"}, "model"),
@@ -309,6 +311,22 @@ def test_malformed_json_and_a_non_object_body_are_400(main: Served, error_of: Er
     for response in (broken, listed, text, not_utf8, too_deep):
         assert response.status_code == 400
         assert error_of(response)["code"] == "invalid_request", response.text
+
+
+def test_a_body_without_a_json_content_type_says_so(main: Served, error_of: ErrorOf) -> None:
+    body = b'{"model": "fake/embedder", "input": "hello"}'
+    with main.client() as client:
+        bare = client.post("/v1/embeddings", content=body)
+        text = client.post("/v1/embeddings", content=body, headers={"Content-Type": "text/plain"})
+        json_ = client.post(
+            "/v1/embeddings", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert bare.status_code == 400
+    assert "Content-Type: application/json" in error_of(bare)["message"]
+    assert "no Content-Type" in error_of(bare)["message"]
+    assert text.status_code == 400
+    assert "'text/plain'" in error_of(text)["message"]
+    assert json_.status_code == 200
 
 
 def test_texts_over_max_text_chars_are_400_naming_the_item(

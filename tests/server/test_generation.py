@@ -126,6 +126,12 @@ def test_output_format_jpeg_and_webp(main: Served) -> None:
         ({"stream": "no"}, "stream", "invalid_request"),
         ({"stream": "true"}, "stream", "invalid_request"),
         ({"stream": 0}, "stream", "invalid_request"),
+        # Numbers are JSON numbers, strictly as stream is a JSON boolean: true is not 1.
+        ({"seed": True}, "seed", "invalid_request"),
+        ({"seed": "7"}, "seed", "invalid_request"),
+        ({"steps": True}, "steps", "invalid_request"),
+        ({"n": 1.0}, "n", "invalid_request"),
+        ({"guidance": True}, "guidance", "invalid_request"),
     ],
 )
 def test_bad_generation_requests_are_400_naming_the_field(
@@ -212,6 +218,19 @@ def test_a_client_leaving_a_stream_stops_the_generation(
     time.sleep(0.3)  # six more steps' time
     assert backend.steps_run == stopped_at
     assert stopped_at < 50
+    # Counted as a client that left (499), though its answer had begun with a 200.
+    metrics = served.app.state.limner_metrics.registry
+    labels = {"method": "POST", "route": "/v1/images/generations"}
+
+    def counted(status: str) -> float:
+        value = metrics.get_sample_value("limner_http_requests_total", {**labels, "status": status})
+        return value or 0.0
+
+    wait_for(lambda: counted("499") == 1, what="the abandoned stream to be counted")
+    assert counted("200") == 0
+    stream(served, model="fake/slow", prompt="short", steps=2)  # one read to its end: a 200
+    wait_for(lambda: counted("200") == 1, what="the whole stream to be counted")
+    assert counted("499") == 1
 
 
 def test_a_client_leaving_a_whole_generation_stops_it(

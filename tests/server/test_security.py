@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,7 @@ import anyio
 import httpx
 import pytest
 
+import limner
 from limner import ImageLimits, InvalidInput
 from limner.errors import FetchError
 from limner.server import ServerSettings
@@ -16,7 +18,7 @@ from limner.server._guard import GuardedTransport, URLGuard, forbidden_reason
 from limner.testing import fake_embedding_spec
 
 if TYPE_CHECKING:
-    from tests.server.conftest import ErrorOf, Served, ServerFactory
+    from tests.server.conftest import ErrorOf, Served, ServerFactory, WaitFor
 
     from tests.conftest import LocalHTTPServer as LocalServer
 
@@ -85,8 +87,146 @@ def test_the_right_key_works_and_probes_need_none(keyed: Served) -> None:
         assert client.get("/readyz").status_code == 200
 
 
+def test_probes_without_the_key_say_only_not_ready(
+    make_server: ServerFactory, error_of: ErrorOf, wait_for: WaitFor
+) -> None:
+    served = make_server(
+        fake_embedding_spec("fake/broken", options={"fail_loads": 100}),
+        preload=["fake/broken"],
+        api_key=KEY,
+    )
+    with served.client() as client:
+        wait_for(lambda: bool(served.app.state.limner.preload_errors), what="the preload to fail")
+        anonymous = client.get("/readyz")
+        keyed = client.get("/readyz", headers={"Authorization": f"Bearer {KEY}"})
+        wrong = client.get("/readyz", headers={"Authorization": "Bearer wrong"})
+    for answer in (anonymous, wrong):
+        assert answer.status_code == 503
+        assert error_of(answer) == {
+            "message": "not ready",
+            "type": "server_error",
+            "param": None,
+            "code": "not_ready",
+        }
+        assert "fake/broken" not in answer.text
+    assert keyed.status_code == 503
+    assert "fake/broken" in error_of(keyed)["message"]
+    assert "injected load failure" in error_of(keyed)["message"]
+
+
+class _UnavailablePool(limner.Pool):
+    """A runtime that says it cannot serve, as a Ray runtime whose cluster's control plane
+    is gone does."""
+
+    def unavailable(self) -> str | None:
+        return "lost the Ray cluster's control plane at 10.1.2.3:6379"
+
+
+def test_probes_without_the_key_say_not_ready_when_the_runtime_is_gone(
+    make_server: ServerFactory, error_of: ErrorOf
+) -> None:
+    served = make_server(
+        fake_embedding_spec("fake/embedder"), api_key=KEY, runtime=_UnavailablePool
+    )
+    with served.client() as client:
+        anonymous = client.get("/readyz")
+        keyed = client.get("/readyz", headers={"Authorization": f"Bearer {KEY}"})
+    assert anonymous.status_code == 503
+    assert error_of(anonymous)["message"] == "not ready"
+    assert "10.1.2.3" not in anonymous.text
+    assert keyed.status_code == 503
+    assert error_of(keyed)["code"] == "runtime_unavailable"
+    assert "10.1.2.3" in error_of(keyed)["message"]
+
+
+def test_probes_without_the_key_say_not_ready_while_loading(
+    make_server: ServerFactory, error_of: ErrorOf
+) -> None:
+    gate = threading.Event()
+    served = make_server(
+        fake_embedding_spec("fake/slow-load", options={"gate": gate}),
+        preload=["fake/slow-load"],
+        api_key=KEY,
+    )
+    try:
+        with served.client() as client:
+            anonymous = client.get("/readyz")
+            keyed = client.get("/readyz", headers={"Authorization": f"Bearer {KEY}"})
+    finally:
+        gate.set()
+    assert error_of(anonymous)["message"] == "not ready"
+    assert "retry-after" not in anonymous.headers  # loading looks as failed does
+    assert "fake/slow-load" in error_of(keyed)["message"]
+
+
 def embed_with(client: httpx.Client, item: str) -> httpx.Response:
     return client.post("/v1/embeddings", json={"model": "fake/embedder", "input": item})
+
+
+# -- Host (DNS rebinding) ---------------------------------------------------------------------
+
+
+def get_as(served: Served, host: str, path: str = "/v1/models") -> httpx.Response:
+    """``path`` with a forged ``Host``, as a browser sends it for a rebinding domain."""
+    with served.client(headers={"Host": host, **served.auth}) as client:
+        return client.get(path)
+
+
+def test_a_foreign_host_is_refused_without_a_key(guarded: Served, error_of: ErrorOf) -> None:
+    for host in ("rebind.attacker.example", "rebind.attacker.example:8000", "10.0.0.5:8000"):
+        for path in ("/v1/models", "/healthz", "/"):
+            answer = get_as(guarded, host, path)
+            assert answer.status_code == 400, (host, path)
+            error = error_of(answer)
+            assert error["code"] == "invalid_host"
+            assert "--allowed-host" in error["message"]
+    with guarded.client() as client:  # the refusals were counted like any answer
+        metrics = client.get("/metrics").text
+    assert 'route="/v1/models",status="400"' in metrics
+
+
+def test_loopback_names_are_answered_without_a_key(guarded: Served) -> None:
+    for host in ("127.0.0.1:8000", "localhost", "LOCALHOST.:80", "app.localhost", "[::1]:8000"):
+        assert get_as(guarded, host).status_code == 200, host
+
+
+def test_allowed_hosts_are_answered_and_others_still_refused(
+    make_server: ServerFactory,
+) -> None:
+    served = make_server(fake_embedding_spec("fake/embedder"), allowed_hosts=["Models.Example"])
+    assert get_as(served, "models.example:8000").status_code == 200
+    assert get_as(served, "models.example.").status_code == 200
+    assert get_as(served, "127.0.0.1").status_code == 200
+    assert get_as(served, "rebind.attacker.example").status_code == 400
+    anything = make_server(fake_embedding_spec("fake/embedder"), allowed_hosts=["*"])
+    assert get_as(anything, "rebind.attacker.example").status_code == 200
+
+
+def test_with_a_key_the_host_is_checked_only_as_configured(make_server: ServerFactory) -> None:
+    keyed = make_server(fake_embedding_spec("fake/embedder"), api_key=KEY)
+    assert get_as(keyed, "models.internal:8000").status_code == 200  # the key guards it
+    both = make_server(
+        fake_embedding_spec("fake/embedder"), api_key=KEY, allowed_hosts=["models.internal"]
+    )
+    assert get_as(both, "models.internal").status_code == 200
+    assert get_as(both, "rebind.attacker.example").status_code == 400
+
+
+def test_host_names_are_read_as_browsers_send_them() -> None:
+    from limner.server._middleware import host_allowed, host_name
+
+    assert host_name(b"Example.COM:8000") == "example.com"
+    assert host_name(b"[::1]:8000") == "::1"
+    assert host_name(b"[::1]") == "::1"
+    assert host_name(b"localhost.") == "localhost"
+    for bad in (b"", b"a:b:c", b"[::1", b"[::1]x", b"host:port", b"\xff"):
+        assert host_name(bad) is None, bad
+    assert host_allowed(None, ())  # HTTP/1.0 without a Host: no browser sends that
+    assert host_allowed(b"127.9.9.9", ())
+    assert not host_allowed(b"127.0.0.1.nip.io", ())
+    assert not host_allowed(b"localhost.attacker.example", ())
+    with pytest.raises(InvalidInput, match="allowed_hosts"):
+        ServerSettings(allowed_hosts=["not a host"])
 
 
 # -- CORS -------------------------------------------------------------------------------------

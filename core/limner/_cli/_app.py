@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import click
 
 from limner import __version__
@@ -25,6 +26,7 @@ from limner.errors import InvalidInput, LimnerError, describe_input
 if TYPE_CHECKING:
     from limner._embedder import ImageEmbedder
     from limner._generator import ImageGenerator
+    from limner._pool import Pool
 
 __all__ = ["cli", "main"]
 
@@ -227,7 +229,7 @@ async def _loaded(
 
     if _cli_process:
         gc.set_threshold(_LOADING_GC_THRESHOLD, *gc.get_threshold()[1:])
-    async with Pool(**(memory_budget or MemoryBudget())):
+    async with Pool(**(memory_budget or MemoryBudget())) as pool:
         started = time.perf_counter()
         if show:
             click.echo(f"loading {model.key} ...", err=True, nl=False)
@@ -242,6 +244,13 @@ async def _loaded(
             click.echo(f" {seconds:.1f} s", err=True)
         try:
             yield seconds
+        except BaseException:
+            # Interrupted (Ctrl-C): the work the command started stops at its next step (a
+            # generation) or batch. Wait for just that here, so that the pool has nothing to
+            # drain: its drain, once it has work, waits out all of drain_timeout (30 s).
+            with anyio.CancelScope(shield=True):
+                await _until_idle(pool)
+            raise
         finally:
             if _cli_process:
                 # Nothing the process holds now needs collecting before it ends: the full
@@ -249,6 +258,12 @@ async def _loaded(
                 # walk every object torch and its libraries made (1.5 s of a tiny model's
                 # command), and find little to free.
                 gc.freeze()
+
+
+async def _until_idle(pool: Pool) -> None:
+    """Until ``pool`` runs and queues nothing (polled: the pool signals no such moment)."""
+    while any(s.in_flight or s.queue_depth for s in pool.stats().values()):  # noqa: ASYNC110
+        await anyio.sleep(0.05)
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,11 +191,13 @@ def generate(
                 file=sys.stderr,
                 disable=not show_progress,
             ) as bar:
-                async for chunk in model.generate_image(prompt, config):
-                    if isinstance(chunk, Progress):
-                        bar.update(chunk.step - bar.n)
-                    else:
-                        result = chunk
+                # Closed however the loop ends: a Ctrl-C stops the run at its next step.
+                async with aclosing(model.generate_image(prompt, config)) as stream:
+                    async for chunk in stream:
+                        if isinstance(chunk, Progress):
+                            bar.update(chunk.step - bar.n)
+                        else:
+                            result = chunk
         if result is None:
             raise LimnerError(f"{model.key} finished without a result")
         return result, load_seconds

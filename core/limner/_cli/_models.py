@@ -7,7 +7,7 @@ import json
 import click
 
 from limner._defaults import default_model, write_default
-from limner._registry import default_registry
+from limner._registry import PluginRecord, default_registry
 from limner._spec import Capability
 
 from ._app import PLUGIN_HINT, cli
@@ -67,6 +67,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
             },
         }
         click.echo(json.dumps(document, indent=2))
+        _report_problems(plugins, conflicts)  # on stderr too: a script may read only stdout
         return
     if not entries:
         click.echo(f"No models: no limner plugin is installed. {PLUGIN_HINT}.", err=True)
@@ -87,6 +88,12 @@ def models(ctx: click.Context, as_json: bool) -> None:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _report_problems(plugins, conflicts)
+
+
+def _report_problems(
+    plugins: list[PluginRecord], conflicts: dict[str, tuple[PluginRecord, PluginRecord]]
+) -> None:
     for plugin in plugins:
         if plugin.error:
             click.echo(f"Broken plugin {plugin.label}: {plugin.error}", err=True)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import click
@@ -59,6 +64,36 @@ Examples:
     multiple=True,
     help="Allow browsers on this origin to call the API (repeatable; default: no CORS).",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A name clients may give in the Host header besides localhost, 127.0.0.1 and [::1] "
+    "(repeatable; '*' for any). Without an API key other names are refused: a web page "
+    "cannot reach the server through a domain it rebinds to this address.",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers; 408 and close past it.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds a client has to send a request's body once its headers are in; 408 and "
+    "close past it.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    help="Open connections at most; past it the one waiting longest on its client is closed.",
+)
 @click.option("--no-ui", is_flag=True, help="Do not serve the playground page at /.")
 @_memory_option
 @click.option(
@@ -89,6 +124,10 @@ def serve(
     api_key: str | None,
     allow_private_urls: bool,
     cors_origins: tuple[str, ...],
+    allowed_hosts: tuple[str, ...],
+    header_timeout: float,
+    body_timeout: float,
+    max_connections: int,
     no_ui: bool,
     memory_budget: MemoryBudget | None,
     log_level: str,
@@ -105,7 +144,7 @@ def serve(
     try:
         import uvicorn
 
-        from limner.server import ServerSettings, create_app
+        from limner.server import ServerSettings, create_app, http_protocol
         from limner.server._heap import limit_malloc_arenas
     except ImportError as error:
         raise click.ClickException(
@@ -113,6 +152,7 @@ def serve(
         ) from None
     if address is not None and runtime_name != "ray":
         raise click.UsageError("--address needs --runtime ray")
+    cluster_lost = _StopOnClusterLoss()
     try:
         settings = ServerSettings(
             models=_names(models),
@@ -120,31 +160,78 @@ def serve(
             api_key=api_key or None,
             allow_private_urls=allow_private_urls,
             cors_origins=cors_origins,
+            allowed_hosts=allowed_hosts,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            max_connections=max_connections,
             ui=not no_ui,
             pool_options=memory_budget or {},
-            runtime=_ray_runtime(address, _names(preload)) if runtime_name == "ray" else None,
+            runtime=(
+                _ray_runtime(address, _names(preload), memory_budget or {}, cluster_lost)
+                if runtime_name == "ray"
+                else None
+            ),
         )
     except InvalidInput as error:
-        if error.field != "api_key":
+        hints = {"api_key": "'--api-key' / LIMNER_API_KEY", "allowed_hosts": "'--allowed-host'"}
+        if error.field not in hints:
             raise
-        hint = "'--api-key' / LIMNER_API_KEY"
-        raise click.BadParameter(error.reason, param_hint=hint) from None
+        raise click.BadParameter(error.reason, param_hint=hints[error.field]) from None
     app = create_app(settings=settings)
     limit_malloc_arenas(2)  # before the worker threads start: a flat heap under steady load
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        click.echo(f"Warning: serving on {host} without an API key (--api-key).", err=True)
+        click.echo(
+            f"Warning: serving on {host} without an API key (--api-key); only requests naming "
+            "a loopback host or an --allowed-host are answered.",
+            err=True,
+        )
     listener = _listen(host, port)  # a port in use fails here, in one line
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=30)
-    server = _announcing_server(uvicorn.Server)(config)
+    server: uvicorn.Server | None = None
     try:
         with _log_to_stderr(log_level):
-            server.run(sockets=[listener])
-    except KeyboardInterrupt:
-        pass  # uvicorn already stopped gracefully; Ctrl-C is the way to stop
+            config = uvicorn.Config(
+                app, http=http_protocol(app), log_level=log_level, timeout_graceful_shutdown=30
+            )
+            server = _announcing_server(uvicorn.Server)(config)
+            cluster_lost.server = server
+            try:
+                with _stopped_by_sigterm():
+                    server.run(sockets=[listener])
+            except (KeyboardInterrupt, _Terminated):
+                pass  # uvicorn already stopped gracefully: Ctrl-C and SIGTERM are the ways
     finally:
         listener.close()
-    if not server.started:
+    if cluster_lost.reason is not None:
+        raise click.ClickException(f"the server stopped: {cluster_lost.reason}")
+    if server is None or not server.started:
         raise click.ClickException("the server failed to start; see the log above")
+
+
+class _Terminated(Exception):
+    """SIGTERM, once uvicorn has stopped gracefully and hands the signal on."""
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """SIGTERM stops the server as Ctrl-C does, and the command then exits 0.
+
+    uvicorn catches SIGTERM to stop gracefully, then raises it again for the handler it
+    found; the default one would end the process with 143 after a clean stop. This one
+    raises :class:`_Terminated` instead, which the command takes for a normal end.
+    """
+
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread: signals are not this command's to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -208,9 +295,47 @@ def _log_to_stderr(log_level: str) -> Iterator[None]:
         logger.propagate = propagate
 
 
-def _ray_runtime(address: str | None, preload: tuple[str, ...] | None) -> Callable[[], Any]:
-    """What makes the server's Ray runtime, once Ray Serve is known to be installed.
-    Preloaded keys keep a replica, as the pool keeps them loaded."""
+_STOP_SECONDS = 30.0
+"""How long the server may take to stop once its Ray cluster's control plane is lost,
+before the process exits anyway."""
+
+
+class _StopOnClusterLoss:
+    """What the Ray runtime calls when it gives up on the cluster's control plane: the
+    server stops (and `limner serve` exits with status 1, saying why); if it has not within
+    ``_STOP_SECONDS``, the process exits at once."""
+
+    def __init__(self) -> None:
+        self.server: Any = None
+        self.reason: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        self.reason = reason
+        if self.server is not None:
+            self.server.should_exit = True
+        watchdog = threading.Timer(_STOP_SECONDS, self._exit_now)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def _exit_now(self) -> None:
+        logging.getLogger("limner.server").error(
+            "the server did not stop within %g s of losing the Ray cluster (%s): exiting now",
+            _STOP_SECONDS,
+            self.reason,
+        )
+        os._exit(1)
+
+
+def _ray_runtime(
+    address: str | None,
+    preload: tuple[str, ...] | None,
+    pool_options: MemoryBudget,
+    on_lost: Callable[[str], object],
+) -> Callable[[], Any]:
+    """What makes the server's Ray runtime, once Ray Serve is known to be installed. Each
+    replica's pool takes ``pool_options`` (the memory budget); preloaded keys keep a replica,
+    as the pool keeps them loaded. ``on_lost`` is called if the cluster's control plane is
+    lost for good."""
     try:
         import ray.serve  # noqa: F401
 
@@ -222,7 +347,13 @@ def _ray_runtime(address: str | None, preload: tuple[str, ...] | None) -> Callab
 
     def make() -> RayRuntime:
         registry = default_registry()
-        kept = {registry.spec(name).key: RayKeyOptions(min_replicas=1) for name in preload or ()}
-        return RayRuntime(address=address, options_per_key=kept)
+        options = RayKeyOptions(pool_options=dict(pool_options))
+        kept = {
+            registry.spec(name).key: RayKeyOptions(min_replicas=1, pool_options=dict(pool_options))
+            for name in preload or ()
+        }
+        return RayRuntime(
+            address=address, options=options, options_per_key=kept, on_control_plane_lost=on_lost
+        )
 
     return make

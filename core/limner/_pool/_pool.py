@@ -303,7 +303,7 @@ class Pool(AsyncResource):
                 max_batch_wait=self.max_batch_wait,
                 clock=self.clock,
                 shutting_down=lambda: not self.running,
-                on_progress=self._progress.set,
+                on_progress=self._made_progress,
             )
             # A batch killed this worker (out of memory twice): the others carry on; the
             # last one's going unloads the key, and the next request cold-starts it.
@@ -312,7 +312,13 @@ class Pool(AsyncResource):
             if not state.workers:
                 self._spawn(self._residency.release, state, self._residency.retire(state))
 
+    def _made_progress(self) -> None:
+        """A batch or generation finished. Looked up on each call: ``aclose`` waits on a
+        fresh event each round, so an event bound when a worker started would wake nobody
+        (the drain then sat out its whole ``drain_timeout``)."""
+        self._progress.set()
+
     async def _generation(self, state: KeyState, *args: Any) -> None:
         await run_generation(
-            state, self.executor, *args, clock=self.clock, on_progress=self._progress.set
+            state, self.executor, *args, clock=self.clock, on_progress=self._made_progress
         )

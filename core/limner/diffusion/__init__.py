@@ -16,6 +16,8 @@ limner's.
 
 from __future__ import annotations
 
+from limner._exports import present_as_public
+
 from ._backend import DiffusersBackend, DiffusionVariant, select_variant
 from ._checkpoint import Checkpoint
 from ._config import (
@@ -59,3 +61,5 @@ __all__ = [
     "tiny_vae",
     "write_tiny_pipeline",
 ]
+
+present_as_public(__name__, globals(), __all__)

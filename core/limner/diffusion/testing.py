@@ -10,9 +10,14 @@ dtypes) with the fixtures they use::
     class TestAcme(DiffusionFamilyContract):
         plugin = limner_acme
         backend_class = AcmeBackend
-        ...  # and the other attributes the class declares
+        family_name = "Acme"  # the tiny key's description: "TINY random-weight Acme ..."
+        real_key = "acme/acme-1"
+        tiny_files = ("model_index.json", "unet/config.json")
 
         def test_something_only_acme_does(self, tiny: DiffusersBackend[Any]) -> None: ...
+
+docs/plugins.md ("A family's tests") lists every attribute the class reads, and
+``pipeline_steps``, which a family whose scheduler runs more steps than asked overrides.
 
 Every test runs offline, against a Hugging Face cache of the class's own, where the tiny
 model is written on first load. It needs pytest, with limner's pytest plugin (installed with
@@ -112,7 +117,8 @@ class DiffusionFamilyContract(GenerationTests):
         repo = hf_cache / ("models--" + self.tiny_key().replace("/", "--"))
         assert tiny.settings.revision is not None
         shutil.copytree(repo / "snapshots" / tiny.settings.revision, copy)
-        (copy / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+        denoiser = next(copy / name for name in ("transformer", "unet") if (copy / name).is_dir())
+        (denoiser / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
         with pytest.raises(ModelLoadError, match=f"could not load {self.tiny_key()}"):
             make_backend(local_dir=copy).load()
 

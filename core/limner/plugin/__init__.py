@@ -24,6 +24,7 @@ from limner._devices import (
     resolve_device,
     resolve_dtype,
 )
+from limner._exports import present_as_public
 from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
 from limner._hookspecs import PLUGIN_API, RegisterModel, hookimpl
 from limner._quiet import quiet_loading
@@ -112,3 +113,5 @@ __all__ = [
     "unit_rows",
     "weights_where",
 ]
+
+present_as_public(__name__, globals(), __all__)

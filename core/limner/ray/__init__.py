@@ -18,6 +18,8 @@ docs/distributed.md.
 
 from __future__ import annotations
 
+from limner._exports import present_as_public
+
 from ._ingress import http_ingress
 from ._placement import GPU_MB, NoRoomInCluster, RayKeyOptions, ReplicaResources
 from ._runtime import RayRuntime
@@ -30,3 +32,5 @@ __all__ = [
     "ReplicaResources",
     "http_ingress",
 ]
+
+present_as_public(__name__, globals(), __all__)

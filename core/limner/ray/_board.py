@@ -35,7 +35,8 @@ _FORGET_AFTER = 5 * REPORT_SECONDS
 @dataclass(frozen=True)
 class ReplicaReport:
     """One replica's word: the calls it is answering, its pool's figures, when it last
-    answered one (wall clock) and what it holds of the cluster."""
+    answered one and what it holds of the cluster; when it started (it holds its room since)
+    and when it said all this. Times are wall-clock, comparable across nodes."""
 
     app: str
     replica: str
@@ -43,6 +44,8 @@ class ReplicaReport:
     stats: KeyStats | None
     last_used: float | None
     resources: Mapping[str, float] = field(default_factory=dict)
+    started: float | None = None
+    reported: float | None = None
 
     @property
     def busy(self) -> bool:
@@ -51,7 +54,9 @@ class ReplicaReport:
 
 @dataclass(frozen=True)
 class AppUsage:
-    """One application summed over its replicas as reported."""
+    """One application summed over its replicas as reported: ``held_since`` is when its
+    oldest replica started, ``busy_reported`` when the latest busy report was made (None
+    when none is busy), so a host that saw its own last call end later knows better."""
 
     app: str
     replicas: int
@@ -61,6 +66,8 @@ class AppUsage:
     batches: int
     mean_batch_size: float
     queue_depth: int
+    held_since: float | None = None
+    busy_reported: float | None = None
 
 
 def app_usage(reports: Sequence[ReplicaReport]) -> dict[str, AppUsage]:
@@ -79,6 +86,8 @@ def app_usage(reports: Sequence[ReplicaReport]) -> dict[str, AppUsage]:
         batches = sum(s.batches for s in stats)
         items = sum(s.batches * s.mean_batch_size for s in stats)
         used = [row.last_used for row in rows if row.last_used is not None]
+        started = [row.started for row in rows if row.started is not None]
+        busy_at = [row.reported for row in rows if row.busy and row.reported is not None]
         usage[app] = AppUsage(
             app=app,
             replicas=len(rows),
@@ -88,12 +97,16 @@ def app_usage(reports: Sequence[ReplicaReport]) -> dict[str, AppUsage]:
             batches=batches,
             mean_batch_size=items / batches if batches else 0.0,
             queue_depth=sum(s.queue_depth for s in stats),
+            held_since=min(started, default=None),
+            busy_reported=max(busy_at, default=None),
         )
     return usage
 
 
 class Board:
-    """The replicas' reports, fresh ones only. (A detached Ray actor, one per cluster.)"""
+    """The replicas' reports, fresh ones only. (A detached Ray actor, one per cluster,
+    restarted by Ray if its process dies and made again by a runtime that finds it gone:
+    it holds nothing the replicas do not say again within a second.)"""
 
     def __init__(self) -> None:
         self._reports: dict[tuple[str, str], tuple[float, ReplicaReport]] = {}

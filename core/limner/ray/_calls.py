@@ -17,11 +17,12 @@ import anyio.to_thread
 import sniffio
 
 from limner import GenerationChunk
-from limner.errors import Cancelled, LimnerError, ModelError, PoolBusy
+from limner.errors import Cancelled, LimnerError, ModelError, PoolBusy, RuntimeUnavailable
 
 from ._keys import KeyEntry
 
 __all__ = [
+    "REPLACEMENT_SECONDS",
     "ApplicationGone",
     "call",
     "cancel",
@@ -30,6 +31,9 @@ __all__ = [
     "result",
     "typed_error",
 ]
+
+REPLACEMENT_SECONDS = 2.0
+"""The ``retry_after`` of a call whose replica died: about what Serve takes to start another."""
 
 Ready = Callable[[], Awaitable[KeyEntry]]
 """The key's entry, its application deployed (or room made for it) if need be."""
@@ -149,6 +153,22 @@ def typed_error(error: BaseException, key: str) -> BaseException:
         return ApplicationGone(f"{key}'s application on the cluster is gone: {seen!r}")
     if isinstance(seen, (serve_errors.RequestCancelledError, ray_errors.TaskCancelledError)):
         return Cancelled(f"the call to {key} on the cluster was cancelled")
+    lost = (
+        ray_errors.RayActorError,
+        ray_errors.WorkerCrashedError,
+        ray_errors.NodeDiedError,
+        ray_errors.LocalRayletDiedError,
+        serve_errors.ReplicaUnavailableError,
+    )
+    if isinstance(seen, lost):
+        unavailable = RuntimeUnavailable(
+            f"the replica of {key} running the call died ({type(seen).__name__}): Serve "
+            f"starts another; retry in {REPLACEMENT_SECONDS:g} s",
+            key=key,
+            retry_after=REPLACEMENT_SECONDS,
+        )
+        unavailable.__cause__ = seen
+        return unavailable
     failure = ModelError(f"{key} failed on the cluster: {seen!r}")
     failure.__cause__ = seen
     return failure

@@ -9,6 +9,9 @@ Ray is imported inside each function, never when this module is imported.
 
 from __future__ import annotations
 
+import errno
+import socket
+import threading
 import time
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -24,16 +27,24 @@ __all__ = [
     "NOT_DEPLOYED",
     "AppStatus",
     "app_handle",
+    "board",
     "connect",
+    "control_plane",
     "delete_application",
     "disconnect",
     "import_ray",
     "nodes",
     "run_application",
     "statuses",
+    "unreachable",
 ]
 
 _DEPLOYMENT = "LimnerReplica"
+
+_DEPLOYING = threading.Lock()
+"""One deployment at a time per process: Serve registers and unregisters its request
+router's module for pickling by value around each, process-wide, and two at once fail
+(``... is not registered for pickle by value``)."""
 
 
 def import_ray() -> Any:
@@ -74,32 +85,76 @@ def connect(
         started = True
     try:  # Serve's HTTP proxies are not needed: calls go through handles
         serve.start(proxy_location="Disabled", logging_config={"log_level": log_level})
-        board = (
-            ray.remote(Board)
-            .options(
-                name=BOARD_NAME,
-                namespace=BOARD_NAMESPACE,
-                lifetime="detached",
-                get_if_exists=True,
-                num_cpus=0,
-            )
-            .remote()
-        )
+        found = board()
     except BaseException:
         if started:
             ray.shutdown()
         raise
-    return started, board
+    return started, found
 
 
-def disconnect(apps: Collection[str], prefix: str, *, kill: Sequence[Any], shutdown: bool) -> None:
+def board() -> Any:
+    """The cluster's board actor: the running one, else a new one (the first runtime's, or
+    one made again after it died). Ray restarts it if its process dies."""
+    ray = import_ray()
+    return (
+        ray.remote(Board)
+        .options(
+            name=BOARD_NAME,
+            namespace=BOARD_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+        )
+        .remote()
+    )
+
+
+def control_plane() -> list[tuple[str, str, int]]:
+    """What to probe to know the control plane answers, as ``(what, host, port)``: the GCS
+    and this node's raylet. Nothing through Ray Client (its server is the one to watch)."""
+    ray = import_ray()
+    if ray.util.client.ray.is_connected():
+        return []
+    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    targets = [("the GCS", host, int(port))]
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    if node is not None and node.node_manager_port:
+        targets.append(("this node's raylet", node.node_ip_address, int(node.node_manager_port)))
+    return targets
+
+
+def unreachable(targets: Sequence[tuple[str, str, int]], timeout: float) -> str | None:
+    """Why the first of ``targets`` that takes no TCP connection within ``timeout`` seconds
+    does not (None: every one does)."""
+    for what, host, port in targets:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as error:
+            reason = errno.errorcode.get(error.errno or 0) or type(error).__name__
+            return f"{what} at {host}:{port} takes no connection ({reason})"
+    return None
+
+
+def disconnect(
+    apps: Collection[str],
+    prefix: str,
+    *,
+    kill: Sequence[Any],
+    shutdown: bool,
+    reachable: bool = True,
+) -> None:
     """Delete ``apps`` (waiting up to 30 s until Serve lists them no more) and kill the
-    actors in ``kill``; shut Ray down if ``shutdown`` (it was started here), whatever
+    actors in ``kill``, unless the control plane is not ``reachable`` (they would hang); shut
+    Ray down if ``shutdown`` (it was started here: only what it started ends), whatever
     failed before."""
     ray = import_ray()
     from ray import serve
 
     try:
+        if not reachable:
+            return
         for app in apps:
             serve.delete(app, _blocking=False)
         deadline = time.monotonic() + 30
@@ -137,12 +192,13 @@ def run_application(entry: KeyEntry, log_level: str) -> Any:
             logging_config={"log_level": log_level, "enable_access_log": False},
             graceful_shutdown_wait_loop_s=0.1,
         )
-        return serve._run(
-            deployment.bind(*arguments, True),
-            name=entry.app,
-            route_prefix=None,
-            _blocking=False,
-        )
+        with _DEPLOYING:
+            return serve._run(
+                deployment.bind(*arguments, True),
+                name=entry.app,
+                route_prefix=None,
+                _blocking=False,
+            )
 
 
 def delete_application(app: str) -> None:

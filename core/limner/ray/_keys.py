@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from limner import KeyStats, ModelSettings, ModelSpec
+from limner.errors import LimnerError
 from limner.runtime import ModelState
 
 from ._board import AppUsage
@@ -38,11 +39,13 @@ class KeyEntry:
     status: str = "NOT_STARTED"
     in_flight: int = 0
     last_used: float | None = None
+    since: float | None = None  # when room was last made for it (it holds its room since)
     loads: int = 0
     load_seconds: float = 0.0
     evictions: int = 0
     usage: AppUsage | None = None  # its replicas' reports, summed, as of the last refresh
     owned: bool = True  # deployed by this runtime (deleted when it closes), not adopted
+    failure: tuple[float, LimnerError] | None = None  # the last attempt to deploy or make room
 
     def forget_application(self) -> None:
         """The key's application is gone (another runtime scaled it to zero): its next call

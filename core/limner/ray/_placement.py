@@ -1,8 +1,8 @@
 """Where a key's replicas may run: their resources, and whether any node can hold one.
 
 Plain functions of plain values (no ray here), so the rules are tested without a cluster:
-what a replica asks Ray for, whether a node fits it, the error naming the need and the
-largest room when none does, and which idle key gives its room up first.
+what a replica asks Ray for, whether a node fits it, and the error naming the need and the
+largest room when none does (which key gives its room up is :mod:`limner.ray._room`'s).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ __all__ = [
     "ReplicaResources",
     "check_fits",
     "fits",
-    "least_recently_used",
     "replica_resources",
 ]
 
@@ -233,11 +232,3 @@ def check_fits(
         available_mb=memory_room / _MIB,
         busy=busy,
     )
-
-
-def least_recently_used(idle: Sequence[tuple[str, float | None]]) -> str | None:
-    """The idle key to scale to zero first: the one used longest ago."""
-    if not idle:
-        return None
-    key, _ = min(idle, key=lambda entry: entry[1] or 0.0)
-    return key

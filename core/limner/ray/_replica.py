@@ -77,6 +77,19 @@ def build_backend(spec: ModelSpec, settings: ModelSettings) -> Backend:
     return backend
 
 
+def _find_board(app: str) -> Any:
+    """The cluster's board actor, or None when there is none now."""
+    import ray
+
+    from ._board import BOARD_NAME, BOARD_NAMESPACE
+
+    try:
+        return ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+    except ValueError:
+        log.debug("no %s actor on this cluster now: %s reports nothing", BOARD_NAME, app)
+        return None
+
+
 def _local_spec(key: str) -> ModelSpec | None:
     try:
         return default_registry().spec(key)
@@ -205,23 +218,23 @@ class LimnerReplica:
     async def _report_periodically(self) -> None:
         """Until the replica stops: tell the board what this replica does, every
         ``REPORT_SECONDS`` and soon after it turns busy or idle (at most ten times a
-        second); its row goes when it stops."""
+        second); its row goes when it stops. A board that is gone (or not made yet) is
+        looked up again every period: a runtime makes a new one."""
         import ray
         from ray import serve
 
-        from ._board import BOARD_NAME, BOARD_NAMESPACE, REPORT_SECONDS, ReplicaReport
+        from ._board import REPORT_SECONDS, ReplicaReport
 
         context = serve.get_replica_context()
         app, replica = context.app_name, context.replica_id.unique_id
-        try:
-            board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
-        except ValueError:  # deployed by a runtime without one: nothing reads reports
-            log.warning("no %s actor on this cluster: %s reports nothing", BOARD_NAME, app)
-            return
+        started = time.time()
+        board: Any = None
         resources = dict(ray.get_runtime_context().get_assigned_resources())
         try:
             while not self._stop.is_set():
                 self._changed.clear()
+                if board is None:
+                    board = await asyncio.to_thread(_find_board, app)
                 report = ReplicaReport(
                     app=app,
                     replica=replica,
@@ -229,17 +242,22 @@ class LimnerReplica:
                     stats=await self.stats(),
                     last_used=self._last_used,
                     resources=resources,
+                    started=started,
+                    reported=time.time(),
                 )
-                try:
-                    await board.report.remote(report)
-                except Exception as error:  # the board is gone: no one reads it now
-                    log.debug("reporting to the board failed: %r", error)
+                if board is not None:
+                    try:
+                        await board.report.remote(report)
+                    except Exception as error:  # gone: look it up again next time
+                        log.debug("reporting to the board failed: %r", error)
+                        board = None
                 await asyncio.sleep(0.1)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), REPORT_SECONDS)
         finally:
-            with contextlib.suppress(Exception):
-                await board.forget.remote(app, replica)
+            if board is not None:
+                with contextlib.suppress(Exception):
+                    await board.forget.remote(app, replica)
 
     async def __del__(self) -> None:
         """Serve's shutdown hook: drain and close the pool, unloading the weights."""

@@ -32,6 +32,7 @@ from limner.runtime import RequestKind, repeat_every
 from . import _cluster as cluster
 from ._applications import Applications
 from ._calls import call, cancel, next_chunk, open_stream, result
+from ._health import ControlPlaneWatch
 from ._keys import KeyEntry, snapshot
 from ._placement import RayKeyOptions
 
@@ -51,13 +52,24 @@ class RayRuntime(AsyncResource):
     running cluster; ``"ray://host:10001"`` goes through Ray Client. ``init_options`` are
     further ``ray.init`` arguments. Each key's replicas follow ``options_per_key[key]``, else
     ``options`` (:class:`RayKeyOptions`: resources, replicas, keep-alive, the replica's pool
-    arguments). A key no node has room for now waits ``room_timeout`` seconds for room
-    (after scaling the cluster's least recently used idle keys to zero), then its callers get
-    :class:`NoRoomInCluster`; one no node could ever hold gets it at once. A deployment not
-    running after ``deploy_timeout`` seconds is deleted and its callers get an error, never
-    a hang. A generation runs at most ``stream_window`` chunks
-    ahead of its consumer (0: no bound). ``refresh_interval`` is how often ``stats()``'s
-    replica counts are read from Serve.
+    arguments). A key no node has room for now waits up to ``room_timeout`` seconds for room,
+    looking again every fraction of a second: the cluster's least recently used idle key is
+    scaled to zero for it, else, when every key is busy, the one that has held its room
+    longest once it has held it ``min_hold`` seconds (its calls finish first); then its
+    callers get :class:`NoRoomInCluster`. One no node could ever hold gets it at once. A
+    deployment not running after ``deploy_timeout`` seconds is deleted and its callers get
+    an error, never a hang. A generation runs at most ``stream_window`` chunks ahead of its
+    consumer (0: no bound). ``refresh_interval`` is how often ``stats()``'s replica counts
+    are read from Serve.
+
+    Every ``health_interval`` seconds the runtime checks that the cluster's control plane
+    (the GCS, and this node's raylet) takes connections. While it does not,
+    :meth:`unavailable` says why (a server's ``/readyz`` answers 503) and calls that need it
+    fail with :class:`~limner.RuntimeUnavailable`; if it comes back (Ray reconnects), all is
+    as before. After ``control_plane_timeout`` seconds without it the runtime gives up: one
+    line is logged, every later call fails so, and ``on_control_plane_lost(reason)`` is
+    called (``limner serve`` exits then). The runtime never ends Ray processes it did not
+    start.
     """
 
     address: str | None = None
@@ -70,15 +82,25 @@ class RayRuntime(AsyncResource):
     stream_window: int = 4
     refresh_interval: float = 5.0
     drain_timeout: float = 30.0
+    min_hold: float = 5.0
+    health_interval: float = 1.0
+    control_plane_timeout: float = 10.0
+    on_control_plane_lost: Callable[[str], object] | None = None
     app_prefix: str = "limner:"
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
         if self.stream_window < 0:
             raise InvalidInput("must be >= 0", input=self.stream_window, field="stream_window")
-        for name in ("deploy_timeout", "refresh_interval", "room_timeout", "drain_timeout"):
+        may_be_zero = ("room_timeout", "drain_timeout", "min_hold", "control_plane_timeout")
+        for name in (
+            "deploy_timeout",
+            "refresh_interval",
+            "health_interval",
+            *may_be_zero,
+        ):
             value = getattr(self, name)
-            if not (value > 0 or (value == 0 and name in ("room_timeout", "drain_timeout"))):
+            if not (value > 0 or (value == 0 and name in may_be_zero)):
                 raise InvalidInput("must be positive", input=value, field=name)
         self.options_per_key = dict(self.options_per_key)
         self.init_options = dict(self.init_options)
@@ -87,12 +109,14 @@ class RayRuntime(AsyncResource):
         self._closing = False
         self._started_ray = False
         self._credits: Any = None
+        self._control_plane: list[tuple[str, str, int]] = []
         self._applications = Applications(
             self._keys,
             self.app_prefix,
             self.log_level,
             self.deploy_timeout,
             self.room_timeout,
+            self.min_hold,
         )
         self._settled = anyio.Event()  # set whenever a call ends
 
@@ -103,6 +127,7 @@ class RayRuntime(AsyncResource):
             raise LimnerError("this runtime is already running")
         await anyio.to_thread.run_sync(self._connect)
         self._closing = False
+        self._applications.health = ControlPlaneWatch(timeout=self.control_plane_timeout)
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(
@@ -112,6 +137,8 @@ class RayRuntime(AsyncResource):
             log,
             "reading the Ray applications' status",
         )
+        if self._control_plane:
+            self._task_group.start_soon(self._watch_control_plane)
         return self
 
     async def aclose(self) -> None:
@@ -120,7 +147,8 @@ class RayRuntime(AsyncResource):
         if self._task_group is None:
             return
         self._closing = True
-        with anyio.CancelScope(shield=True), anyio.move_on_after(self.drain_timeout):
+        drain = 0.0 if self._applications.health.lost else self.drain_timeout
+        with anyio.CancelScope(shield=True), anyio.move_on_after(drain):
             while any(entry.in_flight for entry in self._keys.values()):
                 self._settled = anyio.Event()
                 await self._settled.wait()
@@ -136,6 +164,7 @@ class RayRuntime(AsyncResource):
         self._started_ray, self._applications.board = cluster.connect(
             self.address, self.init_options, self.log_level
         )
+        self._control_plane = cluster.control_plane()
 
     def _disconnect(self) -> None:
         deleting = []
@@ -145,10 +174,58 @@ class RayRuntime(AsyncResource):
             entry.handle, entry.replicas, entry.status = None, 0, "NOT_STARTED"
         kill = [self._credits] if self._credits is not None else []
         try:
-            cluster.disconnect(deleting, self.app_prefix, kill=kill, shutdown=self._started_ray)
+            cluster.disconnect(
+                deleting,
+                self.app_prefix,
+                kill=kill,
+                shutdown=self._started_ray,
+                reachable=self._applications.health.problem is None,
+            )
         finally:
             self._credits = self._applications.board = None
             self._started_ray = False
+
+    async def _watch_control_plane(self) -> None:
+        """Probe the control plane every ``health_interval`` seconds until the runtime
+        closes or gives up on it; say when it goes, comes back or is given up on."""
+        health = self._applications.health
+        while not health.lost:
+            await anyio.sleep(self.health_interval)
+            problem = await anyio.to_thread.run_sync(
+                cluster.unreachable,
+                self._control_plane,
+                min(self.health_interval, 2.0),
+                abandon_on_cancel=True,
+            )
+            verdict = health.observe(problem, time.monotonic())
+            if verdict == "unreachable":
+                self._applications.cut_waits()
+                log.warning(
+                    "the Ray cluster's control plane does not answer (%s): not ready; giving "
+                    "up in %g s unless it comes back",
+                    problem,
+                    self.control_plane_timeout,
+                )
+            elif verdict == "back":
+                log.warning("the Ray cluster's control plane answers again: ready")
+            elif verdict == "lost":
+                self._applications.cut_waits()
+                reason = (
+                    f"lost the Ray cluster's control plane: {problem} for "
+                    f"{self.control_plane_timeout:g} s"
+                )
+                log.error("%s; calls fail from now on", reason)
+                if self.on_control_plane_lost is not None:
+                    self.on_control_plane_lost(reason)
+
+    def unavailable(self) -> str | None:
+        """Why the runtime cannot serve now (its cluster's control plane does not answer),
+        or None: a server's readiness reads it."""
+        problem = self._applications.health.problem
+        if problem is None:
+            return None
+        verdict = "gone" if self._applications.health.lost else "not answering"
+        return f"the Ray cluster's control plane is {verdict}: {problem}"
 
     # -- the runtime ----------------------------------------------------------------------
 
@@ -210,6 +287,8 @@ class RayRuntime(AsyncResource):
     async def refresh(self) -> dict[str, KeyStats]:
         """Read the replica counts from Serve and the replicas' figures from the cluster's
         board now; return :meth:`stats`."""
+        if self._applications.health.problem is not None:
+            return self.stats()  # Serve cannot say: the figures stay as last read
         statuses = await self._applications.statuses()
         usage = await self._applications.usage()
         for entry in self._keys.values():
@@ -218,7 +297,8 @@ class RayRuntime(AsyncResource):
             if entry.app not in statuses:
                 entry.forget_application()
             entry.replicas = found.running if entry.handle is not None else 0
-            entry.usage = usage.get(entry.app)
+            if usage is not None:
+                entry.usage = usage.get(entry.app)
         return self.stats()
 
     async def wait_for_replicas(self, key: str, count: int, *, poll: float = 0.2) -> None:
@@ -253,8 +333,7 @@ class RayRuntime(AsyncResource):
         entry = self._keys.get(key)
         if entry is None or entry.handle is None or entry.in_flight:
             return False
-        await self._applications.retire(entry, reason="evicted on request")
-        return True
+        return await self._applications.retire(entry, reason="evicted on request")
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -269,6 +348,8 @@ class RayRuntime(AsyncResource):
                 "the Ray runtime is not running; use it inside `async with RayRuntime()`"
             )
         key = backend.spec.key
+        if self._applications.health.lost:
+            self._applications.check_reachable(key)
         entry = self._keys.get(key)
         if entry is None:
             entry = KeyEntry(

@@ -6,12 +6,19 @@ Needs the ``server`` extra (``pip install 'limner[server]'``)::
 
     app = create_app(settings=ServerSettings(models=["limner/tiny-clip"], api_key="secret"))
 
-or from a shell, ``limner serve --models limner/tiny-clip``. See docs/http.md.
+or from a shell, ``limner serve --models limner/tiny-clip``. Under uvicorn, pass
+``http=http_protocol(app)`` for the connection limits (slow clients, open connections, a
+lingering close). See docs/http.md.
 """
 
 from __future__ import annotations
 
+from limner._exports import present_as_public
+
 from ._app import create_app
+from ._connections import http_protocol
 from ._settings import ServerSettings
 
-__all__ = ["ServerSettings", "create_app"]
+__all__ = ["ServerSettings", "create_app", "http_protocol"]
+
+present_as_public(__name__, globals(), __all__)

@@ -14,7 +14,14 @@ from limner import Capability, Registry, __version__, default_registry
 
 from ._errors import install_error_handlers
 from ._metrics import Metrics
-from ._middleware import OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from ._middleware import (
+    OPEN_PATHS,
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    HeadMiddleware,
+    HostCheckMiddleware,
+    MetricsMiddleware,
+)
 from ._routes import add_routes
 from ._service import Service
 from ._settings import ServerSettings
@@ -40,7 +47,7 @@ def create_app(
     service = Service.create(registry, settings)
     metrics = Metrics(
         stats=lambda: dict(service.pool.stats()) if service.pool is not None else None,
-        ready=lambda: service.ready,
+        ready=service.serving,
     )
 
     @asynccontextmanager
@@ -61,8 +68,9 @@ def create_app(
     add_routes(app)
     if settings.ui:
         add_ui(app)
-    # Added innermost first: metrics see every answer, CORS answers preflights before the
-    # key check, and the key is checked before a body is read.
+    # Added innermost first: metrics see every answer, a foreign Host is refused before
+    # anything else, CORS answers preflights before the key check, and the key is checked
+    # before a body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
@@ -74,6 +82,9 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
             max_age=600,
         )
+    app.add_middleware(HeadMiddleware)
+    if settings.api_key is None or settings.allowed_hosts:
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=lambda: app.routes)
 
     def openapi() -> dict[str, Any]:

@@ -86,6 +86,16 @@ _SERVER_ERRORS: tuple[tuple[type[errors.LimnerError], int, str], ...] = (
 """limner's errors that are the server's side, with their status and code."""
 
 
+_RETRY_LATER: tuple[
+    tuple[type[errors.PoolBusy | errors.RuntimeUnavailable], int, str, str], ...
+] = (
+    (errors.PoolBusy, 429, "rate_limit_error", "pool_busy"),
+    (errors.RuntimeUnavailable, 503, "server_error", "runtime_unavailable"),
+)
+"""limner's errors that say when to try again (``retry_after``), with their status, type and
+code: the answer carries ``Retry-After``."""
+
+
 def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
     """The answer for an exception raised while serving a request."""
     if isinstance(error, APIError):
@@ -96,15 +106,16 @@ def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
         return APIError(400, str(error), param=param, code="fetch_failed")
     if isinstance(error, errors.InvalidInput):
         return APIError(400, str(error), param=param, code="invalid_input")
-    if isinstance(error, errors.PoolBusy):
-        seconds = max(1, math.ceil(error.retry_after))
-        return APIError(
-            429,
-            str(error),
-            type="rate_limit_error",
-            code="pool_busy",
-            headers={"Retry-After": str(seconds)},
-        )
+    for later, status, error_type, code in _RETRY_LATER:
+        if isinstance(error, later):
+            seconds = max(1, math.ceil(error.retry_after))
+            return APIError(
+                status,
+                str(error),
+                type=error_type,
+                code=code,
+                headers={"Retry-After": str(seconds)},
+            )
     for kind, status, code in _SERVER_ERRORS:  # the most specific class first
         if isinstance(error, kind):
             return APIError(status, str(error), type="server_error", code=code)
@@ -128,10 +139,33 @@ def _location(loc: Sequence[int | str]) -> str | None:
     return text or None
 
 
-def _validation_error(error: RequestValidationError) -> APIError:
+# What pydantic says of a body that is not a JSON object: FastAPI parses a body as JSON
+# only when its Content-Type says JSON, so a body sent without one arrives as bytes.
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type"})
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _validation_error(error: RequestValidationError, content_type: str | None) -> APIError:
     problems = error.errors()
     if not problems:
         return APIError(400, "invalid request", code="invalid_request")
+    body_kind = next(
+        (p.get("type") for p in problems if tuple(p.get("loc", ())) == ("body",)), None
+    )
+    if body_kind in _NOT_AN_OBJECT and not _is_json(content_type):
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        return APIError(
+            400,
+            f"the body must be a JSON object sent with Content-Type: application/json; this "
+            f"request has {sent}",
+            code="invalid_request",
+        )
     # A union reports every member's complaint; the deepest one is about what was sent
     # (``input[1]`` of a list, not "input should be a string").
     first = max(problems, key=lambda p: len((_location(p.get("loc", ())) or "").split("[")))
@@ -160,7 +194,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        return _validation_error(error).response()
+        return _validation_error(error, request.headers.get("content-type")).response()
 
     async def on_http(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)

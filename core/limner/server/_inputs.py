@@ -15,14 +15,8 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
-from limner import (
-    ImageLimits,
-    InputKind,
-    classify_input,
-    encoded_bytes,
-    fetch_image_bytes,
-)
 from limner.errors import FetchError, InvalidInput
+from limner.inputs import ImageLimits, InputKind, classify_input, encoded_bytes, fetch_image_bytes
 
 __all__ = ["SplitInputs", "split_inputs"]
 

@@ -121,4 +121,16 @@ class Metrics:
             "HTTP requests being served",
             registry=self.registry,
         )
+        self.connections_open = Gauge(
+            "limner_http_connections_open",
+            "Open client connections (at most max_connections)",
+            registry=self.registry,
+        )
+        self.connections_closed = Counter(
+            "limner_http_connections_closed",
+            "Connections the server closed on a client: header_timeout, body_timeout, "
+            "headers_too_large, over_capacity",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_PoolCollector(stats, ready))

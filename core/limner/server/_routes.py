@@ -36,6 +36,7 @@ from limner.errors import InvalidInput, ModelError
 from ._errors import APIError, input_param, to_api_error
 from ._inputs import split_inputs
 from ._metrics import Metrics
+from ._middleware import is_authorized
 from ._schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -421,13 +422,28 @@ async def healthz() -> dict[str, str]:
 @_route(
     "GET",
     "/readyz",
-    responses={503: {"model": ErrorResponse, "description": "Preloads not (yet) loaded"}},
+    responses={
+        503: {"model": ErrorResponse, "description": "Preloads not loaded, or runtime unavailable"}
+    },
 )
 async def readyz(request: Request) -> dict[str, str]:
-    """200 once every preloaded model is loaded; 503 before, or if one failed."""
+    """200 once every preloaded model is loaded; 503 before, if one failed, or while the
+    runtime cannot serve (a Ray cluster's control plane is gone). Why not is told only to a
+    request with the API key (or when there is none), and in the log."""
     service = _service(request)
-    if service.ready:
+    unavailable = service.unavailable()
+    if unavailable is None and service.ready:
         return {"status": "ready"}
+    if not is_authorized(request.scope):
+        raise APIError(503, "not ready", type="server_error", code="not_ready")
+    if unavailable is not None:
+        raise APIError(
+            503,
+            unavailable,
+            type="server_error",
+            code="runtime_unavailable",
+            headers={"Retry-After": "5"},
+        )
     if service.preload_errors:
         failed = "; ".join(f"{key}: {error}" for key, error in service.preload_errors.items())
         raise APIError(503, f"preloading failed: {failed}", type="server_error", code="not_ready")
@@ -446,7 +462,7 @@ async def pool_stats(request: Request) -> PoolResponse:
     service = _service(request)
     stats = service.pool.stats() if service.pool is not None else {}
     models = [dataclasses.asdict(s) for _, s in sorted(stats.items())]
-    return PoolResponse.model_validate({"ready": service.ready, "models": models})
+    return PoolResponse.model_validate({"ready": service.serving(), "models": models})
 
 
 @_route(

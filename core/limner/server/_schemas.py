@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool
 
 from limner import KeyStats
 
@@ -31,6 +31,12 @@ _MAX_SEED = 2**63 - 1
 
 _Item = Annotated[str, Field(min_length=1)]
 
+# Numbers as JSON numbers only: lax parsing would take `true` for 1 and "7" for 7, and a
+# request that means something else would run rather than fail. A float field still takes
+# an integer (3 is 3.0).
+_Int = Annotated[int, Strict()]
+_Float = Annotated[float, Strict()]
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -48,7 +54,7 @@ class EmbeddingRequest(_Request):
         default="float",
         description="base64: each vector as little-endian float32 bytes, base64-encoded.",
     )
-    dimensions: int | None = Field(
+    dimensions: _Int | None = Field(
         default=None, ge=1, description="Must equal the model's dimension when given."
     )
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
@@ -75,7 +81,7 @@ class EmbeddingResponse(BaseModel):
 class ImageRequest(_Request):
     prompt: str = Field(min_length=1, max_length=10_000)
     model: str = Field(min_length=1, max_length=256, description="Model key or alias.")
-    n: int = Field(default=1, ge=1, le=10, description="Number of images.")
+    n: _Int = Field(default=1, ge=1, le=10, description="Number of images.")
     size: str | None = Field(
         default=None,
         pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
@@ -93,9 +99,9 @@ class ImageRequest(_Request):
         default=False,
         description="With stream: each progress event carries a small PNG of the image so far.",
     )
-    seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
-    steps: int | None = Field(default=None, ge=1, le=1000)
-    guidance: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    seed: _Int | None = Field(default=None, ge=0, le=_MAX_SEED)
+    steps: _Int | None = Field(default=None, ge=1, le=1000)
+    guidance: _Float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     negative_prompt: str | None = Field(default=None, max_length=10_000)
     # What OpenAI clients send for DALL-E and gpt-image; the model's own settings (steps,
     # guidance) decide here, so they are accepted and ignored, yet a misspelt value is a 400.

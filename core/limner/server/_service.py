@@ -136,6 +136,17 @@ class Service:
         elif self.preload_errors:
             log.error("not ready: /readyz answers 503 (%s failed)", ", ".join(self.preload_errors))
 
+    def unavailable(self) -> str | None:
+        """Why the runtime cannot serve now, if it says (a Ray runtime whose cluster's
+        control plane does not answer); None otherwise."""
+        says = getattr(self.pool, "unavailable", None)
+        reason: str | None = says() if callable(says) else None
+        return reason
+
+    def serving(self) -> bool:
+        """Ready: the preloads loaded and the runtime able to serve."""
+        return self.ready and self.unavailable() is None
+
     # -- models -----------------------------------------------------------------------------
 
     def entries(self) -> list[ModelEntry]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -43,6 +45,29 @@ def _hosts(names: Sequence[str], field_name: str) -> tuple[str, ...]:
         return tuple(canonical_host(name) for name in names)
     except InvalidInput as error:
         raise InvalidInput(error.reason, field=field_name) from None
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def _allowed_hosts(names: Sequence[str]) -> tuple[str, ...]:
+    """Names as a ``Host`` header gives them (IDNA, lower case), without a port; ``"*"``."""
+    hosts = []
+    for name in names:
+        if name.strip() == "*":
+            hosts.append("*")
+            continue
+        host = _hosts([name], "allowed_hosts")[0]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOST_NAME.fullmatch(host):
+                raise InvalidInput(
+                    f"{name!r} is not a host name (a name or an IP address, without a port)",
+                    field="allowed_hosts",
+                ) from None
+        hosts.append(host)
+    return tuple(hosts)
 
 
 def _check_api_key(key: str) -> None:
@@ -91,6 +116,17 @@ class ServerSettings:
     """Largest request body accepted, counted while it is read (413 past it)."""
     request_timeout: float = 300.0
     """Seconds one request (a whole generation stream included) may take before a 504."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a request's line and headers, from its connection (or,
+    on a kept-alive connection, the request's first byte); 408 and close past it."""
+    body_timeout: float = 60.0
+    """Seconds a client has to send a request's body once its headers are in; 408 and close
+    past it. Also the longest the server reads and discards what a client still sends after
+    an early answer (a 413) before closing."""
+    max_connections: int = 512
+    """Open connections at most (and at most half the open-file limit). Past it, the one
+    waiting longest on its client (idle, or still sending its request) is closed for the new
+    one; one being served never is."""
     image_limits: ImageLimits = DEFAULT_SERVER_IMAGE_LIMITS
     """Bounds on each image input: encoded bytes, pixels, fetch time, redirects."""
     max_inputs: int = 2048
@@ -102,6 +138,11 @@ class ServerSettings:
     """URL inputs fetched at once, across all requests."""
     cors_origins: Sequence[str] = ()
     """Origins allowed cross-origin browser access; empty turns CORS off."""
+    allowed_hosts: Sequence[str] = ()
+    """Names requests may give in their ``Host`` header besides loopback ones (``localhost``,
+    ``127.0.0.1``, ``[::1]``); ``"*"`` is any. Checked when there is no ``api_key`` (a web page
+    reaching the server through a rebinding domain has a foreign ``Host``), and with a key
+    when set."""
     pool_options: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments for the server's :class:`~limner.Pool` (``max_queue``, ...)."""
     ui: bool = True
@@ -116,7 +157,7 @@ class ServerSettings:
         if models is not None and not models:
             raise InvalidInput("must name at least one model, or be None for all", field="models")
         object.__setattr__(self, "models", models)
-        for name in ("preload", "trusted_hosts", "cors_origins"):
+        for name in ("preload", "trusted_hosts", "cors_origins", "allowed_hosts"):
             object.__setattr__(self, name, _names(getattr(self, name), name) or ())
         fetch_hosts = _names(self.fetch_hosts, "fetch_hosts")
         object.__setattr__(
@@ -125,17 +166,29 @@ class ServerSettings:
             None if fetch_hosts is None else _hosts(fetch_hosts, "fetch_hosts"),
         )
         object.__setattr__(self, "trusted_hosts", _hosts(self.trusted_hosts, "trusted_hosts"))
+        object.__setattr__(self, "allowed_hosts", _allowed_hosts(self.allowed_hosts))
         if self.api_key is not None:
             _check_api_key(self.api_key)
-        for name in ("max_body_bytes", "max_inputs", "max_text_chars", "max_concurrent_fetches"):
+        for name in (
+            "max_body_bytes",
+            "max_inputs",
+            "max_text_chars",
+            "max_concurrent_fetches",
+            "max_connections",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInput(f"must be a positive integer, got {value!r}", field=name)
-        if not (self.request_timeout > 0 and math.isfinite(self.request_timeout)):
-            raise InvalidInput(
-                f"must be a positive number of seconds, got {self.request_timeout!r}",
-                field="request_timeout",
-            )
+        for name in ("request_timeout", "header_timeout", "body_timeout"):
+            seconds = getattr(self, name)
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, (int, float))
+                or not (seconds > 0 and math.isfinite(seconds))
+            ):
+                raise InvalidInput(
+                    f"must be a positive number of seconds, got {seconds!r}", field=name
+                )
         if not isinstance(self.image_limits, ImageLimits):
             raise InvalidInput("must be an ImageLimits", field="image_limits")
         options = dict(self.pool_options)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import limner
+import limner.inputs
 from limner_clip import _backend
 from limner_clip._backend import (
     ClipBackend,
@@ -277,7 +278,7 @@ def test_a_cpu_forward_pass_takes_at_most_32_images(
         return forward(pixel_values=pixel_values)
 
     monkeypatch.setattr(model, "get_image_features", counted)
-    image = limner.decode_image(str(varied_images[0]), draft_size=backend.image_size)
+    image = limner.inputs.decode_image(str(varied_images[0]), draft_size=backend.image_size)
     items = [backend.prepare(image)] * 40
     vectors = backend.embed_prepared(items)
     assert sizes == [32, 8]

@@ -1,0 +1,29 @@
+"""Reading images from strangers, the way limner's own HTTP server does.
+
+For host applications that take inputs over a network and hand limner already-decoded
+bytes: what a client's string is (:func:`classify_input`: with ``allow_paths=False`` no
+string is ever read as a file), the bytes inside base64 or a ``data:`` URL
+(:func:`encoded_bytes`), an http(s) URL fetched within :class:`~limner.ImageLimits`
+(:func:`fetch_image_bytes`, with a ``check_url`` hook to refuse private addresses), and a
+decoded RGB image within the same limits (:func:`decode_image`). The Python API's
+``embed_images`` does all of this for you; host code that only calls it needs none of them.
+"""
+
+from __future__ import annotations
+
+from ._exports import present_as_public
+from ._image_fetch import fetch_image_bytes
+from ._image_kinds import InputKind, classify_input
+from ._images import DEFAULT_LIMITS, ImageLimits, decode_image, encoded_bytes
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ImageLimits",
+    "InputKind",
+    "classify_input",
+    "decode_image",
+    "encoded_bytes",
+    "fetch_image_bytes",
+]
+
+present_as_public(__name__, globals(), __all__)
