@@ -1,12 +1,21 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs everything, then runs limner offline on the tiny models
-#   make test   installs everything, then runs the test suite
-# and `make dist` builds the four wheels (limner and its three plugins) into dist/.
+#   make demo   installs limner and its three plugins, then runs limner offline on the tiny
+#               models
+#   make test   installs those and the test tools (Ray, mypy, Selenium, ...), then runs the
+#               test suite
+# and `make dist` builds the four wheels (limner and its three plugins) into dist/. Both
+# installs go into the one .venv: `make test` after `make demo` adds only the test tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Pinned so pip takes this machine's local CPU wheel; on a CUDA machine PyPI serves the CUDA
-# build of the same release. Override with e.g. `make test TORCH='torch==2.9.1'`.
+# torch is pinned. On Linux, PyPI's torch is the CUDA build (2.6 GB of wheels, 15 nvidia-*
+# among them); `make demo CPU=1` takes the CPU build (180 MB) from PyTorch's own index
+# instead. A machine whose pip finds the CPU wheel locally (find-links) takes it without.
+# Another release: e.g. `make test TORCH='torch==2.9.1'`.
+ifdef CPU
+TORCH ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+endif
 TORCH ?= torch==2.13.0
 PLUGINS := plugins/clip plugins/flux plugins/sd35
 # Tested in place, not installed (see pytest's pythonpath in pyproject.toml).
@@ -14,17 +23,27 @@ EXAMPLES := examples/plugins/limner-acme examples/plugins/limner-acme-diffusion
 DEMO_OUT ?= out
 DIST ?= dist
 
-.PHONY: install demo test lint format bench dist clean
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check \
+	$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+PROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+
+.PHONY: install install-demo demo test lint format bench dist clean
 
 install: $(VENV)/.installed
+install-demo: $(VENV)/.installed-demo
 
-$(VENV)/.installed: pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
+# What the demo runs: the core and the plugins (editable), torch pinned in the same resolve.
+$(VENV)/.installed-demo: $(PROJECTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" $(addprefix -e ,$(PLUGINS))
+	$(PIP) "$(TORCH)" -e . $(addprefix -e ,$(PLUGINS))
 	touch $@
 
-demo: install
+# And the development tools, for the tests, lint and benchmarks.
+$(VENV)/.installed: $(VENV)/.installed-demo $(PROJECTS)
+	$(PIP) "$(TORCH)" -e ".[dev]" $(addprefix -e ,$(PLUGINS))
+	touch $@
+
+demo: install-demo
 	HF_HUB_OFFLINE=1 $(BIN)/limner models
 	HF_HUB_OFFLINE=1 $(BIN)/limner embed examples --model limner/tiny-clip --npy $(DEMO_OUT)/embeddings.npy
 	HF_HUB_OFFLINE=1 $(BIN)/limner embed --text "a red fox" "a lighthouse at dusk" --model limner/tiny-clip --json | cut -c1-120

@@ -217,7 +217,12 @@ def test_generate_prints_only_its_seed_line(env: dict[str, str], tmp_path: Path)
     target = tmp_path / "out.png"
     result = generate_tiny(env, "a lighthouse", "--seed", "7", "-o", str(target))
     assert result.stdout.splitlines() == [str(target)]
-    assert re.fullmatch(r"seed 7 in \d+\.\d s\n", result.stderr), result.stderr
+    # The time is the whole command's, what the user waited, and the model's parts of it.
+    timing = r"in (\d+\.\d) s \(loading (\d+\.\d) s, generating (\d+\.\d) s\)"
+    found = re.fullmatch(rf"seed 7 {timing}\n", result.stderr)
+    assert found, result.stderr
+    waited, loading, generating = map(float, found.groups())
+    assert waited >= loading + generating - 0.1  # each rounded to a tenth
 
 
 def test_progress_says_loading_then_counts_steps(env: dict[str, str], tmp_path: Path) -> None:
@@ -267,6 +272,123 @@ def test_a_bad_out_fails_in_one_line_before_any_model_loads(
     assert len(lines) == 1 and lines[0].startswith("Error: Invalid value for '-o'"), lines
     assert says in lines[0]
     assert sorted(tmp_path.iterdir()) == [tmp_path / "blocker", tmp_path / "folder.png"]
+
+
+HEAVY_MODULES = ("torch", "transformers", "diffusers")
+
+# `limner ARGS`, then on stderr's last line which heavy libraries the process had imported.
+RUN_AND_TELL_IMPORTS = f"""
+import sys
+from limner._cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("imported:", *sorted(set({HEAVY_MODULES!r}) & set(sys.modules)), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "error"),
+    [
+        (
+            ("generate", "", "-m", TINY_FLUX, "-o", "out.png"),
+            2,
+            "Error: Invalid value for 'PROMPT': prompt must be a non-empty string",
+        ),
+        (
+            ("generate", " \n", "-m", TINY_FLUX, "-o", "out.png"),
+            2,
+            "Error: Invalid value for 'PROMPT': prompt must be a non-empty string",
+        ),
+        (("embed", "missing.png", "-m", TINY), 1, "Error: 'missing.png': no such file"),
+        (
+            ("embed", "missing.png", "ftp://example.com/a.png", "-m", TINY),
+            1,
+            "Error: input #0 'missing.png': no such file",
+        ),
+        (
+            ("generate", "x", "-m", TINY_FLUX, "-o", "out.png", "--width", "100"),
+            2,
+            "Error: Invalid value for '--width': must be a multiple of 16 for limner/tiny-flux, "
+            "got 100 (try 96 or 112)",
+        ),
+        (
+            ("generate", "x", "-m", TINY_FLUX, "-o", "out.png", "--size", "64x100"),
+            2,
+            "Error: Invalid value for '--size': height must be a multiple of 16 for "
+            "limner/tiny-flux, got 100 (try 96 or 112)",
+        ),
+        (
+            ("generate", "x", "-m", TINY_FLUX, "-o", "out.png", "--num-images", "9"),
+            2,
+            "Error: Invalid value for '--num-images': must be between 1 and 4, got 9",
+        ),
+    ],
+)
+def test_bad_input_fails_before_any_heavy_import(
+    env: dict[str, str], tmp_path: Path, args: tuple[str, ...], code: int, error: str
+) -> None:
+    """An empty prompt, a missing file or a bad setting is told before the model loads:
+    without torch, transformers or diffusers imported (the loads import them)."""
+    if "generate" in args:
+        needs_flux()
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_AND_TELL_IMPORTS, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == error, lines
+    assert lines[-1] == "imported:", lines
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_inputs_are_told_first_and_the_rest_embedded(
+    env: dict[str, str], images: dict[str, Path]
+) -> None:
+    result = limner(
+        env, "embed", "missing.png", str(images["png"]), str(images["root"]), "-m", TINY,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    errors = result.stderr.splitlines()
+    assert errors[0] == "Error: input #0 'missing.png': no such file"
+    assert errors[-1] == "2 of 5 inputs failed."  # and the corrupt file, when decoded
+    assert len(result.stdout.splitlines()) == 3
+
+
+def test_size_sets_width_and_height_as_the_http_api(env: dict[str, str], tmp_path: Path) -> None:
+    target = tmp_path / "wide.png"
+    generate_tiny(env, "x", "--size", "96x48", "--steps", "1", "-o", str(target))
+    with Image.open(target) as image:
+        assert image.size == (96, 48)
+    default = tmp_path / "default.png"
+    generate_tiny(env, "x", "--size", "auto", "--steps", "1", "-o", str(default))
+    with Image.open(default) as image:
+        assert image.size == (64, 64)  # the tiny model's own
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--size", "96by48"), "Invalid value for '--size': '96by48' is not WIDTHxHEIGHT"),
+        (("--size", "96x"), "Invalid value for '--size': '96x' is not WIDTHxHEIGHT"),
+        (("--size", "96x48", "--height", "48"), "give the size once"),
+    ],
+)
+def test_a_size_that_is_not_w_x_h_is_a_usage_error(
+    env: dict[str, str], tmp_path: Path, args: tuple[str, ...], says: str
+) -> None:
+    result = generate_tiny(env, "x", *args, "-o", str(tmp_path / "a.png"), check=False)
+    assert result.returncode == 2
+    assert says in result.stderr.splitlines()[-1], result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_several_images_are_numbered_files(env: dict[str, str], tmp_path: Path) -> None:

@@ -9,22 +9,29 @@ blocks after it, and ``127.0.0.1:8000`` then means that server. Python blocks ru
 docs/plugins.md shows pieces of a plugin of one's own: its Python is compiled and its TOML
 parsed. JSON and untagged blocks are data (answers, logs, diagrams), not code.
 
+docs/distributed.md runs the same way on a local Ray cluster of the test's own, on loopback,
+which its blocks join through ``RAY_ADDRESS``.
+
 A few shell lines are not run here, each for a reason listed in ``NOT_RUN``.
 """
 
 from __future__ import annotations
 
 import ast
+import ipaddress
+import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ("README.md", "docs/cli.md", "docs/http.md")
+RAY_GUIDE = "docs/distributed.md"
 COMPILED = ("docs/plugins.md",)
 DATA = {"json", "", "text"}
 
@@ -52,7 +60,15 @@ NOT_RUN = {
     "make dist": "tests/test_dist.py builds the wheels and installs them",
     "pip install": "would change the environment the tests run in; tests/test_dist.py "
     "installs the wheels",
+    "ray start": "the test starts its cluster itself, a head node that ends with the test "
+    "(a `ray start` cluster would outlive it)",
+    "python benchmarks/": "a benchmark, run by hand (benchmarks/README.md)",
 }
+
+WRITE_INTO_OUT = ("README.md", "docs/cli.md")
+"""What these documents' examples write goes into out/, which .gitignore covers, never next to
+the code of a clone they are run in."""
+WORKSPACE_OWN = frozenset({"examples", "bin", "config"})
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the docs call curl")
 
@@ -107,9 +123,11 @@ class Workspace:
     example_base: str
     servers: list[subprocess.Popen[str]]
     server_url: str | None = None
+    swaps: dict[str, str] = field(default_factory=dict)
+    """More of what a document says, as the test's environment has it (a port, say)."""
 
     def swap(self, text: str) -> str:
-        for real, tiny in REAL_TO_TINY:
+        for real, tiny in [*REAL_TO_TINY, *self.swaps.items()]:
             text = text.replace(real, tiny)
         text = text.replace("https://example.com/", self.example_base)
         if self.server_url is not None:
@@ -236,8 +254,8 @@ def run_shell(block: Block, space: Workspace, skipped: list[str]) -> None:
     space.run(block, ["bash", "-euo", "pipefail", "-c", body], tail=3000)
 
 
-@pytest.mark.parametrize("path", RUN)
-def test_every_block_runs_as_written(path: str, workspace: Workspace) -> None:
+def run_blocks(path: str, workspace: Workspace) -> list[str]:
+    """Run every block of ``path`` in order; what was left unrun, and why."""
     skipped: list[str] = []
     ran = 0
     for block in blocks(path):
@@ -250,6 +268,16 @@ def test_every_block_runs_as_written(path: str, workspace: Workspace) -> None:
             continue
         ran += 1
     assert ran, f"{path} has no code block to run"
+    return skipped
+
+
+@pytest.mark.parametrize("path", RUN)
+def test_every_block_runs_as_written(path: str, workspace: Workspace) -> None:
+    skipped = run_blocks(path, workspace)
+    if path in WRITE_INTO_OUT:
+        made = {entry.name for entry in workspace.folder.iterdir()} - WORKSPACE_OWN
+        scripts = {name for name in made if re.fullmatch(r"block_\d+\.py", name)}
+        assert made - scripts <= {"out"}, f"{path} writes outside out/: {made - scripts}"
     for line in skipped:  # shown with -rP: what the docs say that this test does not run
         print(line)
 
@@ -279,8 +307,106 @@ def test_plugin_pieces_compile(path: str) -> None:
             assert block.lang in DATA, f"{block}: no rule to check a {block.lang!r} block"
 
 
+# What the Ray guide asks of the environment where a local cluster starts (see its "A cluster
+# on one machine"); the test's cluster starts so.
+RAY_LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1"}
+
+# A head node in a process of its own: it prints how to join it (the cluster's address, and
+# the auth mode Ray chose, which a joining process must set too), waits for stdin to close,
+# prints what every process of the cluster listens on, and shuts the cluster down.
+RAY_HEAD = """
+import json, os, sys
+import psutil, ray
+
+ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
+         object_store_memory=150 * 1024 * 1024, logging_level="WARNING")
+joining = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+if os.environ.get("RAY_AUTH_MODE"):
+    joining["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"]
+print(json.dumps(joining), flush=True)
+sys.stdin.read()
+listening = []
+for process in psutil.Process().children(recursive=True):
+    try:
+        for connection in process.net_connections(kind="inet"):
+            if connection.status == psutil.CONN_LISTEN:
+                listening.append([process.name(), connection.laddr.ip])
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+print(json.dumps(listening), flush=True)
+ray.shutdown()
+"""
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+@pytest.mark.slow
+def test_the_ray_guide_runs_on_a_local_cluster(workspace: Workspace) -> None:
+    """docs/distributed.md's blocks, in order, against a local cluster started as the guide
+    says (on loopback): each joins it as ``address="auto"`` does, through ``RAY_ADDRESS``.
+    Then every process of the cluster listened on loopback, but the Serve replicas'
+    inter-deployment gRPC servers, as the guide says."""
+    pytest.importorskip("ray.serve", reason="needs ray[serve] (the dev extra installs it)")
+    pytest.importorskip("fastapi", reason="the guide serves over HTTP: the server extra")
+    pytest.importorskip("limner_flux", reason="the guide generates with the FLUX plugin")
+    home = workspace.folder / "ray-home"
+    home.mkdir()
+    temp_dir = tempfile.mkdtemp(prefix="limner-ray-", dir="/tmp")  # short: Ray's sockets
+    env = workspace.env
+    env.update(RAY_LOOPBACK, HOME=str(home), RAY_TMPDIR=temp_dir, RAY_USAGE_STATS_ENABLED="0")
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
+        env.pop(name, None)
+    # `serve start` is Ray's command, next to the interpreter running the tests.
+    env["PATH"] = os.pathsep.join([env["PATH"], str(Path(sys.executable).parent)])
+    head = subprocess.Popen(
+        [sys.executable, "-c", RAY_HEAD],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert head.stdout is not None and head.stdin is not None
+        joining = head.stdout.readline()
+        assert joining, "the head node did not start"
+        env.update(json.loads(joining))
+        proxy_port = str(free_port())
+        workspace.swaps.update(
+            {"--http-port 8080": f"--http-port {proxy_port}", ":8080/": f":{proxy_port}/"}
+        )
+        skipped = run_blocks(RAY_GUIDE, workspace)
+        workspace.stop_servers()
+        head.stdin.close()
+        listening = json.loads(head.stdout.readline())
+        assert head.wait(timeout=120) == 0
+    finally:
+        if head.poll() is None:
+            head.kill()
+            head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert listening, "the cluster's processes listened nowhere"
+    wide = {(name, ip) for name, ip in listening if not is_loopback(ip)}
+    # A replica's name is its process title, cut to 15 characters or not.
+    assert all(name.startswith("ray::ServeRepli") for name, _ in wide), wide
+    assert all(ip in ("::", "0.0.0.0") for _, ip in wide), wide
+    for line in skipped:
+        print(line)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def test_only_known_lines_are_left_unrun() -> None:
     """Each line NOT_RUN leaves out is still in the docs: the list cannot go stale."""
-    text = "\n".join(block.text for path in RUN for block in blocks(path))
+    text = "\n".join(block.text for path in (*RUN, RAY_GUIDE) for block in blocks(path))
     for start in NOT_RUN:
         assert start in text, f"NOT_RUN lists {start!r}, which no document runs any more"

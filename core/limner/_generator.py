@@ -12,7 +12,14 @@ from ._generation_types import GenerationChunk, GenerationResult, ImageGeneratio
 from ._runtime import Runtime
 from .errors import InvalidInput, ModelError
 
-__all__ = ["ImageGenerator"]
+__all__ = ["ImageGenerator", "check_prompt"]
+
+
+def check_prompt(prompt: object) -> None:
+    """Raise ``InvalidInput`` naming the prompt unless it is a string with something in it:
+    the first thing a generation checks, before its config and long before any weights."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidInput("prompt must be a non-empty string", field="prompt")
 
 
 class ImageGenerator(ModelFront[TextToImageBackend]):
@@ -44,8 +51,7 @@ class ImageGenerator(ModelFront[TextToImageBackend]):
     async def generate_image(
         self, prompt: str, config: ImageGenerationConfig | None = None
     ) -> AsyncGenerator[GenerationChunk, None]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInput("prompt must be a non-empty string", field="prompt")
+        check_prompt(prompt)
         resolved = self.resolve_config(config)
         stream = iterate_in_runtime(
             self._runtime, lambda runtime: runtime.generate(self.backend, prompt, resolved)

@@ -36,7 +36,7 @@ from ._image_kinds import (
 )
 from .errors import InvalidInput
 
-__all__ = ["DEFAULT_LIMITS", "ImageLimits", "decode_image", "encoded_bytes"]
+__all__ = ["DEFAULT_LIMITS", "ImageLimits", "check_image_file", "decode_image", "encoded_bytes"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +167,16 @@ def too_many_bytes(size: int, limits: ImageLimits, what: str = "image") -> str:
     )
 
 
-def _read_file(source: str | os.PathLike[str], *, limits: ImageLimits, label: object) -> bytes:
+def check_image_file(
+    source: str | os.PathLike[str], *, limits: ImageLimits = DEFAULT_LIMITS
+) -> None:
+    """Raise the ``InvalidInput`` that decoding ``source`` would raise about the file itself
+    (missing, a directory, not a regular file, over ``limits.max_bytes``) without reading
+    it: a command checks its files this way before any model loads."""
+    _stat_file(source, limits=limits, label=_label(source))
+
+
+def _stat_file(source: str | os.PathLike[str], *, limits: ImageLimits, label: object) -> None:
     try:
         info = os.stat(source)
     except (FileNotFoundError, NotADirectoryError):
@@ -184,6 +193,10 @@ def _read_file(source: str | os.PathLike[str], *, limits: ImageLimits, label: ob
         raise InvalidInput("not a regular file", input=label)
     if info.st_size > limits.max_bytes:
         raise InvalidInput(too_many_bytes(info.st_size, limits, "file"), input=label)
+
+
+def _read_file(source: str | os.PathLike[str], *, limits: ImageLimits, label: object) -> bytes:
+    _stat_file(source, limits=limits, label=label)
     try:
         with open(source, "rb") as file:
             data = file.read(limits.max_bytes + 1)

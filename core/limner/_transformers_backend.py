@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from ._backends import ImageEmbeddingBackend
 from ._devices import Placement
+from ._quiet import quiet_loading
 from ._weights import (
     TinyModel,
     WeightSource,
@@ -196,6 +197,7 @@ class TransformersEmbeddingBackend(ImageEmbeddingBackend):
             tiny=self.tiny,
         )
 
+    @quiet_loading("transformers")
     def load(self) -> None:
         device = self.placement.torch_device()
         dtype = self.placement.torch_dtype(device, auto=type(self).dtype_policy)

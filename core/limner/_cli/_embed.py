@@ -13,6 +13,8 @@ import numpy as np
 import numpy.typing as npt
 
 from limner._budget import MemoryBudget
+from limner._image_kinds import InputKind, classify_input
+from limner._images import ImageLimits, check_image_file
 from limner._spec import Capability
 from limner.errors import InvalidInput
 
@@ -86,6 +88,12 @@ def embed(
     entries = _embed_entries(inputs, as_text)
     if not entries:
         raise click.UsageError("no inputs (the directories or stdin held none)")
+    # Inputs that cannot be read are told now, before the model loads; if none is left, it
+    # never loads.
+    unreadable = {} if as_text else _unreadable_images(entries, model.limits)
+    for error in unreadable.values():
+        click.echo(f"Error: {_one_line(str(error))}", err=True)
+    todo = [index for index in range(len(entries)) if index not in unreadable]
     show_progress = progress if progress is not None else sys.stderr.isatty()
     rows: list[tuple[str, npt.NDArray[np.float32]]] = []
 
@@ -106,15 +114,15 @@ def embed(
         failed = 0
         async with _loaded(model, memory_budget, show_progress):
             with tqdm(
-                total=len(entries),
+                total=len(todo),
                 unit="img" if not as_text else "text",
                 disable=not show_progress,
                 file=sys.stderr,
                 desc=model.key,
             ) as bar:
-                for start in range(0, len(entries), batch_size):
+                for start in range(0, len(todo), batch_size):
                     # Positions in the whole run, so errors number inputs as the user gave them.
-                    pending = list(range(start, min(start + batch_size, len(entries))))
+                    pending = todo[start : start + batch_size]
                     while pending:
                         values = [entries[i][1] for i in pending]
                         try:
@@ -143,7 +151,7 @@ def embed(
                         pending = []
         return failed
 
-    failures = anyio.run(run)
+    failures = len(unreadable) + (anyio.run(run) if todo else 0)
     if npy_path is not None and rows:
         with _writing(npy_path):
             np.save(npy_path, np.stack([vector for _, vector in rows]).astype(np.float32))
@@ -153,3 +161,18 @@ def embed(
     if failures:
         click.echo(f"{failures} of {len(entries)} inputs failed.", err=True)
         raise _Failed()
+
+
+def _unreadable_images(
+    entries: list[tuple[str, Any]], limits: ImageLimits
+) -> dict[int, InvalidInput]:
+    """The image inputs that cannot be read, by position, found without reading any: an
+    unsupported URL scheme, a missing file, a directory, a file over the size limit."""
+    found: dict[int, InvalidInput] = {}
+    for index, (_, value) in enumerate(entries):
+        try:
+            if classify_input(value, allow_paths=True, texts=False) is InputKind.PATH:
+                check_image_file(value, limits=limits)
+        except InvalidInput as error:
+            found[index] = error.at_index(index) if len(entries) > 1 else error
+    return found

@@ -3,17 +3,93 @@
 from __future__ import annotations
 
 import sys
-from contextlib import aclosing
+import time
+from collections.abc import Iterator
+from contextlib import aclosing, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
+import psutil
 
 from limner._budget import MemoryBudget
+from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
+from limner._generator import check_prompt
 from limner._spec import Capability
-from limner.errors import LimnerError
+from limner.errors import InvalidInput, LimnerError
 
-from ._app import _check_image_path, _chosen_model, _loaded, _model_options, _writing, cli
+from ._app import (
+    _bad_option,
+    _check_image_path,
+    _chosen_model,
+    _loaded,
+    _model_options,
+    _writing,
+    cli,
+)
+
+# The options each config field comes from, for errors that name what the user typed.
+_SETTING_FLAGS = {
+    "prompt": "PROMPT",
+    "width": "--width",
+    "height": "--height",
+    "steps": "--steps",
+    "seed": "--seed",
+    "guidance": "--guidance",
+    "num_images": "--num-images",
+    "negative_prompt": "--negative-prompt",
+}
+_SIZE_FLAGS = {"width": "--size", "height": "--size"}
+
+
+@contextmanager
+def _naming_flags(flags: dict[str, str]) -> Iterator[None]:
+    """A config error about a field the command line sets becomes a usage error naming the
+    option (``Invalid value for '--size': width must be ...``), exit code 2."""
+    try:
+        yield
+    except InvalidInput as error:
+        flag = flags.get(error.field or "")
+        if flag is None:
+            raise
+        # --size sets two fields: say which one is wrong.
+        reason = f"{error.field} {error.reason}" if flag == "--size" else error.reason
+        raise _bad_option(f"'{flag}'", reason) from None
+
+
+if TYPE_CHECKING:
+    _SizeParam = click.ParamType[tuple[int, int] | None]
+else:
+    _SizeParam = click.ParamType  # generic only in recent click
+
+
+class _Size(_SizeParam):
+    """``--size``: ``WIDTHxHEIGHT`` as the HTTP API takes it (``auto``: the model's)."""
+
+    name = "WxH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, tuple):
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        width, x, height = text.partition("x")
+        if not (x and width.isdigit() and height.isdigit()):
+            self.fail(f"{value!r} is not WIDTHxHEIGHT, e.g. 1024x768", param, ctx)
+        return int(width), int(height)
+
+
+def _time_taken(result: GenerationResult, load_seconds: float) -> str:
+    """``in 6.1 s (loading 4.9 s, generating 0.3 s)``: the whole command, from its process's
+    start, which is what the user waited, and the model's two parts of it."""
+    waited = time.time() - psutil.Process().create_time()
+    parts = [f"loading {load_seconds:.1f} s"]
+    generating = result.timings.get("generate")
+    if generating is not None:
+        parts.append(f"generating {generating:.1f} s")
+    return f"in {waited:.1f} s ({', '.join(parts)})"
 
 
 @cli.command(
@@ -34,6 +110,11 @@ Examples:
     type=click.Path(path_type=Path),  # checked by _check_writable, in one line
     help="Output file, .png, .jpg or .webp (a .png carries the prompt, seed and settings); "
     "-1, -2, ... are added for several images.",
+)
+@click.option(
+    "--size",
+    type=_Size(),
+    help="WIDTHxHEIGHT in pixels, as the HTTP API's size (default, or auto: the model's).",
 )
 @click.option("--width", type=int, help="Image width in pixels (default: the model's).")
 @click.option("--height", type=int, help="Image height in pixels (default: the model's).")
@@ -58,6 +139,7 @@ def generate(
     dtype: str | None,
     memory_budget: MemoryBudget | None,
     out_path: Path,
+    size: tuple[int, int] | None,
     width: int | None,
     height: int | None,
     steps: int | None,
@@ -69,32 +151,39 @@ def generate(
 ) -> None:
     """Generate images from PROMPT with a text-to-image model and save them.
 
-    Everything is checked before the model loads: the model, the settings and where the
-    images go. The seed is printed on stderr, so the image can be made again.
+    Everything is checked before the model loads: the prompt, the model, the settings and
+    where the images go. The seed is printed on stderr, so the image can be made again, with
+    the time the command took.
     """
     from tqdm import tqdm
 
-    from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
-
+    if size is not None:
+        if width is not None or height is not None:
+            raise click.UsageError("give the size once: --size WxH, or --width and --height")
+        width, height = size
+    flags = {**_SETTING_FLAGS, **(_SIZE_FLAGS if size is not None else {})}
+    with _naming_flags(flags):
+        check_prompt(prompt)
     _check_image_path(out_path)
     registry, key = _chosen_model(model_key, Capability.TEXT_TO_IMAGE, device, dtype)
     model = registry.generator(key)
-    config = model.resolve_config(
-        ImageGenerationConfig(
-            width=width,
-            height=height,
-            steps=steps,
-            seed=seed,
-            guidance=guidance,
-            num_images=num_images,
-            negative_prompt=negative_prompt,
+    with _naming_flags(flags):
+        config = model.resolve_config(
+            ImageGenerationConfig(
+                width=width,
+                height=height,
+                steps=steps,
+                seed=seed,
+                guidance=guidance,
+                num_images=num_images,
+                negative_prompt=negative_prompt,
+            )
         )
-    )
     show_progress = progress if progress is not None else sys.stderr.isatty()
 
-    async def run() -> GenerationResult:
+    async def run() -> tuple[GenerationResult, float]:
         result: GenerationResult | None = None
-        async with _loaded(model, memory_budget, show_progress):
+        async with _loaded(model, memory_budget, show_progress) as load_seconds:
             with tqdm(
                 total=config.steps,
                 unit="step",
@@ -111,13 +200,11 @@ def generate(
                             result = chunk
         if result is None:
             raise LimnerError(f"{model.key} finished without a result")
-        return result
+        return result, load_seconds
 
-    result = anyio.run(run)
+    result, load_seconds = anyio.run(run)
     with _writing(out_path):
         written = result.save_all(out_path)
     for target in written:
         click.echo(str(target))
-    seconds = result.timings.get("generate")
-    took = f" in {seconds:.1f} s" if seconds is not None else ""
-    click.echo(f"seed {result.seed}{took}", err=True)
+    click.echo(f"seed {result.seed} {_time_taken(result, load_seconds)}", err=True)

@@ -27,6 +27,7 @@ from limner.plugin import (
     download_advice,
     locate_weights,
     parse_flag,
+    quiet_loading,
     weights_where,
 )
 
@@ -194,6 +195,7 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
 
     # -- loading ------------------------------------------------------------------------------
 
+    @quiet_loading("transformers", "diffusers")
     def load(self) -> None:
         started = time.perf_counter()
         device = self.placement.torch_device()

@@ -27,6 +27,7 @@ from limner._devices import (
 from limner._exports import present_as_public
 from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
 from limner._hookspecs import PLUGIN_API, RegisterModel, hookimpl
+from limner._quiet import quiet_loading
 from limner._spec import BackendFactory, Capability, ModelInfo, ModelSettings, ModelSpec
 from limner._tiny_text import (
     CLIP_BOS_ID,
@@ -100,6 +101,7 @@ __all__ = [
     "parse_dtype",
     "parse_flag",
     "pooled_features",
+    "quiet_loading",
     "resolve_device",
     "resolve_dtype",
     "tiny_clip_text_encoder",

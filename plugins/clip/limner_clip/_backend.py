@@ -39,6 +39,7 @@ from limner.plugin import (
     parse_device,
     parse_dtype,
     pooled_features,
+    quiet_loading,
     unit_rows,
     weights_where,
 )
@@ -278,6 +279,7 @@ class ClipBackend(ImageEmbeddingBackend):
 
     # -- loading ------------------------------------------------------------------------------
 
+    @quiet_loading("transformers")
     def load(self) -> None:
         import torch
         from transformers import CLIPConfig, CLIPModel
