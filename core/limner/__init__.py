@@ -23,7 +23,7 @@ from ._generator import BlockingImageGenerator, ImageGenerator
 from ._image_fetch import fetch_image_bytes
 from ._image_kinds import InputKind, classify_input
 from ._images import DEFAULT_LIMITS, ImageLimits, decode_image, encoded_bytes
-from ._pool import Pool, current_pool
+from ._pool import Pool, PoolOptions, current_pool, max_wait
 from ._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from ._registry import (
     Model,
@@ -49,6 +49,7 @@ from .errors import (
     PluginError,
     PoolBusy,
     UnknownModelError,
+    WaitTimeout,
 )
 
 __version__ = "0.1.0"
@@ -89,12 +90,14 @@ __all__ = [
     "PluginRecord",
     "Pool",
     "PoolBusy",
+    "PoolOptions",
     "Progress",
     "Registry",
     "Runtime",
     "SystemMemory",
     "TextToImageCapable",
     "UnknownModelError",
+    "WaitTimeout",
     "__version__",
     "classify_input",
     "current_pool",
@@ -107,4 +110,5 @@ __all__ = [
     "fetch_image_bytes",
     "generator",
     "get",
+    "max_wait",
 ]

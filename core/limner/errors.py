@@ -22,6 +22,7 @@ __all__ = [
     "PluginError",
     "PoolBusy",
     "UnknownModelError",
+    "WaitTimeout",
     "describe_input",
 ]
 
@@ -165,6 +166,22 @@ class PoolBusy(LimnerError):
         super().__init__(
             f"Model {key} is busy: {queue_size} requests already queued. Retry in "
             f"{retry_after:g} s, or raise the pool's queue size."
+        )
+
+
+class WaitTimeout(LimnerError):
+    """A call waited ``max_wait`` seconds and the pool had not started on it: other models
+    held the memory (or the model's queue was that long). Retry after ``retry_after`` s."""
+
+    def __init__(self, key: str, *, waited: float, max_wait: float, retry_after: float = 1.0):
+        self.key = key
+        self.waited = waited
+        self.max_wait = max_wait
+        self.retry_after = retry_after
+        super().__init__(
+            f"Model {key} did not get its turn within max_wait ({max_wait:g} s; waited "
+            f"{waited:.1f} s): other models held the memory, or its queue was that long. "
+            f"Retry in {retry_after:g} s, raise max_wait, or raise the memory budget."
         )
 
 
