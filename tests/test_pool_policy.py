@@ -213,9 +213,17 @@ def test_no_room_only_when_it_could_never_fit() -> None:
     assert plan(loading, []) == Wait(until=None)
 
 
-def test_the_model_whose_oldest_caller_waited_longest_loads_next() -> None:
-    assert next_in_line([("b", 12.0), ("c", 3.0), ("a", 7.0)]) == ["c", "a", "b"]
-    assert next_in_line([("x", 1.0), ("y", 1.0)]) == ["x", "y"]  # ties keep their order
+def test_the_model_most_callers_wait_for_loads_next() -> None:
+    waiting = [("few", 10.0, 2), ("most", 12.0, 20), ("some", 11.0, 5)]
+    assert next_in_line(waiting, now=13.0, patience=15.0) == ["most", "some", "few"]
+    # equal counts: the one whose oldest caller came first; full ties keep their order
+    assert next_in_line([("b", 12.0, 3), ("a", 7.0, 3)], now=13.0, patience=15.0) == ["a", "b"]
+    assert next_in_line([("x", 1.0, 1), ("y", 1.0, 1)], now=2.0, patience=15.0) == ["x", "y"]
+
+
+def test_a_model_whose_caller_waited_past_patience_goes_first_oldest_first() -> None:
+    waiting = [("busy", 29.0, 30), ("lone", 10.0, 1), ("older", 5.0, 1)]
+    assert next_in_line(waiting, now=30.0, patience=15.0) == ["older", "lone", "busy"]
 
 
 def test_a_turn_is_three_loads_long_within_bounds_unless_set() -> None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -176,3 +177,23 @@ def test_serve_takes_the_memory_budget(env: dict[str, str]) -> None:
     with serving(env, "--preload", "limner/tiny-clip", "--memory-budget", "1MB") as (_, lines):
         seen = read_until(lines, r"preloading limner/tiny-clip failed")
     assert "Cannot spawn workers for limner/tiny-clip" in seen[-1]
+
+
+def test_serve_hands_the_pool_its_budget_floor_and_max_wait(served_apps: list[Any]) -> None:
+    from click.testing import CliRunner
+
+    from limner import PoolOptions
+    from limner._cli import cli
+
+    flags = ["--memory-budget", "90MB", "--memory-floor", "1GB", "--max-wait", "5"]
+    result = CliRunner().invoke(cli, ["serve", "--port", "0", "--no-ui", *flags])
+    assert result.exit_code == 0, result.output
+    options = served_apps[-1].state.limner.settings.pool_options
+    assert options == PoolOptions(memory_budget_mb=90, memory_floor_mb=1024, max_wait=5)
+    for bad, flag in (
+        (["--memory-floor", "lots"], "--memory-floor"),
+        (["--max-wait", "0"], "--max-wait"),
+        (["--memory-budget", "0"], "--memory-budget"),
+    ):
+        refused = CliRunner().invoke(cli, ["serve", "--port", "0", *bad])
+        assert refused.exit_code == 2 and flag in refused.output, refused.output

@@ -100,9 +100,9 @@ class PoolOptions:
                 )
         object.__setattr__(self, "keep_alive_per_key", MappingProxyType(keep))
         backoff = tuple(self.load_retry_backoff)
-        if len(backoff) != 2 or not all(_is_number(b) and b > 0 for b in backoff):
+        if len(backoff) != 2 or not all(_is_number(b) and b >= 0 for b in backoff):
             raise InvalidInput(
-                f"must be two positive seconds (first, most), got {self.load_retry_backoff!r}",
+                f"must be two seconds, 0 or more (first, most), got {self.load_retry_backoff!r}",
                 field="load_retry_backoff",
             )
         object.__setattr__(self, "load_retry_backoff", (float(backoff[0]), float(backoff[1])))

@@ -198,11 +198,25 @@ def turn_seconds(*, min_turn: float | None, load_seconds: float, max_wait: float
     return min(max(MIN_AUTO_TURN, 3 * load_seconds), max_wait / 4)
 
 
-def next_in_line(waiting: Sequence[tuple[Model, float]]) -> list[Model]:
-    """Cold models with waiting callers, in the order they should load: the one whose oldest
-    caller has waited longest first (each given with that caller's arrival); ties keep the
-    order given."""
-    return [model for model, _ in sorted(waiting, key=lambda entry: entry[1])]
+def next_in_line(
+    waiting: Sequence[tuple[Model, float, int]], *, now: float, patience: float
+) -> list[Model]:
+    """Cold models with waiting callers, in the order they should load. Each comes with when
+    its oldest caller arrived and how many wait.
+
+    The model with the most callers waiting goes first: one load serves the most of them,
+    and callers that cycle through the models come to move together, one load each. A model
+    whose oldest caller has waited ``patience`` seconds goes before all those, oldest first,
+    so that nobody starves behind busier models. Ties keep the order given.
+    """
+
+    def rank(entry: tuple[Model, float, int]) -> tuple[int, float, float]:
+        _, arrived, count = entry
+        if now - arrived >= patience:
+            return (0, arrived, 0.0)
+        return (1, -count, arrived)
+
+    return [model for model, _, _ in sorted(waiting, key=rank)]
 
 
 def plan_turn(

@@ -35,9 +35,13 @@ from ._policy import (
 )
 from ._residency import Residency, answer_waiters, claimed_elsewhere
 
-__all__ = ["RECHECK_SECONDS", "Scheduler", "backoff_error"]
+__all__ = ["PATIENCE_SHARE", "RECHECK_SECONDS", "Scheduler", "backoff_error"]
 
 log = logging.getLogger("limner.pool")
+
+#: A model whose oldest caller has waited this share of ``max_wait`` loads before those with
+#: more callers waiting (see ``_policy.next_in_line``).
+PATIENCE_SHARE = 0.25
 
 #: While callers wait, the scheduler looks again at least this often: memory readings (the
 #: floor) change without telling it.
@@ -104,7 +108,7 @@ class Scheduler:
                 state.swaps += 1
                 await self.residency.unload(state, reason="its turn is over; others wait")
         now = self.clock.now()
-        by_device: dict[str, list[tuple[KeyState, float]]] = {}
+        by_device: dict[str, list[tuple[KeyState, float, int]]] = {}
         waiting = False
         for state in list(self.keys.values()):
             count, oldest = state.waiting()
@@ -112,11 +116,12 @@ class Scheduler:
             if state.phase != "cold" or oldest is None or not self._may_load(state, now):
                 continue
             assert state.device is not None
-            by_device.setdefault(state.device, []).append((state, oldest))
+            by_device.setdefault(state.device, []).append((state, oldest, count))
         wake: list[float] = []
+        patience = self.options.max_wait * PATIENCE_SHARE
         for device, cold in by_device.items():
-            arrived = {id(state): oldest for state, oldest in cold}
-            for state in next_in_line(cold):
+            arrived = {id(state): oldest for state, oldest, _ in cold}
+            for state in next_in_line(cold, now=now, patience=patience):
                 blocked, until = await self._admit(state, device, arrived[id(state)])
                 if until is not None:
                     wake.append(until)

@@ -97,19 +97,31 @@ def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
     if isinstance(error, errors.InvalidInput):
         return APIError(400, str(error), param=param, code="invalid_input")
     if isinstance(error, errors.PoolBusy):
-        seconds = max(1, math.ceil(error.retry_after))
         return APIError(
             429,
             str(error),
             type="rate_limit_error",
             code="pool_busy",
-            headers={"Retry-After": str(seconds)},
+            headers=_retry_after(error.retry_after),
+        )
+    if isinstance(error, errors.WaitTimeout):
+        return APIError(
+            503,
+            str(error),
+            type="server_error",
+            code="wait_timeout",
+            headers=_retry_after(error.retry_after),
         )
     for kind, status, code in _SERVER_ERRORS:  # the most specific class first
         if isinstance(error, kind):
             return APIError(status, str(error), type="server_error", code=code)
     log.error("unexpected error while serving a request", exc_info=error)
     return APIError(500, "internal server error", type="server_error", code="internal_error")
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, at least one."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 # Union members pydantic names in an error's location: ("body", "input", "list[str]", 0);
