@@ -413,3 +413,62 @@ async def test_a_generation_that_waits_past_max_wait_is_a_wait_timeout() -> None
                 await registry.generator("fake/gen").generate("x")
             assert pool.stats()["fake/gen"].waiting == 0
             gate.set()
+
+
+async def test_a_caller_cancelled_while_it_waits_leaves_the_queue() -> None:
+    memory, gate = FakeMemory(total_mb=100_000), threading.Event()
+    registry = one_at_a_time(memory, "fake/a", "fake/b", gate=gate)
+    gate.set()
+    async with Pool(memory=memory, memory_budget_mb=1000, min_turn=60, max_workers=1) as pool:
+        await registry.embedder("fake/a").embed_images([colour(1)])
+        gate.clear()
+        async with anyio.create_task_group() as group:
+            group.start_soon(registry.embedder("fake/a").embed_images, [colour(2)])
+            await wait_until(lambda: pool.stats()["fake/a"].in_flight == 1)
+            with anyio.CancelScope() as scope:
+                group.start_soon(registry.embedder("fake/b").embed_images, [colour(3)])
+                await wait_until(lambda: pool.stats()["fake/b"].waiting == 1)
+                group.cancel_scope.cancel()  # the waiting caller (and the held one) go
+            gate.set()
+        assert not scope.cancelled_caught
+        stats = pool.stats()
+    assert (stats["fake/b"].waiting, stats["fake/b"].queue_depth) == (0, 0)
+    assert stats["fake/b"].loads == 0 and stats["fake/b"].wait_timeouts == 0
+
+
+async def test_a_model_kept_out_by_the_floor_loads_once_the_machine_frees_memory() -> None:
+    # Others use 9 of 10 GB and 500 MB must stay free: fake/b waits (evicting the busy
+    # fake/a would make room, so it is no MemoryExhausted), and loads beside fake/a as soon
+    # as the machine's memory frees, with nobody telling the pool.
+    memory, gate = FakeMemory(total_mb=10_000, used_mb=9_000), threading.Event()
+    registry = registry_of(
+        *(
+            fake_embedding_spec(key, memory_mb=400, options={"memory": memory, "gate": gate})
+            for key in ("fake/a", "fake/b")
+        )
+    )
+    gate.set()
+    async with Pool(
+        memory=memory, memory_budget_mb=5_000, memory_floor_mb=500, min_turn=60, max_workers=1
+    ) as pool:
+        await registry.embedder("fake/a").embed_images([colour(1)])
+        gate.clear()
+        answered: list[np.ndarray] = []
+
+        async def call_b() -> None:
+            answered.append(await registry.embedder("fake/b").embed_images([colour(2)]))
+
+        with anyio.fail_after(BOUND_S):
+            async with anyio.create_task_group() as group:
+                group.start_soon(registry.embedder("fake/a").embed_images, [colour(3)])
+                await wait_until(lambda: pool.stats()["fake/a"].in_flight == 1)
+                group.start_soon(call_b)
+                await wait_until(lambda: pool.stats()["fake/b"].waiting == 1)
+                await anyio.sleep(0.2)
+                assert pool.stats()["fake/b"].state == "cold"
+                memory.free(1_000)
+                await wait_until(lambda: pool.stats()["fake/b"].state == "loading")
+                gate.set()
+        stats = pool.stats()
+    assert len(answered) == 1
+    assert stats["fake/a"].evictions == 0 and stats["fake/b"].state == "ready"

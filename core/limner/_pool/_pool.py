@@ -284,6 +284,7 @@ class Pool(AsyncResource):
         finally:
             cancel.set()
             _drop(state, ticket)
+            state.notify()  # its generation task, if still waiting for a turn, stops
 
     async def load(self, backend: Backend) -> None:
         """Cold-start a model now (preloading), so its first request finds it warm; it

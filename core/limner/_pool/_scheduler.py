@@ -122,7 +122,11 @@ class Scheduler:
         for device, cold in by_device.items():
             arrived = {id(state): oldest for state, oldest, _ in cold}
             for state in next_in_line(cold, now=now, patience=patience):
-                blocked, until = await self._admit(state, device, arrived[id(state)])
+                try:
+                    blocked, until = await self._admit(state, device, arrived[id(state)])
+                except Exception as error:  # a reading or a claim failed: its callers hear it
+                    self.residency.failed(state, error)
+                    continue
                 if until is not None:
                     wake.append(until)
                 if blocked:  # the next in line waits behind it: room goes to it first
