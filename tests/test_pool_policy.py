@@ -226,6 +226,14 @@ def test_a_model_whose_caller_waited_past_patience_goes_first_oldest_first() -> 
     assert next_in_line(waiting, now=30.0, patience=15.0) == ["older", "lone", "busy"]
 
 
+def test_the_model_others_were_drained_for_keeps_its_place() -> None:
+    # "drained" just went cold with more callers than "waited-for": it does not take back
+    # the room its drain made for "waited-for".
+    waiting = [("drained", 29.0, 20), ("waited-for", 28.0, 1)]
+    order = next_in_line(waiting, now=30.0, patience=15.0, promised={"waited-for"})
+    assert order == ["waited-for", "drained"]
+
+
 def test_a_turn_is_three_loads_long_within_bounds_unless_set() -> None:
     assert turn_seconds(min_turn=None, load_seconds=2.0, max_wait=60.0) == 6.0
     assert turn_seconds(min_turn=None, load_seconds=0.01, max_wait=60.0) == 0.5

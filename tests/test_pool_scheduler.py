@@ -160,6 +160,9 @@ async def test_a_model_under_steady_load_yields_to_a_waiting_one_after_its_turn(
                 await wait_until(lambda: answered["fake/a"] >= 8)
                 await registry.embedder("fake/b").embed_images([colour(99)])
                 answered["fake/b"] += 1
+                # B loaded as soon as A's turn was over: A, drained with its callers still
+                # queued (more than B's one), did not take the room back first.
+                assert backend_of(registry, "fake/a").loads == 1
                 # ... and A's callers, still waiting, get A back after B's turn.
                 served_before = answered["fake/a"]
                 await wait_until(lambda: answered["fake/a"] > served_before + 4)

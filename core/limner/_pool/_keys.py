@@ -27,7 +27,7 @@ class Ticket:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class KeyState:
     """One key's queue, workers and counters. Only the pool's orchestrator changes it."""
 
@@ -45,6 +45,7 @@ class KeyState:
     preparing: bool = False  # the weights check and the device are being resolved
     prepared: bool = False  # ... and were: the key may be admitted
     draining: bool = False  # its turn is over: no new batch or generation starts
+    promised: bool = False  # other keys are draining to make room for this one
     turn_started: float = 0.0
     served_in_turn: int = 0  # batches and generations finished since it became ready
     load_done: anyio.Event | None = None

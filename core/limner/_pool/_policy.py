@@ -8,7 +8,7 @@ between models with waiting callers (:func:`plan_turn`, :func:`next_in_line`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -199,22 +199,30 @@ def turn_seconds(*, min_turn: float | None, load_seconds: float, max_wait: float
 
 
 def next_in_line(
-    waiting: Sequence[tuple[Model, float, int]], *, now: float, patience: float
+    waiting: Sequence[tuple[Model, float, int]],
+    *,
+    now: float,
+    patience: float,
+    promised: Collection[Model] = (),
 ) -> list[Model]:
     """Cold models with waiting callers, in the order they should load. Each comes with when
     its oldest caller arrived and how many wait.
 
-    The model with the most callers waiting goes first: one load serves the most of them,
-    and callers that cycle through the models come to move together, one load each. A model
-    whose oldest caller has waited ``patience`` seconds goes before all those, oldest first,
-    so that nobody starves behind busier models. Ties keep the order given.
+    A model other models were drained for comes first: the room they make is its (without
+    this, a drained model with more callers would take its memory straight back). Then a
+    model whose oldest caller has waited ``patience`` seconds, oldest first, so that nobody
+    starves behind busier models. Then the model with the most callers waiting: one load
+    serves the most of them, and callers that cycle through the models come to move
+    together, one load each. Ties go to the oldest caller, then keep the order given.
     """
 
     def rank(entry: tuple[Model, float, int]) -> tuple[int, float, float]:
-        _, arrived, count = entry
-        if now - arrived >= patience:
+        model, arrived, count = entry
+        if model in promised:
             return (0, arrived, 0.0)
-        return (1, -count, arrived)
+        if now - arrived >= patience:
+            return (1, arrived, 0.0)
+        return (2, -count, arrived)
 
     return [model for model, _, _ in sorted(waiting, key=rank)]
 

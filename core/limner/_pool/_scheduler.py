@@ -113,7 +113,10 @@ class Scheduler:
         for state in list(self.keys.values()):
             count, oldest = state.waiting()
             waiting = waiting or count > 0
-            if state.phase != "cold" or oldest is None or not self._may_load(state, now):
+            if state.phase != "cold" or oldest is None:
+                state.promised = False  # loading, loaded, or nobody waits for it any more
+                continue
+            if not self._may_load(state, now):
                 continue
             assert state.device is not None
             by_device.setdefault(state.device, []).append((state, oldest, count))
@@ -121,7 +124,8 @@ class Scheduler:
         patience = self.options.max_wait * PATIENCE_SHARE
         for device, cold in by_device.items():
             arrived = {id(state): oldest for state, oldest, _ in cold}
-            for state in next_in_line(cold, now=now, patience=patience):
+            promised = [state for state, _, _ in cold if state.promised]
+            for state in next_in_line(cold, now=now, patience=patience, promised=promised):
                 try:
                     blocked, until = await self._admit(state, device, arrived[id(state)])
                 except Exception as error:  # a reading or a claim failed: its callers hear it
@@ -182,6 +186,7 @@ class Scheduler:
             if isinstance(plan, Drain):
                 for victim in plan.victims:
                     self._drain(victim, key)
+                state.promised = True  # the room the drains make is this key's
                 return True, None
             return True, plan.until
 
