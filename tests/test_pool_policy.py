@@ -216,8 +216,9 @@ def test_no_room_only_when_it_could_never_fit() -> None:
 def test_the_model_most_callers_wait_for_loads_next() -> None:
     waiting = [("few", 10.0, 2), ("most", 12.0, 20), ("some", 11.0, 5)]
     assert next_in_line(waiting, now=13.0, patience=15.0) == ["most", "some", "few"]
-    # equal counts: the one whose oldest caller came first; full ties keep their order
-    assert next_in_line([("b", 12.0, 3), ("a", 7.0, 3)], now=13.0, patience=15.0) == ["a", "b"]
+    # equal counts: the callers who came last, so that a group on the move catches up with
+    # the one ahead; full ties keep their order
+    assert next_in_line([("a", 7.0, 3), ("b", 12.0, 3)], now=13.0, patience=15.0) == ["b", "a"]
     assert next_in_line([("x", 1.0, 1), ("y", 1.0, 1)], now=2.0, patience=15.0) == ["x", "y"]
 
 

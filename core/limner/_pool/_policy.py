@@ -212,8 +212,9 @@ def next_in_line(
     this, a drained model with more callers would take its memory straight back). Then a
     model whose oldest caller has waited ``patience`` seconds, oldest first, so that nobody
     starves behind busier models. Then the model with the most callers waiting: one load
-    serves the most of them, and callers that cycle through the models come to move
-    together, one load each. Ties go to the oldest caller, then keep the order given.
+    serves the most of them. On a tie, the one whose callers came last: callers that move
+    from model to model together (each just answered by the previous one) then catch up
+    with the group ahead of them, and one load serves both groups from then on.
     """
 
     def rank(entry: tuple[Model, float, int]) -> tuple[int, float, float]:
@@ -222,7 +223,7 @@ def next_in_line(
             return (0, arrived, 0.0)
         if now - arrived >= patience:
             return (1, arrived, 0.0)
-        return (2, -count, arrived)
+        return (2, -count, -arrived)
 
     return [model for model, _, _ in sorted(waiting, key=rank)]
 

@@ -113,6 +113,8 @@ class Scheduler:
         for state in list(self.keys.values()):
             count, oldest = state.waiting()
             waiting = waiting or count > 0
+            if state.decoding:  # callers decoding their inputs for it queue in a moment
+                count, oldest = count + state.decoding, now if oldest is None else oldest
             if state.phase != "cold" or oldest is None:
                 state.promised = False  # loading, loaded, or nobody waits for it any more
                 continue
