@@ -4,13 +4,16 @@ steady load yields its memory after its turn; nobody waiting is lost."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
+from anyio.abc import TaskGroup
 from PIL import Image
 
 import limner
@@ -75,6 +78,27 @@ async def wait_until(condition: Any, *, timeout: float = 10.0) -> None:
             except KeyError:  # a key the pool has not seen yet
                 pass
             await anyio.sleep(0.002)
+
+
+@contextlib.asynccontextmanager
+async def while_a_is_busy(**options: Any) -> AsyncIterator[tuple[Pool, Registry, TaskGroup]]:
+    """fake/a loaded and running a batch held at a gate, far from the end of its turn (unless
+    ``options`` say otherwise); fake/b, which fits only in its place, cold: what a caller of
+    fake/b meets. The gate opens when the block ends."""
+    memory, gate = FakeMemory(total_mb=100_000), threading.Event()
+    registry = one_at_a_time(memory, "fake/a", "fake/b", gate=gate)
+    gate.set()
+    settings: dict[str, Any] = {"memory_budget_mb": 1000, "min_turn": 60, "max_workers": 1}
+    async with Pool(memory=memory, **{**settings, **options}) as pool:
+        await registry.embedder("fake/a").embed_images([colour(1)])
+        gate.clear()
+        async with anyio.create_task_group() as group:
+            group.start_soon(registry.embedder("fake/a").embed_images, [colour(2)])
+            await wait_until(lambda: pool.stats()["fake/a"].in_flight == 1)
+            try:
+                yield pool, registry, group
+            finally:
+                gate.set()
 
 
 # -- the options --------------------------------------------------------------------------------
@@ -270,21 +294,10 @@ async def test_two_models_that_fit_together_never_swap() -> None:
 
 
 async def test_a_call_that_waits_past_max_wait_is_a_wait_timeout_and_leaves_the_queue() -> None:
-    memory, gate = FakeMemory(total_mb=100_000), threading.Event()
-    registry = one_at_a_time(memory, "fake/a", "fake/b", gate=gate)
-    gate.set()
-    async with Pool(
-        memory=memory, memory_budget_mb=1000, min_turn=60, max_workers=1, max_wait=0.3
-    ) as pool:
-        await registry.embedder("fake/a").embed_images([colour(1)])
-        gate.clear()
-        async with anyio.create_task_group() as group:
-            group.start_soon(registry.embedder("fake/a").embed_images, [colour(2)])
-            await wait_until(lambda: pool.stats()["fake/a"].in_flight == 1)
-            with anyio.fail_after(BOUND_S), pytest.raises(WaitTimeout) as caught:
-                await registry.embedder("fake/b").embed_images([colour(3)])
-            stats = pool.stats()["fake/b"]
-            gate.set()
+    async with while_a_is_busy(max_wait=0.3) as (pool, registry, _):
+        with anyio.fail_after(BOUND_S), pytest.raises(WaitTimeout) as caught:
+            await registry.embedder("fake/b").embed_images([colour(3)])
+        stats = pool.stats()["fake/b"]
     error = caught.value
     assert error.key == "fake/b" and error.max_wait == 0.3
     assert error.waited >= 0.3 and error.retry_after >= 1.0
@@ -293,21 +306,12 @@ async def test_a_call_that_waits_past_max_wait_is_a_wait_timeout_and_leaves_the_
 
 
 async def test_max_wait_per_call() -> None:
-    memory, gate = FakeMemory(total_mb=100_000), threading.Event()
-    registry = one_at_a_time(memory, "fake/a", "fake/b", gate=gate)
-    gate.set()
-    async with Pool(memory=memory, memory_budget_mb=1000, min_turn=60, max_workers=1) as pool:
-        await registry.embedder("fake/a").embed_images([colour(1)])
-        gate.clear()
-        async with anyio.create_task_group() as group:
-            group.start_soon(registry.embedder("fake/a").embed_images, [colour(2)])
-            await wait_until(lambda: pool.stats()["fake/a"].in_flight == 1)
-            with limner.max_wait(0.1), anyio.fail_after(BOUND_S):
-                with pytest.raises(WaitTimeout) as caught:
-                    await registry.embedder("fake/b").embed_images([colour(3)])
-                with pytest.raises(WaitTimeout):
-                    await registry.embedder("fake/b").load()
-            gate.set()
+    async with while_a_is_busy() as (_, registry, _):
+        with limner.max_wait(0.1), anyio.fail_after(BOUND_S):
+            with pytest.raises(WaitTimeout) as caught:
+                await registry.embedder("fake/b").embed_images([colour(3)])
+            with pytest.raises(WaitTimeout):
+                await registry.embedder("fake/b").load()
     assert caught.value.max_wait == 0.1
 
 
@@ -434,24 +438,20 @@ async def test_a_generation_that_waits_past_max_wait_is_a_wait_timeout() -> None
 
 
 async def test_a_caller_cancelled_while_it_waits_leaves_the_queue() -> None:
-    memory, gate = FakeMemory(total_mb=100_000), threading.Event()
-    registry = one_at_a_time(memory, "fake/a", "fake/b", gate=gate)
-    gate.set()
-    async with Pool(memory=memory, memory_budget_mb=1000, min_turn=60, max_workers=1) as pool:
-        await registry.embedder("fake/a").embed_images([colour(1)])
-        gate.clear()
-        async with anyio.create_task_group() as group:
-            group.start_soon(registry.embedder("fake/a").embed_images, [colour(2)])
-            await wait_until(lambda: pool.stats()["fake/a"].in_flight == 1)
-            with anyio.CancelScope() as scope:
-                group.start_soon(registry.embedder("fake/b").embed_images, [colour(3)])
-                await wait_until(lambda: pool.stats()["fake/b"].waiting == 1)
-                group.cancel_scope.cancel()  # the waiting caller (and the held one) go
-            gate.set()
-        assert not scope.cancelled_caught
-        stats = pool.stats()
-    assert (stats["fake/b"].waiting, stats["fake/b"].queue_depth) == (0, 0)
-    assert stats["fake/b"].loads == 0 and stats["fake/b"].wait_timeouts == 0
+    async with while_a_is_busy() as (pool, registry, group):
+        scope = anyio.CancelScope()
+
+        async def call_b() -> None:
+            with scope:
+                await registry.embedder("fake/b").embed_images([colour(3)])
+
+        group.start_soon(call_b)
+        await wait_until(lambda: pool.stats()["fake/b"].waiting == 1)
+        scope.cancel()
+        await wait_until(lambda: pool.stats()["fake/b"].waiting == 0)
+        stats = pool.stats()["fake/b"]
+    assert scope.cancelled_caught
+    assert (stats.queue_depth, stats.loads, stats.wait_timeouts) == (0, 0, 0)
 
 
 async def test_a_model_kept_out_by_the_floor_loads_once_the_machine_frees_memory() -> None:

@@ -197,3 +197,20 @@ def test_serve_hands_the_pool_its_budget_floor_and_max_wait(served_apps: list[An
     ):
         refused = CliRunner().invoke(cli, ["serve", "--port", "0", *bad])
         assert refused.exit_code == 2 and flag in refused.output, refused.output
+
+
+def test_serve_on_ray_hands_the_pool_settings_to_every_replica(served_apps: list[Any]) -> None:
+    pytest.importorskip("ray.serve", reason="`--runtime ray` needs Ray Serve")
+    pytest.importorskip("limner_clip", reason="preloads the CLIP plugin's tiny model")
+    from click.testing import CliRunner
+
+    from limner._cli import cli
+
+    arguments = ["serve", "--port", "0", "--no-ui", "--runtime", "ray", "--address", "auto"]
+    flags = ["--memory-budget", "90MB", "--max-wait", "5", "--preload", "limner/tiny-clip"]
+    result = CliRunner().invoke(cli, [*arguments, *flags])
+    assert result.exit_code == 0, result.output
+    runtime = served_apps[-1].state.limner.settings.runtime()  # made, not started
+    changed = {"memory_budget_mb": 90.0, "max_wait": 5.0}  # the rest: the replica's defaults
+    assert dict(runtime.options.pool_options) == changed
+    assert dict(runtime.options_per_key["limner/tiny-clip"].pool_options) == changed

@@ -36,6 +36,7 @@ class KeyState:
     queue: RequestQueue
     phase: ModelState = "cold"
     device: str | None = None
+    device_lock: anyio.Lock = field(default_factory=anyio.Lock)
     workers: list[anyio.CancelScope] = field(default_factory=list)
     busy_workers: int = 0
     decoding: int = 0  # inputs callers are decoding for this key, to submit next

@@ -242,6 +242,7 @@ class Pool(AsyncResource):
         """
         state = self._state(backend)
         self._refuse_at_once(state)
+        await self._residency.resolve_device(state)
         size = backend.spec.info.max_batch_size
         chunks = [list(items[start : start + size]) for start in range(0, len(items), size)]
         results = await submit(
@@ -267,6 +268,7 @@ class Pool(AsyncResource):
         assert isinstance(backend, TextToImageBackend)
         state = self._state(backend)
         self._refuse_at_once(state)
+        await self._residency.resolve_device(state)
         send, receive = anyio.create_memory_object_stream[GenerationChunk | BaseException](1)
         cancel = threading.Event()
         ticket = Ticket("generation", arrived=self.clock.now())
@@ -291,6 +293,7 @@ class Pool(AsyncResource):
         waits for its turn like a call (``max_wait``)."""
         state = self._state(backend)
         self._refuse_at_once(state)
+        await self._residency.resolve_device(state)
         ticket = Ticket("load", arrived=self.clock.now())
         state.tickets.append(ticket)
         self._wanted(state)

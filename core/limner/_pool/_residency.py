@@ -90,8 +90,21 @@ class Residency:
 
     # -- loading ----------------------------------------------------------------------------
 
+    async def resolve_device(self, state: KeyState) -> None:
+        """Which device ``state``'s model uses (once per key, when its first caller comes):
+        its callers wait in that device's line."""
+        async with state.device_lock:
+            if state.device is not None:
+                return
+            try:
+                state.device = await self.executor.memory_device(state.backend)
+            except Exception as error:
+                raise ModelLoadError(
+                    f"could not tell which device {state.spec.key} uses: {error!r}"
+                ) from error
+
     async def prepare(self, state: KeyState) -> None:
-        """Before any talk of memory: are the weights to be had, and on which device?"""
+        """Before any talk of memory, at each cold start: are the weights to be had?"""
         try:
             await anyio.to_thread.run_sync(
                 check_weights_reachable, state.spec, getattr(state.backend, "settings", None)

@@ -140,8 +140,9 @@ class Scheduler:
         return min(wake, default=None), waiting
 
     def _may_load(self, state: KeyState, now: float) -> bool:
-        """Whether a cold key with callers is ready to be planned; callers who cannot have
-        it are answered here, and a key not yet checked starts its check."""
+        """Whether a cold key with callers takes its place in line; callers who cannot have
+        it are answered here, and a key not yet checked starts its check (until it is done,
+        the key holds its place and those behind it wait)."""
         if state.load_error is not None and now < state.retry_at:
             answer_waiters(state, backoff_error(state, now))
             return False
@@ -149,12 +150,10 @@ class Scheduler:
         if elsewhere is not None:
             answer_waiters(state, elsewhere)
             return False
-        if not state.prepared:
-            if not state.preparing:
-                state.preparing = True
-                self.spawn(self.residency.prepare, state)
-            return False
-        return True
+        if not state.prepared and not state.preparing:
+            state.preparing = True
+            self.spawn(self.residency.prepare, state)
+        return state.device is not None  # known once its first caller came
 
     async def _admit(
         self, state: KeyState, device: str, waited_since: float
@@ -162,6 +161,8 @@ class Scheduler:
         """Plan the cold key ``state`` until it loads, is refused, or must wait; returns
         whether it must wait (blocking those behind it) and until when at most."""
         key = state.spec.key
+        if not state.prepared:
+            return True, None  # its weights check ends with a kick
         while True:
             plan = plan_turn(
                 need_mb=[
