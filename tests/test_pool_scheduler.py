@@ -5,6 +5,7 @@ steady load yields its memory after its turn; nobody waiting is lost."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pickle
 import threading
 from collections.abc import AsyncIterator
@@ -490,3 +491,16 @@ async def test_a_model_kept_out_by_the_floor_loads_once_the_machine_frees_memory
         stats = pool.stats()
     assert len(answered) == 1
     assert stats["fake/a"].evictions == 0 and stats["fake/b"].state == "ready"
+
+
+class NoDevice(FakeEmbeddingBackend):
+    def memory_device(self) -> str:
+        raise RuntimeError("no such device here")
+
+
+async def test_a_device_that_cannot_be_told_is_a_model_load_error_for_its_caller() -> None:
+    spec = dataclasses.replace(fake_embedding_spec("fake/nowhere"), factory=NoDevice)
+    async with Pool(memory=FakeMemory(total_mb=100_000)) as pool:
+        with pytest.raises(limner.ModelLoadError, match="no such device here"):
+            await registry_of(spec).embedder("fake/nowhere").embed_images([colour(1)])
+        assert pool.stats()["fake/nowhere"].waiting == 0

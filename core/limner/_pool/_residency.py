@@ -98,6 +98,8 @@ class Residency:
                 return
             try:
                 state.device = await self.executor.memory_device(state.backend)
+            except LimnerError:
+                raise  # the plugin's own words: a device it cannot have, say
             except Exception as error:
                 raise ModelLoadError(
                     f"could not tell which device {state.spec.key} uses: {error!r}"
