@@ -79,28 +79,78 @@ async def wait_until(condition: Any, *, timeout: float = 5.0) -> None:
 # -- cold start: the 2 / 1 / MemoryExhausted rule ----------------------------------------------
 
 
-@pytest.mark.parametrize(("used_mb", "expected_workers"), [(0, 2), (600, 2), (601, 1), (800, 1)])
-async def test_cold_start_spawns_as_many_workers_as_fit(
-    used_mb: float, expected_workers: int
+def one_copy_spec(key: str, memory_mb: float, memory: FakeMemory) -> limner.ModelSpec:
+    """A fake model of ``memory_mb`` charged to ``memory``, whose second worker is free."""
+    spec = fake_embedding_spec(key, memory_mb=memory_mb, options={"memory": memory})
+    return dataclasses.replace(spec, info=dataclasses.replace(spec.info, worker_overhead_mb=0))
+
+
+@pytest.mark.parametrize(("held_mb", "expected_workers"), [(0, 2), (600, 2), (601, 1), (800, 1)])
+async def test_cold_start_spawns_as_many_workers_as_fit_in_the_budget(
+    held_mb: float, expected_workers: int
 ) -> None:
-    # budget = 80% of 1250 = 1000 MB; a worker is 200 MB, so 2 fit while used <= 600
-    memory = FakeMemory(total_mb=1250, used_mb=used_mb)
-    registry = make_registry(fake_embedding_spec("fake/a", memory_mb=200))
-    async with Pool(memory=memory, clock=FakeClock()) as pool:
+    # The budget counts the pool's models: another one holds held_mb of 1000 MB; a worker
+    # of fake/a is 200 MB, so 2 fit while held <= 600. The machine has plenty available.
+    memory = FakeMemory(total_mb=100_000)
+    registry = make_registry(
+        one_copy_spec("fake/other", held_mb or 1, memory),
+        fake_embedding_spec("fake/a", memory_mb=200),
+    )
+    async with Pool(memory=memory, clock=FakeClock(), memory_budget_mb=1000) as pool:
+        if held_mb:
+            await registry.embedder("fake/other").load()
         await registry.embedder("fake/a").embed_images([colour(1)])
         stats = pool.stats()["fake/a"]
     assert stats.workers == expected_workers
     assert stats.memory_mb == 200 * expected_workers
 
 
-async def test_memory_exhausted_names_need_and_room() -> None:
-    memory = FakeMemory(total_mb=1250, used_mb=900)
+@pytest.mark.parametrize(
+    ("used_mb", "expected_workers"), [(0, 2), (9_100, 2), (9_101, 1), (9_300, 1)]
+)
+async def test_memory_the_rest_of_the_machine_uses_counts_against_the_floor(
+    used_mb: float, expected_workers: int
+) -> None:
+    # Others use used_mb of 10 GB; 500 MB must stay available: 2 workers (400 MB) fit
+    # while 10_000 - used - 400 >= 500, whatever the (larger) budget says.
+    memory = FakeMemory(total_mb=10_000, used_mb=used_mb)
+    registry = make_registry(fake_embedding_spec("fake/a", memory_mb=200))
+    async with Pool(
+        memory=memory, clock=FakeClock(), memory_budget_mb=5_000, memory_floor_mb=500
+    ) as pool:
+        await registry.embedder("fake/a").embed_images([colour(1)])
+        stats = pool.stats()["fake/a"]
+    assert stats.workers == expected_workers
+
+
+async def test_a_small_budget_on_a_busy_machine_still_serves() -> None:
+    # The reproduction: `--memory-budget 90MB` on a machine whose other programs use 2.7 GB
+    # was compared with the machine's used memory, and every request was refused.
+    memory = FakeMemory(total_mb=16_000, used_mb=2_700)
+    registry = make_registry(fake_embedding_spec("fake/a", memory_mb=40))
+    async with Pool(memory=memory, clock=FakeClock(), memory_budget_mb=90) as pool:
+        vectors = await registry.embedder("fake/a").embed_images([colour(1)])
+        assert pool.stats()["fake/a"].workers == 2
+    assert vectors.shape == (1, 8)
+
+
+@pytest.mark.parametrize(
+    ("used_mb", "options", "available"),
+    [
+        (0, {"memory_budget_mb": 150}, 150),  # larger than the budget itself
+        (1100, {"memory_floor_mb": 100, "memory_budget_mb": 1000}, 50),  # others use the rest
+    ],
+)
+async def test_memory_exhausted_at_once_when_it_could_never_fit(
+    used_mb: float, options: dict[str, Any], available: float
+) -> None:
+    memory = FakeMemory(total_mb=1250, used_mb=used_mb)
     registry = make_registry(fake_embedding_spec("fake/big", memory_mb=200))
-    async with Pool(memory=memory, clock=FakeClock()):
-        with pytest.raises(MemoryExhausted) as caught:
+    async with Pool(memory=memory, clock=FakeClock(), max_wait=30, **options):
+        with anyio.fail_after(10), pytest.raises(MemoryExhausted) as caught:
             await registry.embedder("fake/big").embed_images([colour(1)])
     assert str(caught.value).startswith(
-        "Cannot spawn workers for fake/big. Need 200 MB, only 100 MB available"
+        f"Cannot spawn workers for fake/big. Need 200 MB, only {available} MB available"
     )
     assert fake_backend(registry.embedder("fake/big")).loads == 0
 
@@ -197,7 +247,9 @@ async def test_lru_idle_model_is_evicted_to_make_room() -> None:
     assert memory.used == 0  # the pool unloaded everything on exit
 
 
-async def test_busy_models_are_never_evicted_for_room() -> None:
+async def test_a_busy_model_finishes_its_batch_before_it_makes_room() -> None:
+    # Was: the second model's caller got MemoryExhausted at once while the first was busy.
+    # Now it waits; the busy model is never cut short, and goes once its work is done.
     memory = FakeMemory(total_mb=1000, used_mb=0)
     gate = threading.Event()
     registry = make_registry(
@@ -208,13 +260,25 @@ async def test_busy_models_are_never_evicted_for_room() -> None:
         gate.set()
         await registry.embedder("fake/busy").embed_images([colour(1)])
         gate.clear()
+        busy: list[np.ndarray] = []
+        new: list[np.ndarray] = []
+
+        async def call(key: str, into: list[np.ndarray]) -> None:
+            into.append(await registry.embedder(key).embed_images([colour(2)]))
+
         async with anyio.create_task_group() as group:
-            group.start_soon(registry.embedder("fake/busy").embed_images, [colour(2)])
+            group.start_soon(call, "fake/busy", busy)
             await wait_until(lambda: pool.stats()["fake/busy"].in_flight == 1)
-            with pytest.raises(MemoryExhausted):
-                await registry.embedder("fake/new").embed_images([colour(3)])
+            group.start_soon(call, "fake/new", new)
+            await wait_until(lambda: pool.stats()["fake/new"].waiting == 1)
+            await anyio.sleep(0.05)
+            assert pool.stats()["fake/busy"].evictions == 0  # not while it runs
+            assert pool.stats()["fake/new"].state == "cold"
             gate.set()
-        assert pool.stats()["fake/busy"].evictions == 0
+        stats = pool.stats()
+    assert len(busy) == 1 and len(new) == 1  # both answered, none refused
+    assert stats["fake/busy"].evictions == 1 and stats["fake/busy"].swaps == 1
+    assert stats["fake/new"].state == "ready"
 
 
 async def test_idle_models_are_evicted_after_their_keep_alive() -> None:

@@ -5,12 +5,22 @@ from __future__ import annotations
 import pytest
 
 from limner._pool._policy import (
+    Drain,
     Evict,
     NoRoom,
+    Resident,
+    Room,
     Start,
+    Wait,
+    budget_mb,
+    floor_mb,
     is_expired,
+    next_in_line,
     plan_cold_start,
+    plan_turn,
+    retry_after,
     retry_delay,
+    turn_seconds,
     workers_need_mb,
 )
 
@@ -71,3 +81,167 @@ def test_expiry_is_strictly_after_keep_alive() -> None:
 def test_retry_backoff_doubles_up_to_its_ceiling() -> None:
     delays = [retry_delay(failures, (1.0, 60.0)) for failures in range(1, 9)]
     assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+
+
+# -- the budget's meaning -----------------------------------------------------------------------
+
+
+def test_the_budget_is_an_absolute_size_or_a_share_of_the_device() -> None:
+    assert budget_mb(total_mb=16_000, fraction=0.8, absolute_mb=None) == 12_800
+    assert budget_mb(total_mb=16_000, fraction=0.8, absolute_mb=90) == 90
+
+
+def test_the_default_floor_is_five_percent_at_most_two_gigabytes() -> None:
+    assert floor_mb(total_mb=16_000, floor=None) == 800
+    assert floor_mb(total_mb=1_000_000, floor=None) == 2048
+    assert floor_mb(total_mb=16_000, floor=0) == 0  # turned off
+    assert floor_mb(total_mb=16_000, floor=300) == 300
+
+
+def test_room_counts_the_pool_against_the_budget_and_the_machine_against_the_floor() -> None:
+    # A 90 MB budget on a machine others fill to 2.7 of 16 GB: the room is the budget's.
+    assert Room(budget_mb=90, pool_mb=0, available_mb=13_300, floor_mb=800).free_mb == 90
+    assert Room(budget_mb=90, pool_mb=50, available_mb=13_300, floor_mb=800).free_mb == 40
+    # A large budget on a nearly full machine: the floor's.
+    assert Room(budget_mb=12_800, pool_mb=0, available_mb=1_000, floor_mb=800).free_mb == 200
+
+
+# -- turns --------------------------------------------------------------------------------------
+
+NOW = 100.0
+
+
+def resident(
+    name: str,
+    *,
+    memory_mb: float = 500,
+    turn_started: float = 0.0,
+    turn_seconds: float = 2.0,
+    served: int = 5,
+    idle: bool = False,
+    draining: bool = False,
+    last_used: float | None = 90.0,
+    oldest_wait: float | None = None,
+) -> Resident[str]:
+    return Resident(
+        model=name,
+        memory_mb=memory_mb,
+        turn_started=turn_started,
+        turn_seconds=turn_seconds,
+        served=served,
+        last_used=last_used,
+        idle=idle,
+        draining=draining,
+        oldest_wait=oldest_wait,
+    )
+
+
+def full(pool_mb: float = 1000, **extra: float) -> Room:
+    """A 1000 MB budget the residents fill; the machine has plenty available."""
+    return Room(budget_mb=1000, pool_mb=pool_mb, available_mb=50_000, floor_mb=500, **extra)
+
+
+def plan(room: Room, residents: list[Resident[str]], waited_since: float = 99.0) -> object:
+    return plan_turn(
+        need_mb=[500, 550], room=room, residents=residents, waited_since=waited_since, now=NOW
+    )
+
+
+def test_a_turn_starts_the_waiting_model_when_it_fits() -> None:
+    assert plan(full(pool_mb=0), []) == Start(workers=2, need_mb=550)
+    assert plan(full(pool_mb=480), [resident("a", memory_mb=480)]) == Start(1, 500)
+
+
+def test_an_idle_model_goes_first_least_recently_used() -> None:
+    residents = [
+        resident("busy", turn_started=0.0),
+        resident("idle-late", idle=True, last_used=95.0),
+        resident("idle-early", idle=True, last_used=80.0),
+    ]
+    assert plan(full(pool_mb=1500), residents) == Evict("idle-early")
+
+
+def test_a_busy_model_whose_turn_is_over_is_drained() -> None:
+    assert plan(full(), [resident("a"), resident("b", turn_started=10.0)]) == Drain(("a",))
+
+
+def test_those_nobody_waits_for_drain_before_the_longest_held() -> None:
+    residents = [
+        resident("held-longest", turn_started=0.0, oldest_wait=99.5),
+        resident("nobody-waits", turn_started=50.0),
+    ]
+    assert plan(full(), residents) == Drain(("nobody-waits",))
+
+
+def test_enough_models_are_drained_to_make_room() -> None:
+    residents = [resident("a", memory_mb=300), resident("b", memory_mb=300, turn_started=5.0)]
+    room = Room(budget_mb=1000, pool_mb=900, available_mb=50_000, floor_mb=0)  # 100 free
+    assert plan(room, residents) == Drain(("a", "b"))  # 100 + 300 < 500 <= 100 + 600
+
+
+def test_a_model_keeps_its_memory_for_its_turn_then_waits_name_the_end() -> None:
+    started = NOW - 1.0  # one second into a two-second turn
+    assert plan(full(), [resident("a", turn_started=started)]) == Wait(until=started + 2.0)
+
+
+def test_a_model_that_has_not_served_yet_is_not_drained() -> None:
+    # It loaded for callers who have not had an answer yet: draining it would waste the load.
+    assert plan(full(), [resident("a", served=0)]) == Wait(until=None)
+
+
+def test_a_model_whose_own_callers_waited_longer_keeps_serving_them() -> None:
+    older = resident("a", oldest_wait=90.0)
+    assert plan(full(), [older], waited_since=95.0) == Wait(until=None)
+    assert plan(full(), [older], waited_since=85.0) == Drain(("a",))
+
+
+def test_drains_under_way_that_make_room_are_waited_for_not_added_to() -> None:
+    residents = [resident("a", draining=True), resident("b", turn_started=5.0)]
+    assert plan(full(), residents) == Wait(until=None)
+    releasing = full(releasing_mb=500)
+    assert plan(releasing, [resident("b", memory_mb=500)]) == Wait(until=None)
+
+
+def test_no_room_only_when_it_could_never_fit() -> None:
+    over_budget = Room(budget_mb=400, pool_mb=0, available_mb=50_000, floor_mb=0)
+    assert plan(over_budget, []) == NoRoom(need_mb=500, available_mb=400)
+    # others fill the machine: even with every model gone, 300 MB stay above the floor
+    crowded = Room(budget_mb=10_000, pool_mb=200, available_mb=600, floor_mb=500)
+    assert plan(crowded, [resident("a", memory_mb=200)]) == NoRoom(need_mb=500, available_mb=300)
+    # everything loaded or loading could go: wait for it instead
+    loading = Room(budget_mb=1000, pool_mb=1000, available_mb=50_000, floor_mb=0, loading_mb=1000)
+    assert plan(loading, []) == Wait(until=None)
+
+
+def test_the_model_most_callers_wait_for_loads_next() -> None:
+    waiting = [("few", 10.0, 2), ("most", 12.0, 20), ("some", 11.0, 5)]
+    assert next_in_line(waiting, now=13.0, patience=15.0) == ["most", "some", "few"]
+    # equal counts: the callers who came last, so that a group on the move catches up with
+    # the one ahead; full ties keep their order
+    assert next_in_line([("a", 7.0, 3), ("b", 12.0, 3)], now=13.0, patience=15.0) == ["b", "a"]
+    assert next_in_line([("x", 1.0, 1), ("y", 1.0, 1)], now=2.0, patience=15.0) == ["x", "y"]
+
+
+def test_a_model_whose_caller_waited_past_patience_goes_first_oldest_first() -> None:
+    waiting = [("busy", 29.0, 30), ("lone", 10.0, 1), ("older", 5.0, 1)]
+    assert next_in_line(waiting, now=30.0, patience=15.0) == ["older", "lone", "busy"]
+
+
+def test_the_model_others_were_drained_for_keeps_its_place() -> None:
+    # "drained" just went cold with more callers than "waited-for": it does not take back
+    # the room its drain made for "waited-for".
+    waiting = [("drained", 29.0, 20), ("waited-for", 28.0, 1)]
+    order = next_in_line(waiting, now=30.0, patience=15.0, promised={"waited-for"})
+    assert order == ["waited-for", "drained"]
+
+
+def test_a_turn_is_three_loads_long_within_bounds_unless_set() -> None:
+    assert turn_seconds(min_turn=None, load_seconds=2.0, max_wait=60.0) == 6.0
+    assert turn_seconds(min_turn=None, load_seconds=0.01, max_wait=60.0) == 0.5
+    assert turn_seconds(min_turn=None, load_seconds=30.0, max_wait=60.0) == 15.0
+    assert turn_seconds(min_turn=7.0, load_seconds=30.0, max_wait=60.0) == 7.0
+
+
+def test_callers_sent_away_come_back_after_a_turn_and_a_load() -> None:
+    assert retry_after(turn_s=6.0, load_s=2.0) == 8.0
+    assert retry_after(turn_s=0.1, load_s=0.1) == 1.0

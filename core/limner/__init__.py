@@ -24,7 +24,7 @@ from ._exports import Moved, Removed, deprecated_names, present_as_public
 from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
 from ._generator import BlockingImageGenerator, ImageGenerator
 from ._images import DEFAULT_LIMITS, ImageLimits
-from ._pool import Pool, current_pool
+from ._pool import Pool, PoolOptions, current_pool, max_wait
 from ._registry import (
     Model,
     ModelEntry,
@@ -50,6 +50,7 @@ from .errors import (
     PoolBusy,
     RuntimeUnavailable,
     UnknownModelError,
+    WaitTimeout,
 )
 
 __version__ = "0.1.0"
@@ -86,12 +87,14 @@ __all__ = [
     "PluginRecord",
     "Pool",
     "PoolBusy",
+    "PoolOptions",
     "Progress",
     "Registry",
     "Runtime",
     "RuntimeUnavailable",
     "TextToImageCapable",
     "UnknownModelError",
+    "WaitTimeout",
     "__version__",
     "current_pool",
     "default_pool",
@@ -100,6 +103,7 @@ __all__ = [
     "errors",
     "generator",
     "get",
+    "max_wait",
 ]
 
 present_as_public(__name__, globals(), __all__)

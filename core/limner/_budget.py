@@ -1,7 +1,8 @@
 """The memory budget as people write it: ``0.9``, ``90%``, ``20000``, ``20000MB``, ``20GB``.
 
 One parser for ``--memory-budget`` and ``LIMNER_MEMORY_BUDGET``, giving the keyword arguments
-of :class:`~limner.Pool` (``memory_budget_fraction`` or ``memory_budget_mb``).
+of :class:`~limner.Pool` (``memory_budget_fraction`` or ``memory_budget_mb``), and one for a
+plain size (``--memory-floor``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from typing import TypedDict
 
 from .errors import InvalidInput
 
-__all__ = ["MEMORY_BUDGET_ENV", "MemoryBudget", "memory_budget_from_env", "parse_memory_budget"]
+__all__ = [
+    "MEMORY_BUDGET_ENV",
+    "MemoryBudget",
+    "memory_budget_from_env",
+    "parse_memory_budget",
+    "parse_memory_size",
+]
 
 
 class MemoryBudget(TypedDict, total=False):
@@ -53,6 +60,18 @@ def parse_memory_budget(value: str, *, field: str = "memory_budget") -> MemoryBu
     if unit == "" and number <= 1:
         return {"memory_budget_fraction": number}
     return {"memory_budget_mb": number * _UNITS[unit]}
+
+
+def parse_memory_size(value: str, *, field: str) -> float:
+    """Megabytes for ``value`` (``500``, ``500MB``, ``2GB``; 0 allowed); ``InvalidInput``
+    naming ``field`` for anything else."""
+    found = _FORM.match(value.strip().lower())
+    if found is None or found.group(2) not in _UNITS:
+        raise InvalidInput(
+            f"must be a size in megabytes (500, 500MB, 2GB; 1 GB = 1024 MB), got {value!r}",
+            field=field,
+        )
+    return float(found.group(1)) * _UNITS[found.group(2)]
 
 
 def memory_budget_from_env() -> MemoryBudget:

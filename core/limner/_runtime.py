@@ -33,7 +33,14 @@ ModelState = Literal["cold", "loading", "ready"]
 
 @dataclass(frozen=True)
 class KeyStats:
-    """A snapshot of one model key in a runtime."""
+    """A snapshot of one model key in a runtime.
+
+    ``waiting`` counts the callers waiting for the key (queued, or waiting for its turn or
+    its load) and ``oldest_wait_seconds`` is how long the oldest of them has waited;
+    ``swaps`` counts the evictions that made room for another model's callers, and
+    ``draining`` says its turn is over (it finishes what it runs, then goes);
+    ``wait_timeouts`` counts callers that gave up after ``max_wait``.
+    """
 
     key: str
     state: ModelState
@@ -48,6 +55,11 @@ class KeyStats:
     memory_mb: float
     device: str | None
     last_used: float | None
+    waiting: int = 0
+    oldest_wait_seconds: float = 0.0
+    swaps: int = 0
+    draining: bool = False
+    wait_timeouts: int = 0
 
 
 @runtime_checkable

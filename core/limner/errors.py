@@ -23,6 +23,7 @@ __all__ = [
     "PoolBusy",
     "RuntimeUnavailable",
     "UnknownModelError",
+    "WaitTimeout",
     "describe_input",
 ]
 
@@ -179,6 +180,22 @@ class RuntimeUnavailable(LimnerError):
         self.key = key
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class WaitTimeout(LimnerError):
+    """A call waited ``max_wait`` seconds and the pool had not started on it: other models
+    held the memory (or the model's queue was that long). Retry after ``retry_after`` s."""
+
+    def __init__(self, key: str, *, waited: float, max_wait: float, retry_after: float = 1.0):
+        self.key = key
+        self.waited = waited
+        self.max_wait = max_wait
+        self.retry_after = retry_after
+        super().__init__(
+            f"Model {key} did not get its turn within max_wait ({max_wait:g} s; waited "
+            f"{waited:.1f} s): other models held the memory, or its queue was that long. "
+            f"Retry in {retry_after:g} s, raise max_wait, or raise the memory budget."
+        )
 
 
 class Cancelled(LimnerError):

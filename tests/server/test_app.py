@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import threading
 import time
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from limner import InvalidInput, Registry
+from limner import InvalidInput, Pool, PoolOptions, Registry
 from limner.server import ServerSettings, create_app
 from limner.testing import fake_embedding_spec, fake_generation_spec
 
@@ -141,6 +143,9 @@ def test_pool_stats_report_each_model(main: Served) -> None:
     assert fake["in_flight"] == 0
     assert fake["queue_depth"] == 0
     assert set(fake) >= {"batches", "loads", "evictions", "memory_mb", "device", "last_used"}
+    # who waits for the model, for how long, and how often it made room for another
+    assert (fake["waiting"], fake["oldest_wait_seconds"], fake["swaps"]) == (0, 0.0, 0)
+    assert (fake["draining"], fake["wait_timeouts"]) == (False, 0)
 
 
 def test_metrics_count_requests_by_route_and_status_and_read_the_pool(main: Served) -> None:
@@ -165,6 +170,10 @@ def test_metrics_count_requests_by_route_and_status_and_read_the_pool(main: Serv
     assert value(r'limner_model_loaded\{model="limner/tiny-clip"\}') == 1.0
     assert value(r'limner_queue_depth\{model="fake/embedder"\}') == 0.0
     assert value(r'limner_evictions_total\{model="fake/embedder"\}') == 0.0
+    assert value(r'limner_swaps_total\{model="fake/embedder"\}') == 0.0
+    assert value(r'limner_waiting_callers\{model="fake/embedder"\}') == 0.0
+    assert value(r'limner_oldest_wait_seconds\{model="fake/embedder"\}') == 0.0
+    assert value(r'limner_wait_timeouts_total\{model="fake/embedder"\}') == 0.0
     assert value(r'limner_model_loads_total\{model="limner/tiny-clip"\}') == 1.0
     assert value("limner_models_loaded") >= 2
     assert value("limner_ready") == 1.0
@@ -196,6 +205,9 @@ def test_settings_are_validated_and_typos_fail_at_create_app() -> None:
         ServerSettings(max_body_bytes=0)
     with pytest.raises(ValueError, match="pool_options"):
         ServerSettings(pool_options={"max_queeu": 3})
+    with pytest.raises(InvalidInput, match="memory_budget_mb") as bad_budget:
+        ServerSettings(pool_options={"memory_budget_mb": 0})
+    assert bad_budget.value.field == "pool_options"
     with pytest.raises(ValueError, match="models"):
         ServerSettings(models="fake/embedder")
     with pytest.raises(ValueError, match="max_text_chars"):
@@ -212,6 +224,16 @@ def test_settings_are_validated_and_typos_fail_at_create_app() -> None:
             registry=registry,
             settings=ServerSettings(models=["fake/embedder"], preload=["fake/generator"]),
         )
+
+
+def test_pool_options_come_as_one_object_or_as_keywords() -> None:
+    options = PoolOptions(max_queue=3, memory_budget_mb=2048, keep_alive_per_key={"a": 5})
+    arguments = ServerSettings(pool_options=options).pool_arguments(["b"])
+    assert Pool(**arguments).options == dataclasses.replace(
+        options, keep_alive_per_key={"a": 5, "b": math.inf}
+    )
+    mapping = ServerSettings(pool_options={"max_queue": 3}).pool_arguments([])
+    assert mapping == {"max_queue": 3}
 
 
 def _registry() -> Registry:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -257,3 +258,40 @@ def test_a_bad_allowed_host_is_refused_before_binding(env: dict[str, str]) -> No
     assert "--allowed-host" in result.stderr
     assert "running on" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_hands_the_pool_its_budget_floor_and_max_wait(served_apps: list[Any]) -> None:
+    from click.testing import CliRunner
+
+    from limner import PoolOptions
+    from limner._cli import cli
+
+    flags = ["--memory-budget", "90MB", "--memory-floor", "1GB", "--max-wait", "5"]
+    result = CliRunner().invoke(cli, ["serve", "--port", "0", "--no-ui", *flags])
+    assert result.exit_code == 0, result.output
+    options = served_apps[-1].state.limner.settings.pool_options
+    assert options == PoolOptions(memory_budget_mb=90, memory_floor_mb=1024, max_wait=5)
+    for bad, flag in (
+        (["--memory-floor", "lots"], "--memory-floor"),
+        (["--max-wait", "0"], "--max-wait"),
+        (["--memory-budget", "0"], "--memory-budget"),
+    ):
+        refused = CliRunner().invoke(cli, ["serve", "--port", "0", *bad])
+        assert refused.exit_code == 2 and flag in refused.output, refused.output
+
+
+def test_serve_on_ray_hands_the_pool_settings_to_every_replica(served_apps: list[Any]) -> None:
+    pytest.importorskip("ray.serve", reason="`--runtime ray` needs Ray Serve")
+    pytest.importorskip("limner_clip", reason="preloads the CLIP plugin's tiny model")
+    from click.testing import CliRunner
+
+    from limner._cli import cli
+
+    arguments = ["serve", "--port", "0", "--no-ui", "--runtime", "ray", "--address", "auto"]
+    flags = ["--memory-budget", "90MB", "--max-wait", "5", "--preload", "limner/tiny-clip"]
+    result = CliRunner().invoke(cli, [*arguments, *flags])
+    assert result.exit_code == 0, result.output
+    runtime = served_apps[-1].state.limner.settings.runtime()  # made, not started
+    changed = {"memory_budget_mb": 90.0, "max_wait": 5.0}  # the rest: the replica's defaults
+    assert dict(runtime.options.pool_options) == changed
+    assert dict(runtime.options_per_key["limner/tiny-clip"].pool_options) == changed

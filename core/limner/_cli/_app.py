@@ -173,8 +173,9 @@ def _memory_option(function: F) -> F:
         type=_MemoryBudget(),
         envvar=MEMORY_BUDGET_ENV,
         show_envvar=True,
-        help="Memory the pool may fill with models: a fraction of the device's (0.9), a "
-        "percentage (90%), or megabytes (20000, 20GB). Default: 80%.",
+        help="Memory the pool's models may hold on each device (their footprints, not the "
+        "machine's used memory): a fraction of the device's (0.9), a percentage (90%), or "
+        "megabytes (20000, 20GB). Default: 80%.",
     )(function)
 
 

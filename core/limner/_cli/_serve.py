@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from limner._budget import MemoryBudget
+from limner._budget import MemoryBudget, parse_memory_size
+from limner._pool import PoolOptions
 from limner._registry import default_registry
 from limner.errors import InvalidInput
 
@@ -28,6 +29,7 @@ Examples:
   limner serve --models limner/tiny-clip,limner/tiny-flux --preload limner/tiny-clip
   LIMNER_API_KEY=change-me limner serve --host 0.0.0.0 --port 9000
   limner serve --models flux-schnell --memory-budget 90%
+  limner serve --memory-budget 20GB --memory-floor 4GB --max-wait 30
 """
 )
 @click.option(
@@ -97,6 +99,21 @@ Examples:
 @click.option("--no-ui", is_flag=True, help="Do not serve the playground page at /.")
 @_memory_option
 @click.option(
+    "--memory-floor",
+    "memory_floor",
+    metavar="SIZE",
+    help="Memory kept available to the rest of the machine on each device, besides the "
+    "budget: megabytes (2048, 2GB; 0 turns it off). Default: 5% of the device's, at most 2 GB.",
+)
+@click.option(
+    "--max-wait",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds a request may wait for its model's turn (while other models hold the "
+    "memory) before a 503 with Retry-After.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -131,6 +148,8 @@ def serve(
     no_ui: bool,
     memory_budget: MemoryBudget | None,
     log_level: str,
+    memory_floor: str | None = None,
+    max_wait: float = 60.0,
     runtime_name: str = "pool",
     address: str | None = None,
 ) -> None:
@@ -153,6 +172,7 @@ def serve(
     if address is not None and runtime_name != "ray":
         raise click.UsageError("--address needs --runtime ray")
     cluster_lost = _StopOnClusterLoss()
+    options = _pool_options(memory_budget, memory_floor, max_wait)
     try:
         settings = ServerSettings(
             models=_names(models),
@@ -165,9 +185,9 @@ def serve(
             body_timeout=body_timeout,
             max_connections=max_connections,
             ui=not no_ui,
-            pool_options=memory_budget or {},
+            pool_options=options,
             runtime=(
-                _ray_runtime(address, _names(preload), memory_budget or {}, cluster_lost)
+                _ray_runtime(address, _names(preload), options, cluster_lost)
                 if runtime_name == "ray"
                 else None
             ),
@@ -326,16 +346,27 @@ class _StopOnClusterLoss:
         os._exit(1)
 
 
+def _pool_options(budget: MemoryBudget | None, floor: str | None, max_wait: float) -> PoolOptions:
+    """The pool's settings from the flags; a bad one is a usage error naming its flag."""
+    floor_mb = None
+    if floor is not None:
+        try:
+            floor_mb = parse_memory_size(floor, field="--memory-floor")
+        except InvalidInput as error:
+            raise click.BadParameter(error.reason, param_hint="'--memory-floor'") from None
+    return PoolOptions(**(budget or {}), memory_floor_mb=floor_mb, max_wait=max_wait)
+
+
 def _ray_runtime(
     address: str | None,
     preload: tuple[str, ...] | None,
-    pool_options: MemoryBudget,
+    options: PoolOptions,
     on_lost: Callable[[str], object],
 ) -> Callable[[], Any]:
-    """What makes the server's Ray runtime, once Ray Serve is known to be installed. Each
-    replica's pool takes ``pool_options`` (the memory budget); preloaded keys keep a replica,
-    as the pool keeps them loaded. ``on_lost`` is called if the cluster's control plane is
-    lost for good."""
+    """What makes the server's Ray runtime, once Ray Serve is known to be installed.
+    Preloaded keys keep a replica, as the pool keeps them loaded. The pool settings the
+    flags changed go to every replica's pool. ``on_lost`` is called if the cluster's control
+    plane is lost for good."""
     try:
         import ray.serve  # noqa: F401
 
@@ -345,15 +376,20 @@ def _ray_runtime(
             f"--runtime ray needs Ray Serve: pip install 'limner[ray]' ({error})"
         ) from None
 
+    defaults = PoolOptions().keywords()
+    changed = {k: v for k, v in options.keywords().items() if v != defaults[k]}
+
     def make() -> RayRuntime:
         registry = default_registry()
-        options = RayKeyOptions(pool_options=dict(pool_options))
         kept = {
-            registry.spec(name).key: RayKeyOptions(min_replicas=1, pool_options=dict(pool_options))
+            registry.spec(name).key: RayKeyOptions(min_replicas=1, pool_options=changed)
             for name in preload or ()
         }
         return RayRuntime(
-            address=address, options=options, options_per_key=kept, on_control_plane_lost=on_lost
+            address=address,
+            options=RayKeyOptions(pool_options=changed),
+            options_per_key=kept,
+            on_control_plane_lost=on_lost,
         )
 
     return make

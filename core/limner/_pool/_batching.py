@@ -2,12 +2,14 @@
 
 A request leaves the queue only into a batch, and a batch's requests stay counted as taken
 until the worker holding them has answered every one: that count is what makes a model busy.
+The queue outlives its model's turns: callers queued for a model that is cold, or whose turn
+ended, wait in it for the model's next turn.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -30,13 +32,20 @@ class Requeue(Exception):
 
 
 class Request:
-    """One caller's items (a whole call, or one chunk of a split one), answered exactly once."""
+    """One caller's items (a whole call, or one chunk of a split one), answered exactly once.
 
-    __slots__ = ("cancelled", "done", "error", "items", "kind", "result")
+    ``arrived`` is when its call arrived (the pool's clock): the scheduler serves the model
+    whose oldest caller arrived first. ``started`` is set once a worker takes it (or it is
+    answered): from then on ``max_wait`` no longer applies.
+    """
 
-    def __init__(self, kind: RequestKind, items: list[Any]) -> None:
+    __slots__ = ("arrived", "cancelled", "done", "error", "items", "kind", "result", "started")
+
+    def __init__(self, kind: RequestKind, items: list[Any], *, arrived: float = 0.0) -> None:
         self.kind = kind
         self.items = items
+        self.arrived = arrived
+        self.started = anyio.Event()
         self.done = anyio.Event()
         self.result: Vector | None = None
         self.error: BaseException | None = None
@@ -48,6 +57,7 @@ class Request:
             return
         self.result = result
         self.error = error
+        self.started.set()
         self.done.set()
 
 
@@ -87,8 +97,16 @@ class RequestQueue:
         """Whether a request nobody has cancelled is still queued."""
         return any(not request.cancelled for request in self.items)
 
-    async def wait(self) -> None:
-        while not self.items:
+    def withdraw(self, requests: list[Request]) -> None:
+        """Take a caller's requests that no worker took back out of the queue (it gave up):
+        they no longer count against ``maxsize`` or as waiting."""
+        gone = {id(request) for request in requests}
+        self.items = deque(request for request in self.items if id(request) not in gone)
+
+    async def wait(self, *, unless: Callable[[], bool] | None = None) -> None:
+        """Until something is queued, or until ``unless()`` holds (looked at on each
+        :meth:`poke`)."""
+        while not self.items and not (unless is not None and unless()):
             await self._changed()
 
     async def _changed(self) -> None:
@@ -127,6 +145,7 @@ class RequestQueue:
             if batch and (head.kind != batch[0].kind or size + len(head.items) > max_items):
                 break
             batch.append(self.items.popleft())
+            head.started.set()
             size += len(head.items)
             moved += 1
         self.taken += moved
@@ -153,21 +172,32 @@ async def submit(
     kind: RequestKind,
     chunks: list[list[Any]],
     *,
-    ready: Callable[[], Awaitable[None]],
+    arrived: float,
+    max_wait: float,
+    queued: Callable[[], None],
+    timed_out: Callable[[float], BaseException],
 ) -> list[Vector]:
-    """Queue one call's chunks once ``ready()`` (the model serves), and wait for every
-    answer, in order.
+    """Queue one call's chunks, and wait for every answer, in order.
 
-    A chunk handed back because its model was retired before running it is submitted again
-    (``ready()`` cold-starts it anew), a bounded number of times.
+    ``queued()`` tells the scheduler the key has callers. The call waits at most
+    ``max_wait`` seconds (wall time) for the pool to start on it, its first chunk taken into
+    a batch; past that its chunks leave the queue and ``timed_out(waited)`` is raised. Once
+    started, its chunks run in order. A chunk handed back because its worker stopped before
+    running it is queued again, a bounded number of times.
     """
     results: list[Vector | None] = [None] * len(chunks)
     pending = list(range(len(chunks)))
     for _ in range(MAX_REQUEUES + 1):
-        await ready()
-        requests = [(index, Request(kind, chunks[index])) for index in pending]
+        requests = [(index, Request(kind, chunks[index], arrived=arrived)) for index in pending]
         queue.put_all([request for _, request in requests])
+        queued()
         try:
+            first = requests[0][1]
+            began = anyio.current_time()
+            with anyio.move_on_after(max_wait):
+                await first.started.wait()
+            if not first.started.is_set():
+                raise timed_out(anyio.current_time() - began)
             for _, request in requests:
                 await request.done.wait()
                 if request.error is not None and not isinstance(request.error, Requeue):
@@ -175,6 +205,7 @@ async def submit(
         except BaseException:
             for _, request in requests:
                 request.cancelled = True
+            queue.withdraw([request for _, request in requests])
             raise
         pending = [index for index, request in requests if isinstance(request.error, Requeue)]
         for index, request in requests:

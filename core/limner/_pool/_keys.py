@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -13,10 +13,21 @@ from limner._spec import ModelSpec
 
 from ._batching import RequestQueue
 
-__all__ = ["KeyState"]
+__all__ = ["KeyState", "Ticket"]
 
 
-@dataclass
+@dataclass(eq=False)
+class Ticket:
+    """A caller waiting for a key outside its request queue: a generation waiting for its
+    turn and a slot, or a ``load`` waiting for the weights. The scheduler answers it with
+    ``error`` when the key cannot be had."""
+
+    kind: Literal["generation", "load"]
+    arrived: float
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
 class KeyState:
     """One key's queue, workers and counters. Only the pool's orchestrator changes it."""
 
@@ -25,12 +36,19 @@ class KeyState:
     queue: RequestQueue
     phase: ModelState = "cold"
     device: str | None = None
+    device_lock: anyio.Lock = field(default_factory=anyio.Lock)
     workers: list[anyio.CancelScope] = field(default_factory=list)
     busy_workers: int = 0
     decoding: int = 0  # inputs callers are decoding for this key, to submit next
     generations: int = 0
-    waiting_generations: int = 0
+    tickets: list[Ticket] = field(default_factory=list)
     slots: anyio.CapacityLimiter | None = None  # batches or generations running at once
+    preparing: bool = False  # the weights check and the device are being resolved
+    prepared: bool = False  # ... and were: the key may be admitted
+    draining: bool = False  # its turn is over: no new batch or generation starts
+    promised: bool = False  # other keys are draining to make room for this one
+    turn_started: float = 0.0
+    served_in_turn: int = 0  # batches and generations finished since it became ready
     load_done: anyio.Event | None = None
     load_error: BaseException | None = None
     retry_at: float = 0.0
@@ -39,13 +57,17 @@ class KeyState:
     batched_items: int = 0
     loads: int = 0
     load_seconds: float = 0.0
+    last_load_seconds: float = 0.0
     evictions: int = 0
+    swaps: int = 0  # evictions that made room for another model's callers
+    wait_timeouts: int = 0
     worker_mb: float | None = None  # measured after a load
     accounted_mb: float = 0.0
     last_used: float | None = None
     loaded: bool = False
     released: anyio.Event | None = None  # set when the last unload has finished
     baseline: dict[str, Any] | None = None  # the backend's attributes before its load
+    _changed: anyio.Event = field(default_factory=anyio.Event)
 
     @property
     def idle(self) -> bool:
@@ -54,14 +76,41 @@ class KeyState:
             and not self.queue.items
             and self.queue.taken == 0
             and self.generations == 0
-            and self.waiting_generations == 0
+            and not self.tickets
         )
 
     @property
-    def has_work(self) -> bool:
-        return bool(self.queue.taken or self.generations or self.queue.has_waiting())
+    def serving(self) -> bool:
+        """Ready, and its turn not over: new batches and generations may start."""
+        return self.phase == "ready" and not self.draining and bool(self.workers)
 
-    def snapshot(self) -> KeyStats:
+    @property
+    def quiescent(self) -> bool:
+        """Nothing taken or running: a draining key can go now."""
+        return self.busy_workers == 0 and self.queue.taken == 0 and self.generations == 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(
+            self.queue.taken or self.generations or self.queue.has_waiting() or self.tickets
+        )
+
+    def waiting(self) -> tuple[int, float | None]:
+        """Callers waiting (queued, or holding a ticket) and when the oldest arrived."""
+        arrivals = [request.arrived for request in self.queue.items if not request.cancelled]
+        arrivals += [ticket.arrived for ticket in self.tickets]
+        return len(arrivals), min(arrivals, default=None)
+
+    def notify(self) -> None:
+        """Wake whoever waits in :meth:`changed`: the key's phase, turn or tickets moved."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def snapshot(self, now: float) -> KeyStats:
+        waiting, oldest = self.waiting()
         return KeyStats(
             key=self.spec.key,
             state=self.phase,
@@ -76,4 +125,9 @@ class KeyState:
             memory_mb=self.accounted_mb,
             device=self.device,
             last_used=self.last_used,
+            waiting=waiting,
+            oldest_wait_seconds=0.0 if oldest is None else max(0.0, now - oldest),
+            swaps=self.swaps,
+            draining=self.draining,
+            wait_timeouts=self.wait_timeouts,
         )

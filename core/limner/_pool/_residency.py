@@ -1,8 +1,8 @@
 """Which models are loaded, and the memory they hold.
 
-Cold starts within the memory budget (the plan comes from ``_policy``), eviction, and the
-release of weights. A key's weights belong to one pool at a time: the pool that loads a
-backend claims it, and releasing the weights gives the claim up.
+Loads, unloads and the accounting of memory per device; which model loads or goes when is
+the scheduler's decision (``_scheduler``). A key's weights belong to one pool at a time: the
+pool that loads a backend claims it, and releasing the weights gives the claim up.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from limner._readings import Clock, MemoryProbe
 from limner._weights import check_weights_reachable
 from limner.errors import Cancelled, LimnerError, MemoryExhausted, ModelLoadError
 
-from ._batching import Requeue
 from ._keys import KeyState
-from ._policy import Evict, NoRoom, plan_cold_start, retry_delay, workers_need_mb
+from ._options import PoolOptions
+from ._policy import Room, budget_mb, floor_mb, retry_delay, workers_need_mb
 from ._threads import ThreadExecutor
 
-__all__ = ["Residency"]
+__all__ = ["Residency", "claimed_elsewhere"]
 
 log = logging.getLogger("limner.pool")
 
@@ -34,7 +34,7 @@ Spawn = Callable[..., None]
 
 
 class Residency:
-    """Loads and unloads models for one pool, within its memory budget."""
+    """Loads and unloads models for one pool, and counts the memory they hold."""
 
     def __init__(
         self,
@@ -44,55 +44,95 @@ class Residency:
         memory: MemoryProbe,
         clock: Clock,
         executor: ThreadExecutor,
-        budget_fraction: float,
-        budget_mb: float | None,
-        max_workers: int,
-        retry_backoff: tuple[float, float],
+        options: PoolOptions,
         spawn: Spawn,
         worker: Callable[[KeyState, anyio.CancelScope], Coroutine[Any, Any, None]],
+        changed: Callable[[], None],
     ) -> None:
         self.owner = owner
         self.keys = keys
         self.memory = memory
         self.clock = clock
         self.executor = executor
-        self.budget_fraction = budget_fraction
-        self.budget_mb = budget_mb
-        self.max_workers = max_workers
-        self.retry_backoff = retry_backoff
+        self.options = options
         self.spawn = spawn
         self.worker = worker
+        self.changed = changed  # tells the scheduler to look again
         self.reserved_mb: dict[str, float] = {}  # by device, for loads in progress
-        self.admission = anyio.Lock()  # serialises memory decisions, never held during a load
+        self.releasing_mb: dict[str, float] = {}  # by device, for unloads in progress
 
-    async def ensure_ready(self, state: KeyState) -> None:
-        while state.phase != "ready" or not state.workers:
-            if state.phase == "loading":
-                assert state.load_done is not None
-                await state.load_done.wait()
-                if state.load_error is not None:
-                    raise state.load_error
-                continue
-            if state.load_error is not None and self.clock.now() < state.retry_at:
-                wait = state.retry_at - self.clock.now()
-                raise ModelLoadError(f"{state.load_error} (next try in {wait:.1f} s)")
-            _claim(state.backend, self.owner)
-            state.phase, state.load_error, state.load_done = "loading", None, anyio.Event()
-            self.spawn(self._cold_start, state)
+    # -- memory -----------------------------------------------------------------------------
 
-    async def _cold_start(self, state: KeyState) -> None:
-        key, started, reserved = state.spec.key, self.clock.now(), 0.0
-        assert state.load_done is not None
+    def room(self, device: str) -> Room:
+        """The device's memory as the pool counts it: its models against the budget, the
+        machine's available memory against the floor."""
+        total = self.memory.total_mb(device)
+        reserved = self.reserved_mb.get(device, 0.0)
+        releasing = self.releasing_mb.get(device, 0.0)
+        held = sum(s.accounted_mb for s in self.keys.values() if s.device == device and s.loaded)
+        options = self.options
+        return Room(
+            budget_mb=budget_mb(
+                total_mb=total,
+                fraction=options.memory_budget_fraction,
+                absolute_mb=options.memory_budget_mb,
+            ),
+            pool_mb=held + reserved + releasing,
+            available_mb=total - self.memory.used_mb(device) - reserved,
+            floor_mb=floor_mb(total_mb=total, floor=options.memory_floor_mb),
+            loading_mb=reserved,
+            releasing_mb=releasing,
+        )
+
+    def need(self, state: KeyState, workers: int) -> float:
+        per_worker = state.worker_mb if state.worker_mb is not None else state.spec.info.memory_mb
+        return workers_need_mb(per_worker, state.spec.info.worker_overhead_mb, workers)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    async def resolve_device(self, state: KeyState) -> None:
+        """Which device ``state``'s model uses (once per key, when its first caller comes):
+        its callers wait in that device's line."""
+        async with state.device_lock:
+            if state.device is not None:
+                return
+            try:
+                state.device = await self.executor.memory_device(state.backend)
+            except LimnerError:
+                raise  # the plugin's own words: a device it cannot have, say
+            except Exception as error:
+                raise ModelLoadError(
+                    f"could not tell which device {state.spec.key} uses: {error!r}"
+                ) from error
+
+    async def prepare(self, state: KeyState) -> None:
+        """Before any talk of memory, at each cold start: are the weights to be had?"""
         try:
-            # Weights that cannot be had are the first thing to say, before any talk of memory.
             await anyio.to_thread.run_sync(
                 check_weights_reachable, state.spec, getattr(state.backend, "settings", None)
             )
             if state.device is None:
                 state.device = await self.executor.memory_device(state.backend)
-            async with self.admission:
-                workers, reserved = await self._admit(state, state.device)
-                self.reserved_mb[state.device] = self.reserved_mb.get(state.device, 0) + reserved
+            state.prepared = True
+        except Exception as error:
+            self.failed(state, error)
+        finally:
+            state.preparing = False
+            self.changed()
+
+    def begin_load(self, state: KeyState, workers: int, need_mb: float) -> None:
+        """Load ``state`` with ``workers`` workers, reserving ``need_mb`` until it is done."""
+        assert state.device is not None
+        _claim(state.backend, self.owner)
+        state.phase, state.load_error, state.load_done = "loading", None, anyio.Event()
+        self.reserved_mb[state.device] = self.reserved_mb.get(state.device, 0.0) + need_mb
+        state.notify()
+        self.spawn(self._load, state, workers, need_mb)
+
+    async def _load(self, state: KeyState, workers: int, reserved: float) -> None:
+        key, started = state.spec.key, self.clock.now()
+        assert state.load_done is not None and state.device is not None
+        try:
             if state.released is not None:
                 await state.released.wait()  # the previous copy's unload comes first
             state.baseline = dict(vars(state.backend))
@@ -101,59 +141,45 @@ class Residency:
             await anyio.lowlevel.checkpoint()  # a shutdown during the load surfaces here
             self._start_workers(state, workers, started)
         except BaseException as error:
-            state.phase = "cold"
             if not state.loaded:
                 _disown(state.backend, self.owner)
             if not isinstance(error, Exception):  # the pool is shutting down mid-load
+                state.phase = "cold"
                 state.load_error = Cancelled(f"the pool shut down while loading {key}")
                 raise
-            state.load_error = error
-            if not isinstance(error, LimnerError):
-                state.load_error = ModelLoadError(f"could not load {key}: {error!r}")
-                state.load_error.__cause__ = error
-            if not isinstance(error, MemoryExhausted):
-                state.failures += 1
-                delay = retry_delay(state.failures, self.retry_backoff)
-                state.retry_at = self.clock.now() + delay
-            log.warning("cold start of %s failed: %s", key, state.load_error)
+            self.failed(state, error)
         finally:
-            if reserved and state.device is not None:
-                self.reserved_mb[state.device] -= reserved
+            self.reserved_mb[state.device] -= reserved
             state.load_done.set()
+            state.notify()
+            self.changed()
 
-    async def _admit(self, state: KeyState, device: str) -> tuple[int, float]:
-        """How many workers to start and the memory they need, evicting LRU idle models."""
-        while True:
-            total = self.memory.total_mb(device)
-            budget = self.budget_mb or total * self.budget_fraction
-            used = self.memory.used_mb(device) + self.reserved_mb.get(device, 0.0)
-            idle = [
-                (other, other.last_used)
-                for other in self.keys.values()
-                if other is not state and other.device == device and other.idle
-            ]
-            needs = [self._need(state, n) for n in range(1, self.max_workers + 1)]
-            plan = plan_cold_start(need_mb=needs, used_mb=used, budget_mb=budget, idle=idle)
-            if isinstance(plan, Evict):
-                await self.unload(plan.victim, reason=f"making room for {state.spec.key}")
-            elif isinstance(plan, NoRoom):
-                raise MemoryExhausted(
-                    state.spec.key, need_mb=plan.need_mb, available_mb=plan.available_mb
-                )
-            else:
-                return plan.workers, plan.need_mb
-
-    def _need(self, state: KeyState, workers: int) -> float:
-        per_worker = state.worker_mb if state.worker_mb is not None else state.spec.info.memory_mb
-        return workers_need_mb(per_worker, state.spec.info.worker_overhead_mb, workers)
+    def failed(self, state: KeyState, error: BaseException) -> None:
+        """A key could not be had: its waiting callers get the (typed) error, and a load
+        that failed is not tried again before its backoff."""
+        state.phase, state.prepared = "cold", False
+        if not isinstance(error, LimnerError):
+            wrapped = ModelLoadError(f"could not load {state.spec.key}: {error!r}")
+            wrapped.__cause__ = error
+            error = wrapped
+        state.load_error = error
+        if not isinstance(error, MemoryExhausted):
+            state.failures += 1
+            state.retry_at = self.clock.now() + retry_delay(
+                state.failures, self.options.load_retry_backoff
+            )
+            log.warning("cold start of %s failed: %s", state.spec.key, error)
+        answer_waiters(state, error)
 
     def _start_workers(self, state: KeyState, workers: int, started: float) -> None:
-        state.load_seconds += self.clock.now() - started
+        took = self.clock.now() - started
+        state.load_seconds += took
+        state.last_load_seconds = took
         state.loads += 1
         measured = state.backend.memory_mb()
         if measured is not None:
             state.worker_mb = measured
-        state.accounted_mb = self._need(state, workers)
+        state.accounted_mb = self.need(state, workers)
         concurrent = state.backend.max_concurrent_calls() or workers
         state.slots = anyio.CapacityLimiter(min(workers, concurrent))
         for _ in range(workers):
@@ -161,29 +187,37 @@ class Residency:
             state.workers.append(scope)
             self.spawn(self.worker, state, scope)
         state.phase, state.failures, state.last_used = "ready", 0, self.clock.now()
+        state.turn_started, state.served_in_turn, state.draining = self.clock.now(), 0, False
         log.info(
             "loaded %s on %s: %d worker(s), %.0f MB, %.2f s",
-            *(state.spec.key, state.device, workers, state.accounted_mb),
-            self.clock.now() - started,
+            *(state.spec.key, state.device, workers, state.accounted_mb, took),
         )
 
-    def retire(self, state: KeyState) -> anyio.Event:
-        """Stop a key's workers and mark it cold now; its weights go in ``_release``.
+    # -- unloading --------------------------------------------------------------------------
 
-        Its queue is handed back to the callers, who submit again (a fresh cold start). The
-        returned event is set once the weights are gone: a cold start of the same key waits
-        for it, so a reload never runs beside (or before) the unload it follows.
+    def retire(self, state: KeyState) -> anyio.Event:
+        """Stop a key's workers and mark it cold now; its weights go in :meth:`release`.
+
+        Its queue stays: whoever waits there waits for the key's next turn. The memory it
+        held counts as being released until the weights are gone; the returned event is set
+        then, and a cold start of the same key waits for it, so a reload never runs beside
+        (or before) the unload it follows.
         """
         for scope in state.workers:
             scope.cancel()
         state.workers.clear()
-        state.queue.answer_all(Requeue())
-        state.phase, state.loaded, state.accounted_mb = "cold", False, 0.0
+        if state.device is not None and state.loaded:
+            self.releasing_mb[state.device] = (
+                self.releasing_mb.get(state.device, 0.0) + state.accounted_mb
+            )
+        state.phase, state.loaded, state.draining, state.prepared = "cold", False, False, False
         state.released = anyio.Event()
+        state.notify()
         return state.released
 
     async def release(self, state: KeyState, released: anyio.Event) -> None:
         baseline, state.baseline = state.baseline, None
+        freed, state.accounted_mb = state.accounted_mb, 0.0
         with anyio.CancelScope(shield=True):
             try:
                 await self.executor.unload(state.backend, baseline=baseline)
@@ -191,7 +225,10 @@ class Residency:
                 log.exception("unloading %s failed", state.spec.key)
             finally:
                 _disown(state.backend, self.owner)
+                if state.device is not None and state.device in self.releasing_mb:
+                    self.releasing_mb[state.device] -= freed
                 released.set()
+                self.changed()
 
     async def unload(self, state: KeyState, *, reason: str) -> None:
         freed = state.accounted_mb
@@ -200,14 +237,31 @@ class Residency:
         log.info("evicted %s (%s), freed about %.0f MB", state.spec.key, reason, freed)
 
 
-def _claim(backend: Backend, owner: object) -> None:
-    """Mark ``backend``'s weights as this pool's; two pools never load one backend at once."""
+def answer_waiters(state: KeyState, error: BaseException) -> None:
+    """Every caller waiting for ``state`` gets ``error``: queued requests and tickets."""
+    state.queue.answer_all(error)
+    for ticket in state.tickets:
+        ticket.error = error
+    state.tickets.clear()
+    state.notify()
+
+
+def claimed_elsewhere(backend: Backend, owner: object) -> LimnerError | None:
+    """The error for a caller of ``backend`` when another pool holds its weights."""
     claimed_by = getattr(backend, "_limner_pool", None)
     if claimed_by is not None and claimed_by is not owner:
-        raise LimnerError(
+        return LimnerError(
             f"{backend.spec.key} is loaded in another pool; evict it there first "
             "(`await pool.evict(key)`), or use one pool per process"
         )
+    return None
+
+
+def _claim(backend: Backend, owner: object) -> None:
+    """Mark ``backend``'s weights as this pool's; two pools never load one backend at once."""
+    error = claimed_elsewhere(backend, owner)
+    if error is not None:
+        raise error
     backend._limner_pool = owner  # type: ignore[attr-defined]
 
 

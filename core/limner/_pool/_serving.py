@@ -19,10 +19,10 @@ from limner._vectors import checked_vectors, describe_backend
 from limner.errors import Cancelled, LimnerError, ModelError
 
 from ._batching import Request, Requeue
-from ._keys import KeyState
+from ._keys import KeyState, Ticket
 from ._threads import ThreadExecutor, is_out_of_memory
 
-__all__ = ["DECODE_WAIT", "run_generation", "serve_batches"]
+__all__ = ["DECODE_WAIT", "run_generation", "serve_batches", "take_turn"]
 
 #: The longest an idle model's batch waits for inputs callers are still decoding (a burst of
 #: single-image requests decodes together; without the wait its first request would run
@@ -38,14 +38,19 @@ async def serve_batches(
     clock: Clock,
     shutting_down: Callable[[], bool],
     on_progress: Callable[[], None],
-) -> None:
-    """Take batches off the key's queue and run them until a batch kills the worker."""
+) -> bool:
+    """Take batches off the key's queue and run them until the key's turn is over (return
+    False) or a batch kills the worker (return True)."""
     assert state.slots is not None
     queue, max_items = state.queue, state.spec.info.max_batch_size
     while True:
-        await queue.wait()
+        await queue.wait(unless=lambda: state.draining)
+        if state.draining:
+            return False  # what is queued waits for the key's next turn
         # Take the batch only once it can run: whatever queues meanwhile joins it.
         async with state.slots:
+            if state.draining:
+                return False
             batch: list[Request] = []
             try:
                 if not queue.take(batch, max_items=max_items):
@@ -66,6 +71,7 @@ async def serve_batches(
                     died = await _run_batch(state, executor, batch)
                 finally:
                     state.busy_workers -= 1
+                    state.served_in_turn += 1
                     state.last_used = clock.now()
                     on_progress()
             finally:
@@ -74,7 +80,7 @@ async def serve_batches(
                 gone = Cancelled("the pool shut down") if shutting_down() else Requeue()
                 queue.settle(batch, error=gone)
         if died:
-            return
+            return True
 
 
 async def _run_batch(state: KeyState, executor: ThreadExecutor, batch: list[Request]) -> bool:
@@ -105,9 +111,32 @@ async def _run_batch(state: KeyState, executor: ThreadExecutor, batch: list[Requ
     return False
 
 
+async def take_turn(
+    state: KeyState, ticket: Ticket, cancel: threading.Event
+) -> anyio.CapacityLimiter | None:
+    """Wait until ``state`` serves (loaded, its turn not over) and a compute slot is free;
+    return the slot, acquired, or ``None`` if the consumer left meanwhile. The scheduler's
+    answer to the ticket (a failed load, no room) is raised."""
+    while True:
+        if ticket.error is not None:
+            raise ticket.error
+        if cancel.is_set():
+            return None
+        if state.serving:
+            slots = state.slots
+            assert slots is not None
+            await slots.acquire()
+            if state.serving and state.slots is slots and not cancel.is_set():
+                return slots
+            slots.release()  # its turn ended while this waited for the slot: wait again
+            continue
+        await state.changed()
+
+
 async def run_generation(
     state: KeyState,
     executor: ThreadExecutor,
+    slots: anyio.CapacityLimiter,
     prompt: str,
     config: ImageGenerationConfig,
     send: anyio.abc.ObjectSendStream[GenerationChunk | BaseException],
@@ -116,31 +145,29 @@ async def run_generation(
     clock: Clock,
     on_progress: Callable[[], None],
 ) -> None:
-    """One generation, once a slot frees: its chunks, then its result or typed error, go
-    to ``send``; a consumer that left just ends it."""
+    """One generation on the slot its caller's turn took (released here): its chunks, then
+    its result or typed error, go to ``send``; a consumer that left just ends it."""
     backend = state.backend
     assert isinstance(backend, TextToImageBackend)
-    assert state.slots is not None
-    async with send:
+    try:
+        state.generations += 1
         try:
-            async with state.slots:
-                state.waiting_generations -= 1
-                state.generations += 1
-                try:
-                    result = await executor.generate(backend, prompt, config, send, cancel)
-                finally:
-                    state.generations -= 1
-                    state.last_used = clock.now()
-                    on_progress()
-            await send.send(result)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, Cancelled):
-            return  # the consumer went away or stopped reading: nothing left to tell it
-        except Exception as error:
-            wrapped = error
-            if not isinstance(error, LimnerError):
-                wrapped = ModelError(f"{state.spec.key} failed while generating: {error!r}")
-                wrapped.__cause__ = error
-            try:
-                await send.send(wrapped)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return  # the consumer left meanwhile
+            result = await executor.generate(backend, prompt, config, send, cancel)
+        finally:
+            state.generations -= 1
+            state.served_in_turn += 1
+            state.last_used = clock.now()
+            slots.release()
+            on_progress()
+        await send.send(result)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, Cancelled):
+        return  # the consumer went away or stopped reading: nothing left to tell it
+    except Exception as error:
+        wrapped = error
+        if not isinstance(error, LimnerError):
+            wrapped = ModelError(f"{state.spec.key} failed while generating: {error!r}")
+            wrapped.__cause__ = error
+        try:
+            await send.send(wrapped)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # the consumer left meanwhile

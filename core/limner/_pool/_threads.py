@@ -11,6 +11,8 @@ import ctypes
 import gc
 import logging
 import threading
+import types
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,14 +127,52 @@ class ThreadExecutor:
 
 
 def _unload_and_collect(backend: Backend, baseline: dict[str, Any] | None) -> None:
+    attached = _watch_attached(backend, baseline)
     backend.unload()
     if baseline is not None:
         restore_attributes(backend, baseline)
-    gc.collect()
+    if attached is None or any(watched() is not None for watched in attached):
+        gc.collect()  # something outlived its references (a cycle), or nothing was watched
     _trim_heap()
 
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
+_SHARED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+
+
+def _watch_attached(
+    backend: Backend, baseline: dict[str, Any] | None
+) -> list[weakref.ref[Any]] | None:
+    """Weak references to what loading attached to ``backend``, and to what that holds one
+    level down; ``None`` when none of it can be watched.
+
+    When all of it is gone once the backend is unloaded and restored, reference counting has
+    freed the weights, and the full collection that would find them in a cycle is skipped:
+    in a process with torch imported it takes a quarter of a second of the GIL, on the path
+    of every swap between models.
+    """
+    if baseline is None:
+        return None
+    held: list[Any] = []
+    for name, value in vars(backend).items():
+        if isinstance(value, _PLAIN) or (name in baseline and value is baseline[name]):
+            continue
+        held.append(value)
+        if isinstance(value, dict):
+            held.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            held.extend(value)
+        elif hasattr(value, "__dict__"):
+            held.extend(vars(value).values())
+    watched = []
+    for item in held:
+        if isinstance(item, (*_PLAIN, *_SHARED)):
+            continue
+        try:
+            watched.append(weakref.ref(item))
+        except TypeError:
+            continue  # not weakly referable (a dtype, a device): it holds no weights
+    return watched or None
 
 
 def restore_attributes(backend: Backend, baseline: dict[str, Any]) -> None:

@@ -87,9 +87,11 @@ _SERVER_ERRORS: tuple[tuple[type[errors.LimnerError], int, str], ...] = (
 
 
 _RETRY_LATER: tuple[
-    tuple[type[errors.PoolBusy | errors.RuntimeUnavailable], int, str, str], ...
+    tuple[type[errors.PoolBusy | errors.WaitTimeout | errors.RuntimeUnavailable], int, str, str],
+    ...,
 ] = (
     (errors.PoolBusy, 429, "rate_limit_error", "pool_busy"),
+    (errors.WaitTimeout, 503, "server_error", "wait_timeout"),
     (errors.RuntimeUnavailable, 503, "server_error", "runtime_unavailable"),
 )
 """limner's errors that say when to try again (``retry_after``), with their status, type and
@@ -108,19 +110,18 @@ def to_api_error(error: BaseException, *, param: str | None = None) -> APIError:
         return APIError(400, str(error), param=param, code="invalid_input")
     for later, status, error_type, code in _RETRY_LATER:
         if isinstance(error, later):
-            seconds = max(1, math.ceil(error.retry_after))
-            return APIError(
-                status,
-                str(error),
-                type=error_type,
-                code=code,
-                headers={"Retry-After": str(seconds)},
-            )
+            headers = _retry_after(error.retry_after)
+            return APIError(status, str(error), type=error_type, code=code, headers=headers)
     for kind, status, code in _SERVER_ERRORS:  # the most specific class first
         if isinstance(error, kind):
             return APIError(status, str(error), type="server_error", code=code)
     log.error("unexpected error while serving a request", exc_info=error)
     return APIError(500, "internal server error", type="server_error", code="internal_error")
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds, at least one."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 # Union members pydantic names in an error's location: ("body", "input", "list[str]", 0);

@@ -45,12 +45,23 @@ class _PoolCollector(Collector):
             "in_flight": ("limner_in_flight", "Batches and generations running on the model"),
             "workers": ("limner_workers", "Worker tasks serving the model"),
             "memory_bytes": ("limner_model_memory_bytes", "Memory accounted to the model"),
+            "waiting": ("limner_waiting_callers", "Callers waiting for the model (queued or cold)"),
+            "oldest_wait": (
+                "limner_oldest_wait_seconds",
+                "How long the model's oldest waiting caller has waited",
+            ),
+            "draining": ("limner_model_draining", "1 while the model's turn is draining"),
         }
         counters = {
             "batches": ("limner_batches", "Embedding batches run"),
             "loads": ("limner_model_loads", "Times the model's weights were loaded"),
             "load_seconds": ("limner_model_load_seconds", "Seconds spent loading the model"),
             "evictions": ("limner_evictions", "Times the model was unloaded"),
+            "swaps": ("limner_swaps", "Times the model was unloaded to make room for another"),
+            "wait_timeouts": (
+                "limner_wait_timeouts",
+                "Callers of the model that gave up after max_wait",
+            ),
         }
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             name: GaugeMetricFamily(metric, text, labels=["model"])
@@ -73,6 +84,11 @@ class _PoolCollector(Collector):
                 "loads": stats.loads,
                 "load_seconds": stats.load_seconds,
                 "evictions": stats.evictions,
+                "waiting": stats.waiting,
+                "oldest_wait": stats.oldest_wait_seconds,
+                "draining": float(stats.draining),
+                "swaps": stats.swaps,
+                "wait_timeouts": stats.wait_timeouts,
             }
             for name, value in values.items():
                 families[name].add_metric([key], float(value))

@@ -83,7 +83,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Body over max_body_bytes",
         429: "The model's queue is full; see Retry-After",
         500: "The model failed while running (never bad input)",
-        503: "Not enough memory for the model, or it failed to load",
+        503: "The model waited past max_wait for its turn (see Retry-After), could never fit "
+        "the memory budget, or failed to load",
         504: "Over request_timeout",
     }
     return {
@@ -458,7 +459,8 @@ async def readyz(request: Request) -> dict[str, str]:
 
 @_route("GET", "/v1/pool", response_model=PoolResponse, responses=_errors(401))
 async def pool_stats(request: Request) -> PoolResponse:
-    """The pool's per-model state: workers, queue, in flight, loads, evictions, memory."""
+    """The pool's per-model state: workers, queue, in flight, loads, evictions, memory; the
+    callers waiting, the oldest wait in seconds, swaps, and whether its turn is draining."""
     service = _service(request)
     stats = service.pool.stats() if service.pool is not None else {}
     models = [dataclasses.asdict(s) for _, s in sorted(stats.items())]

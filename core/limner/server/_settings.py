@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import ipaddress
 import math
@@ -12,12 +13,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from limner import DEFAULT_MAX_TEXT_CHARS, ImageLimits, Pool, Runtime
+from limner import DEFAULT_MAX_TEXT_CHARS, ImageLimits, Pool, PoolOptions, Runtime
 from limner.errors import InvalidInput
 
 from ._guard import canonical_host
 
 __all__ = ["DEFAULT_SERVER_IMAGE_LIMITS", "ServerSettings"]
+
+_POOL_FIELDS = frozenset(item.name for item in dataclasses.fields(PoolOptions))
 
 _MIB = 1024 * 1024
 
@@ -143,8 +146,9 @@ class ServerSettings:
     ``127.0.0.1``, ``[::1]``); ``"*"`` is any. Checked when there is no ``api_key`` (a web page
     reaching the server through a rebinding domain has a foreign ``Host``), and with a key
     when set."""
-    pool_options: Mapping[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the server's :class:`~limner.Pool` (``max_queue``, ...)."""
+    pool_options: Mapping[str, Any] | PoolOptions = field(default_factory=dict)
+    """The server's :class:`~limner.Pool` settings: a :class:`~limner.PoolOptions`, or its
+    keyword arguments as a mapping (``max_queue``, ...; ``memory`` and ``clock`` too)."""
     ui: bool = True
     """Serve the playground page at ``/``: a browser front end to this same API."""
     runtime: Callable[[], AbstractAsyncContextManager[Runtime]] | None = None
@@ -191,16 +195,23 @@ class ServerSettings:
                 )
         if not isinstance(self.image_limits, ImageLimits):
             raise InvalidInput("must be an ImageLimits", field="image_limits")
-        options = dict(self.pool_options)
-        try:
-            inspect.signature(Pool).bind(**options)
-        except TypeError as error:
-            raise InvalidInput(f"not options of Pool: {error}", field="pool_options") from None
-        object.__setattr__(self, "pool_options", MappingProxyType(options))
+        if not isinstance(self.pool_options, PoolOptions):
+            options = dict(self.pool_options)
+            try:
+                inspect.signature(Pool).bind(**options)
+            except TypeError as error:
+                raise InvalidInput(f"not options of Pool: {error}", field="pool_options") from None
+            settings = {name: value for name, value in options.items() if name in _POOL_FIELDS}
+            try:
+                PoolOptions(**settings)
+            except InvalidInput as error:
+                raise InvalidInput(str(error), field="pool_options") from None
+            object.__setattr__(self, "pool_options", MappingProxyType(options))
 
     def pool_arguments(self, preloaded: Sequence[str]) -> dict[str, Any]:
         """The pool's keyword arguments: ``pool_options``, with preloaded keys kept alive."""
-        options = dict(self.pool_options)
+        given = self.pool_options
+        options = given.keywords() if isinstance(given, PoolOptions) else dict(given)
         keep = dict(options.get("keep_alive_per_key") or {})
         for key in preloaded:
             keep.setdefault(key, math.inf)
