@@ -12,7 +12,7 @@ import pytest
 
 import limner
 from limner import Capability, ModelInfo, ModelSpec, PluginError, Registry
-from limner._capability_table import CAPABILITIES, row_for, row_of_backend
+from limner._registry._capabilities import CAPABILITIES, row_for, row_of_backend
 from limner.plugin import hookimpl
 from limner.testing import (
     FakeEmbeddingBackend,

@@ -15,7 +15,7 @@ import pytest
 import limner
 import limner.plugin
 import limner.plugin.testing
-from limner import _hookspecs
+from limner._registry import _hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import limner
-import limner._embedder
+import limner._fronts._embedder
 from limner import (
     BlockingCallInEventLoop,
     ImageLimits,
@@ -133,7 +133,7 @@ async def test_text_embedding(registry: Registry) -> None:
 async def test_texts_over_max_text_chars_are_refused_naming_the_index(registry: Registry) -> None:
     model = registry.embedder("fake")
     limit = model.max_text_chars
-    assert limit == limner._embedder.DEFAULT_MAX_TEXT_CHARS
+    assert limit == limner._fronts._embedder.DEFAULT_MAX_TEXT_CHARS
     assert (await model.embed_text("x" * limit)).shape == (8,)  # the limit itself is fine
     with pytest.raises(InvalidInput, match=f"over the limit of {limit}") as caught:
         await model.embed_text("x" * (limit + 1))

@@ -22,20 +22,20 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from limner._image_fetch import fetch_image_bytes
-from limner._image_kinds import (
-    ACCEPTED_FORMATS,
-    InputKind,
-    classify_input,
-    input_kind,
-    without_whitespace,
-)
-from limner._images import (
+from limner._inputs._decode import (
     DEFAULT_LIMITS,
     ImageLimits,
     _pixel_size_problem,
     decode_image,
     encoded_bytes,
+)
+from limner._inputs._fetch import fetch_image_bytes
+from limner._inputs._kinds import (
+    ACCEPTED_FORMATS,
+    InputKind,
+    classify_input,
+    input_kind,
+    without_whitespace,
 )
 from limner.errors import FetchError, InvalidInput
 

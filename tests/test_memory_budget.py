@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from limner import InvalidInput
-from limner._budget import memory_budget_from_env, parse_memory_budget
-from limner._default_pool import _DefaultPool
+from limner._fronts._default_pool import _DefaultPool
+from limner._pool._budget import memory_budget_from_env, parse_memory_budget
 
 
 @pytest.mark.parametrize(

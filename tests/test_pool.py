@@ -26,6 +26,7 @@ from limner import (
     Registry,
 )
 from limner._pool import _serving as serving
+from limner.runtime import BatchCall
 from limner.testing import (
     FakeClock,
     FakeEmbeddingBackend,
@@ -699,7 +700,7 @@ async def test_shutdown_during_a_load_fails_its_waiters_instead_of_hanging() -> 
 
     async def request(pool: Pool) -> None:
         try:  # straight to the pool: no decoding thread that could still run at shutdown
-            await pool.embed(model.backend, "image", [prepared])
+            await pool.run_batch(model.backend, BatchCall("embed_prepared", [prepared]))
         except limner.LimnerError as error:
             outcomes.append(error)
 

@@ -362,7 +362,7 @@ def test_a_key_evicted_from_the_default_pool_can_join_another_pool() -> None:
     registry = registry_of(fake_embedding_spec("fake/default-then-own"))
     model = registry.embedder("fake/default-then-own")
     model.blocking().embed_image_base64(_png_base64())  # served by the default pool
-    from limner._default_pool import run_on_default_loop  # evict on the default pool's loop
+    from limner._fronts._default_pool import run_on_default_loop  # evict on the default pool's loop
 
     assert run_on_default_loop(limner.default_pool().evict, "fake/default-then-own")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from limner._quiet import quiet_loading
+from limner.plugin._quiet import quiet_loading
 
 transformers_logging = pytest.importorskip(
     "transformers.utils.logging", reason="quiets transformers, which the CLIP plugin brings"

@@ -11,6 +11,7 @@ from PIL import Image
 
 import limner
 from limner import GenerationResult, ImageGenerationConfig, Pool, PoolBusy, Progress, Registry
+from limner.runtime import BatchCall, StreamCall, backend_method
 from limner.testing import (
     FakeMemory,
     MockRuntime,
@@ -124,3 +125,100 @@ async def test_the_pool_serves_a_front_through_the_same_seam() -> None:
         vectors = await model.using(pool).embed_text(["a", "b"])
         assert vectors.shape == (2, 4)
         assert pool.stats()["fake/embedder"].batches == 1
+
+
+# -- two call shapes for every capability ------------------------------------------------------
+
+
+async def test_the_fronts_send_batched_and_streamed_calls_naming_backend_methods() -> None:
+    seen: list[tuple[str, Any]] = []
+
+    def batch(key: str, call: BatchCall) -> np.ndarray:
+        seen.append((key, call))
+        return np.eye(4, dtype=np.float32)[: len(call.items)]
+
+    def stream(key: str, call: StreamCall) -> Any:
+        seen.append((key, call))
+        prompt, config = call.args
+        yield Progress(step=1, total=1, elapsed=0.0)
+        image = Image.new("RGB", (8, 8))
+        yield GenerationResult(model=key, prompt=prompt, images=(image,), seed=1, config=config)
+
+    runtime = MockRuntime(batch=batch, stream=stream)
+    models = registry()
+    await models.embedder("fake/embedder").using(runtime).embed_text("a fox")
+    result = await models.generator("fake/generator").using(runtime).generate("a fox")
+    assert [(key, call.method) for key, call in seen] == [
+        ("fake/embedder", "embed_texts"),
+        ("fake/generator", "generate"),
+    ]
+    assert result.prompt == "a fox"
+    assert runtime.calls == [
+        ("batch", "fake/embedder", "embed_texts", 1),
+        ("stream", "fake/generator", "generate"),
+    ]
+
+
+async def test_a_runtime_runs_only_the_methods_a_capability_offers() -> None:
+    models = registry()
+    embedder, generator = models.embedder("fake/embedder"), models.generator("fake/generator")
+    with pytest.raises(limner.LimnerError, match="offers no batched method 'load'"):
+        backend_method(embedder.backend, BatchCall("load", []))
+    with pytest.raises(limner.LimnerError, match="offers no streamed method 'embed_texts'"):
+        backend_method(embedder.backend, StreamCall("embed_texts"))
+    with pytest.raises(limner.LimnerError, match="its capability's are: generate"):
+        backend_method(generator.backend, StreamCall("unload"))
+    assert backend_method(generator.backend, StreamCall("generate")) == generator.backend.generate
+    async with Pool(memory=FakeMemory(total_mb=10_000)) as pool:
+        with pytest.raises(limner.LimnerError, match="offers no batched method"):
+            await pool.run_batch(embedder.backend, BatchCall("unload", [1]))
+        assert pool.stats() == {}  # refused before anything queued or loaded
+
+
+async def test_the_calls_runtimes_carried_before_still_work_and_warn() -> None:
+    models = registry()
+    backend = models.embedder("fake/embedder").backend
+    prepared = backend.prepare(Image.new("RGB", (8, 8), (9, 0, 0)))
+    config = models.generator("fake/generator").resolve_config(
+        ImageGenerationConfig(steps=2, seed=3)
+    )
+    async with Pool(memory=FakeMemory(total_mb=10_000)) as pool:
+        with pytest.warns(DeprecationWarning, match=r"Pool\.embed is deprecated.*run_batch"):
+            rows = await pool.embed(backend, "image", [prepared])
+        expected = await pool.run_batch(backend, BatchCall("embed_prepared", [prepared]))
+        np.testing.assert_array_equal(rows, expected)
+        generator = models.generator("fake/generator").backend
+        with pytest.warns(DeprecationWarning, match=r"Pool\.generate is deprecated"):
+            chunks = [chunk async for chunk in pool.generate(generator, "a fox", config)]
+        assert isinstance(chunks[-1], GenerationResult) and chunks[-1].seed == 3
+        with pytest.warns(DeprecationWarning, match=r"Pool\.decoding is deprecated"):
+            with pool.decoding(backend, 1):
+                pass
+
+
+class RuntimeOfLastRelease:
+    """A runtime written against limner 0.1: embed and generate, no run_batch/run_stream."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    async def embed(self, backend: Any, kind: str, items: Any) -> Any:
+        method = "embed_prepared" if kind == "image" else "embed_texts"
+        return await self.pool.run_batch(backend, BatchCall(method, items))
+
+    def generate(self, backend: Any, prompt: str, config: Any) -> Any:
+        return self.pool.run_stream(backend, StreamCall("generate", (prompt, config)))
+
+
+async def test_a_runtime_of_the_last_release_still_serves_the_fronts_and_warns() -> None:
+    models = registry()
+    async with Pool(memory=FakeMemory(total_mb=10_000)) as pool:
+        old = RuntimeOfLastRelease(pool)
+        embedder = models.embedder("fake/embedder").using(old)  # type: ignore[arg-type]
+        generator = models.generator("fake/generator").using(old)  # type: ignore[arg-type]
+        with pytest.warns(DeprecationWarning, match="without run_batch"):
+            vectors = await embedder.embed_text(["a fox", "a dog"])
+        with pytest.warns(DeprecationWarning, match="without run_stream"):
+            result = await generator.generate("a fox", ImageGenerationConfig(seed=4))
+    assert vectors.shape == (2, 4)
+    assert result.seed == 4

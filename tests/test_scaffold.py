@@ -175,9 +175,9 @@ def _pytest_plugin() -> list[str]:
     """``-p`` for limner's pytest plugin, unless its ``pytest11`` entry point loads it (an
     installed limner; an uninstalled checkout on PYTHONPATH has none)."""
     plugins = importlib.metadata.entry_points(group="pytest11")
-    if any(ep.value == "limner.plugin._pytest_plugin" for ep in plugins):
+    if any(ep.value == "limner.plugin.testing._pytest_plugin" for ep in plugins):
         return []
-    return ["-p", "limner.plugin._pytest_plugin"]
+    return ["-p", "limner.plugin.testing._pytest_plugin"]
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from limner import ModelLoadError, ModelSettings, ModelSpec, Pool, Registry
-from limner._weights import check_weights_reachable, is_cached
+from limner.plugin._weights import check_weights_reachable, is_cached
 from limner.testing import FakeClock, FakeMemory, fake_embedding_spec
 
 REPO = "acme/vision-small"

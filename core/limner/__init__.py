@@ -16,16 +16,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import errors
-from ._capabilities import ImageEmbeddingCapable, ImageInput, TextToImageCapable
-from ._default_pool import default_pool
-from ._embedder import DEFAULT_MAX_TEXT_CHARS, BlockingImageEmbedder, ImageEmbedder
-from ._exports import Moved, Removed, deprecated_names, present_as_public
-from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
-from ._generator import BlockingImageGenerator, ImageGenerator
-from ._images import DEFAULT_LIMITS, ImageLimits
-from ._pool import Pool, PoolOptions, current_pool, max_wait
-from ._registry import (
+from limner import errors
+from limner._exports import Moved, Removed, deprecated_names, present_as_public
+from limner._fronts._default_pool import default_pool
+from limner._fronts._embedder import DEFAULT_MAX_TEXT_CHARS, BlockingImageEmbedder, ImageEmbedder
+from limner._fronts._generator import BlockingImageGenerator, ImageGenerator
+from limner._fronts._protocols import ImageEmbeddingCapable, ImageInput, TextToImageCapable
+from limner._inputs._decode import DEFAULT_LIMITS, ImageLimits
+from limner._pool import Pool, PoolOptions, current_pool, max_wait
+from limner._registry._registry import (
     Model,
     ModelEntry,
     PluginRecord,
@@ -35,9 +34,8 @@ from ._registry import (
     generator,
     get,
 )
-from ._runtime import KeyStats, Runtime
-from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
-from .errors import (
+from limner._registry._spec import Capability, ModelInfo, ModelSettings, ModelSpec
+from limner.errors import (
     BlockingCallInEventLoop,
     Cancelled,
     FetchError,
@@ -52,6 +50,13 @@ from .errors import (
     UnknownModelError,
     WaitTimeout,
 )
+from limner.plugin._generation import (
+    GenerationChunk,
+    GenerationResult,
+    ImageGenerationConfig,
+    Progress,
+)
+from limner.runtime import KeyStats, Runtime
 
 __version__ = "0.1.0"
 
@@ -106,7 +111,7 @@ __all__ = [
     "max_wait",
 ]
 
-present_as_public(__name__, globals(), __all__)
+present_as_public(__name__, globals(), __all__, first=True)
 
 _RUNTIMES = (
     "runtimes implement limner.Runtime (see limner.runtime); limner.Pool is the in-process "
@@ -124,7 +129,7 @@ if not TYPE_CHECKING:  # type checkers flag the old names; at run time they warn
             "StepCallback": Moved("limner.plugin"),
             "hookimpl": Moved("limner.plugin"),
             "hookspec": Moved(
-                "limner._hookspecs",
+                "limner._registry._hookspecs",
                 advice="plugins implement limner's hooks with limner.plugin.hookimpl; the hook "
                 "specifications are limner's own",
             ),

@@ -1,5 +1,5 @@
 """``python -m limner``: the same as the ``limner`` command."""
 
-from ._cli import main
+from limner._cli import main
 
 main()

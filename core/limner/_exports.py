@@ -14,11 +14,19 @@ import importlib
 import inspect
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["REMOVED_IN", "Moved", "Removed", "deprecated_names", "present_as_public"]
+__all__ = [
+    "REMOVED_IN",
+    "Moved",
+    "Removed",
+    "deprecated_names",
+    "present_as_public",
+    "warn_deprecated",
+]
 
 REMOVED_IN = "0.3"
 """The release that removes the names deprecated in this one."""
@@ -64,21 +72,40 @@ def deprecated_names(module: str, names: Mapping[str, Moved | Removed]) -> Calla
     return __getattr__
 
 
+def warn_deprecated(old: str, advice: str, *, stacklevel: int = 3) -> None:
+    """Say that ``old`` is deprecated, when it goes, and what to do instead; the warning
+    points at the caller of the deprecated function (``stacklevel`` 3 from inside it)."""
+    warnings.warn(
+        f"{old} is deprecated and will be removed in limner {REMOVED_IN}: {advice}",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+#: What :func:`present_as_public` gave a public home (not what a public module defines).
+_presented: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def present_as_public(
-    module: str, namespace: MutableMapping[str, Any], names: Iterable[str]
+    module: str, namespace: MutableMapping[str, Any], names: Iterable[str], *, first: bool = False
 ) -> None:
     """Give each of ``names`` that a private module defines ``module`` as its home, as anyio
     does: ``repr``, help and tracebacks then show ``limner.Pool``, where users import it, not
-    ``limner._pool._pool.Pool``. The first public module to claim an object keeps it (the
-    ``limner`` package runs first), so a name shared by two public modules shows one home."""
+    ``limner._pool._pool.Pool``. A name two public modules share keeps the home it got
+    first, unless ``first``: the ``limner`` package takes every name it shares with another
+    (``limner.ModelSpec``, not ``limner.plugin.ModelSpec``, whichever was imported first)."""
     for name in names:
         value = namespace[name]
         if not (inspect.isclass(value) or inspect.isfunction(value)):
             continue  # constants and type aliases have no home of their own to set
         home = value.__module__
-        if home.startswith("limner.") and any(part.startswith("_") for part in home.split(".")):
+        private = home.startswith("limner.") and any(p.startswith("_") for p in home.split("."))
+        if private:
             if inspect.isclass(value):
                 _evaluate_annotations(value, sys.modules[home].__dict__)
+            _presented.add(value)
+            value.__module__ = module
+        elif first and value in _presented:
             value.__module__ = module
 
 

@@ -11,10 +11,10 @@ decoded RGB image within the same limits (:func:`decode_image`). The Python API'
 
 from __future__ import annotations
 
-from ._exports import present_as_public
-from ._image_fetch import fetch_image_bytes
-from ._image_kinds import InputKind, classify_input
-from ._images import DEFAULT_LIMITS, ImageLimits, decode_image, encoded_bytes
+from limner._exports import present_as_public
+from limner._inputs._decode import DEFAULT_LIMITS, ImageLimits, decode_image, encoded_bytes
+from limner._inputs._fetch import fetch_image_bytes
+from limner._inputs._kinds import InputKind, classify_input
 
 __all__ = [
     "DEFAULT_LIMITS",

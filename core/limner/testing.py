@@ -14,23 +14,30 @@ pool behaviour is tested without sleeping or owning gigabytes::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import pickle
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from ._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
-from ._generation_types import GenerationChunk, GenerationResult, ImageGenerationConfig, Progress
-from ._runtime import KeyStats, RequestKind
-from ._spec import Capability, ModelInfo, ModelSettings, ModelSpec
-from .errors import InvalidInput, LimnerError
+from limner._exports import warn_deprecated
+from limner._registry._spec import Capability, ModelInfo, ModelSettings, ModelSpec
+from limner.errors import InvalidInput, LimnerError
+from limner.plugin._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
+from limner.plugin._generation import (
+    GenerationChunk,
+    GenerationResult,
+    ImageGenerationConfig,
+    Progress,
+)
+from limner.runtime import BatchCall, KeyStats, RequestKind, StreamCall, backend_method
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -337,6 +344,10 @@ T = TypeVar("T")
 
 EmbedHandler = Callable[[str, RequestKind, list[Any]], Any]
 GenerateHandler = Callable[[str, str, ImageGenerationConfig], Iterable[GenerationChunk]]
+BatchHandler = Callable[[str, BatchCall], Any]
+StreamHandler = Callable[[str, StreamCall], Iterable[GenerationChunk]]
+
+_EMBED_KINDS: dict[str, RequestKind] = {"embed_prepared": "image", "embed_texts": "text"}
 
 
 def _crossed(value: T) -> T:
@@ -349,50 +360,89 @@ class MockRuntime:
     """A :class:`~limner.Runtime` that answers from plain functions, as httpx's
     ``MockTransport`` answers from a handler: test host code and fronts without a pool.
 
-    ``embed(key, kind, items)`` returns the rows for a batch; ``generate(key, prompt,
-    config)`` returns the chunks of a generation; either may raise a
-    :class:`~limner.LimnerError`. Everything crossing the seam, both ways, is pickled and
-    unpickled on the way, as it would be to a runtime in another process: a front that
-    sent more than data fails here. ``calls`` records each call in order.
+    ``embed(key, kind, items)`` returns the rows for a batch of images (``kind="image"``) or
+    texts; ``generate(key, prompt, config)`` returns the chunks of a generation; ``batch(key,
+    call)`` and ``stream(key, call)`` answer any other :class:`~limner.runtime.BatchCall` or
+    :class:`~limner.runtime.StreamCall`. Each may raise a :class:`~limner.LimnerError`.
+    Everything crossing the seam, both ways, is pickled and unpickled on the way, as it would
+    be to a runtime in another process: a front that sent more than data fails here.
+    ``calls`` records each call in order.
     """
 
     def __init__(
-        self, *, embed: EmbedHandler | None = None, generate: GenerateHandler | None = None
+        self,
+        *,
+        embed: EmbedHandler | None = None,
+        generate: GenerateHandler | None = None,
+        batch: BatchHandler | None = None,
+        stream: StreamHandler | None = None,
     ) -> None:
         self._embed = embed
         self._generate = generate
+        self._batch = batch
+        self._stream = stream
         self.calls: list[tuple[Any, ...]] = []
         self.loaded: set[str] = set()
         self.closed = False
 
-    async def embed(
-        self, backend: Backend, kind: RequestKind, items: Sequence[Any]
-    ) -> npt.NDArray[np.float32]:
-        key = backend.spec.key
-        self.calls.append(("embed", key, kind, len(items)))
-        if self._embed is None:
-            raise LimnerError(f"this MockRuntime was given no embed handler (for {key})")
+    async def run_batch(self, backend: Backend, call: BatchCall) -> npt.NDArray[np.float32]:
+        key, crossed = backend.spec.key, _crossed(call)
+        backend_method(backend, call)
+        kind = _EMBED_KINDS.get(call.method)
         try:
-            rows = self._embed(key, kind, _crossed(list(items)))
+            if kind is not None and self._embed is not None:
+                self.calls.append(("embed", key, kind, len(call.items)))
+                rows = self._embed(key, kind, list(crossed.items))
+            elif self._batch is not None:
+                self.calls.append(("batch", key, call.method, len(call.items)))
+                rows = self._batch(key, crossed)
+            else:
+                raise LimnerError(f"this MockRuntime has no handler for {call.method} ({key})")
         except LimnerError as error:
             raise _crossed(error) from None
         self.loaded.add(key)
         vectors: npt.NDArray[np.float32] = _crossed(np.asarray(rows, dtype=np.float32))
         return vectors
 
-    async def generate(
-        self, backend: Backend, prompt: str, config: ImageGenerationConfig
+    async def run_stream(
+        self, backend: Backend, call: StreamCall
     ) -> AsyncIterator[GenerationChunk]:
-        key = backend.spec.key
-        self.calls.append(("generate", key, prompt))
-        if self._generate is None:
-            raise LimnerError(f"this MockRuntime was given no generate handler (for {key})")
-        self.loaded.add(key)
+        key, crossed = backend.spec.key, _crossed(call)
+        backend_method(backend, call)
         try:
-            for chunk in self._generate(key, _crossed(prompt), _crossed(config)):
+            if call.method == "generate" and self._generate is not None:
+                self.calls.append(("generate", key, call.args[0]))
+                chunks = self._generate(key, *crossed.args)
+            elif self._stream is not None:
+                self.calls.append(("stream", key, call.method))
+                chunks = self._stream(key, crossed)
+            else:
+                raise LimnerError(f"this MockRuntime has no handler for {call.method} ({key})")
+            self.loaded.add(key)
+            for chunk in chunks:
                 yield _crossed(chunk)
         except LimnerError as error:
             raise _crossed(error) from None
+
+    @contextlib.contextmanager
+    def preparing(self, backend: Backend, count: int) -> Iterator[None]:
+        """Nothing to hold: a mock answers each call as it comes."""
+        yield
+
+    async def embed(
+        self, backend: Backend, kind: RequestKind, items: Sequence[Any]
+    ) -> npt.NDArray[np.float32]:
+        """Deprecated: :meth:`run_batch`."""
+        warn_deprecated("MockRuntime.embed", "use MockRuntime.run_batch")
+        method = "embed_prepared" if kind == "image" else "embed_texts"
+        return await self.run_batch(backend, BatchCall(method, items))
+
+    def generate(
+        self, backend: Backend, prompt: str, config: ImageGenerationConfig
+    ) -> AsyncIterator[GenerationChunk]:
+        """Deprecated: :meth:`run_stream`."""
+        warn_deprecated("MockRuntime.generate", "use MockRuntime.run_stream")
+        return self.run_stream(backend, StreamCall("generate", (prompt, config)))
 
     async def load(self, backend: Backend) -> None:
         self.calls.append(("load", backend.spec.key))

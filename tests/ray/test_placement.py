@@ -11,8 +11,8 @@ import pytest
 from limner import KeyStats, MemoryExhausted, ModelSettings, Pool
 from limner.errors import InvalidInput
 from limner.ray import GPU_MB, NoRoomInCluster, RayKeyOptions, RayRuntime, ReplicaResources
-from limner.ray._board import AppUsage, ReplicaReport, app_usage
 from limner.ray._placement import check_fits, fits, replica_resources
+from limner.ray._usage import AppUsage, ReplicaReport, app_usage
 from limner.testing import fake_embedding_spec
 
 from .conftest import fake_registry

@@ -33,7 +33,7 @@ from limner import (
     Registry,
 )
 from limner.ray import NoRoomInCluster, RayKeyOptions, RayRuntime, http_ingress
-from limner.ray._board import BOARD_NAME, BOARD_NAMESPACE
+from limner.ray._usage import BOARD_NAME, BOARD_NAMESPACE
 from limner.testing import fake_embedding_spec, fake_generation_spec
 
 from .conftest import FAKE_OPTIONS, check_embeddings_over_http, fake_registry, import_ray

@@ -13,6 +13,7 @@ from PIL import Image
 from limner import GenerationResult, ImageGenerationConfig, ModelError, Pool, Progress
 from limner.ray._calls import next_chunk, result
 from limner.ray._replica import LimnerReplica
+from limner.runtime import BatchCall, StreamCall
 
 from .conftest import fake_registry, import_ray
 
@@ -42,12 +43,16 @@ async def test_embed_answers_the_rows_of_the_in_process_pool() -> None:
     backend = registry.embedder("fake/embedder").backend
     prepared = [backend.prepare(image) for image in IMAGES]
     async with Pool() as pool:
-        expected = await pool.embed(backend, "image", prepared)
-        expected_text = await pool.embed(backend, "text", ["a fox"])
+        expected = await pool.run_batch(backend, BatchCall("embed_prepared", prepared))
+        expected_text = await pool.run_batch(backend, BatchCall("embed_texts", ["a fox"]))
     handle = local_handle("fake/embedder")
-    rows = await result(handle.embed.remote("image", prepared), "fake/embedder")
+    rows = await result(
+        handle.run_batch.remote(BatchCall("embed_prepared", prepared)), "fake/embedder"
+    )
     np.testing.assert_array_equal(rows, expected)
-    text = await result(handle.embed.remote("text", ["a fox"]), "fake/embedder")
+    text = await result(
+        handle.run_batch.remote(BatchCall("embed_texts", ["a fox"])), "fake/embedder"
+    )
     np.testing.assert_array_equal(text, expected_text)
     stats = await handle.stats.remote()
     assert (stats.key, stats.batches, stats.in_flight) == ("fake/embedder", 2, 0)
@@ -55,7 +60,8 @@ async def test_embed_answers_the_rows_of_the_in_process_pool() -> None:
 
 async def stream(handle: Any, key: str, steps: int) -> list[Any]:
     config = ImageGenerationConfig(steps=steps, seed=3, width=16, height=16)
-    response = handle.options(stream=True).generate.remote("a fox", config, "s", None, 0)
+    call = StreamCall("generate", ("a fox", config))
+    response = handle.options(stream=True).run_stream.remote(call, "s", None, 0)
     chunks = []
     while True:
         try:
@@ -76,9 +82,12 @@ async def test_a_replica_s_failures_come_back_as_limner_s_typed_errors() -> None
     backend = fake_registry().embedder("fake/failing-batch").backend
     prepared = [backend.prepare(image) for image in IMAGES]
     with pytest.raises(ModelError, match="injected failure on a batch of 3") as caught:
-        await result(failing.embed.remote("image", prepared), "fake/failing-batch")
+        await result(
+            failing.run_batch.remote(BatchCall("embed_prepared", prepared)), "fake/failing-batch"
+        )
     assert type(caught.value) is ModelError
-    assert len(await result(failing.embed.remote("image", prepared[:2]), "x")) == 2
+    two = failing.run_batch.remote(BatchCall("embed_prepared", prepared[:2]))
+    assert len(await result(two, "x")) == 2
     with pytest.raises(ModelError, match="injected failure at step 2") as failed:
         await stream(local_handle("fake/failing"), "fake/failing", steps=4)
     assert type(failed.value) is ModelError

@@ -16,16 +16,16 @@ import anyio
 import click
 
 from limner import __version__
-from limner._budget import MEMORY_BUDGET_ENV, MemoryBudget, parse_memory_budget
-from limner._defaults import ENV_VARS, default_model
-from limner._quiet import quiet_third_parties, verbose_logging
-from limner._registry import Registry, default_registry
-from limner._spec import Capability
+from limner._cli._defaults import ENV_VARS, default_model
+from limner._pool._budget import MEMORY_BUDGET_ENV, MemoryBudget, parse_memory_budget
+from limner._registry._registry import Registry, default_registry
+from limner._registry._spec import Capability
 from limner.errors import InvalidInput, LimnerError, describe_input
+from limner.plugin._quiet import quiet_third_parties, verbose_logging
 
 if TYPE_CHECKING:
-    from limner._embedder import ImageEmbedder
-    from limner._generator import ImageGenerator
+    from limner._fronts._embedder import ImageEmbedder
+    from limner._fronts._generator import ImageGenerator
     from limner._pool import Pool
 
 __all__ = ["cli", "main"]

@@ -12,10 +12,10 @@ import click
 import numpy as np
 import numpy.typing as npt
 
-from limner._budget import MemoryBudget
-from limner._image_kinds import InputKind, classify_input
-from limner._images import ImageLimits, check_image_file
-from limner._spec import Capability
+from limner._inputs._decode import ImageLimits, check_image_file
+from limner._inputs._kinds import InputKind, classify_input
+from limner._pool._budget import MemoryBudget
+from limner._registry._spec import Capability
 from limner.errors import InvalidInput
 
 from ._app import (

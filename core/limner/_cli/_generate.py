@@ -13,11 +13,11 @@ import anyio
 import click
 import psutil
 
-from limner._budget import MemoryBudget
-from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
-from limner._generator import check_prompt
-from limner._spec import Capability
+from limner._fronts._generator import check_prompt
+from limner._pool._budget import MemoryBudget
+from limner._registry._spec import Capability
 from limner.errors import InvalidInput, LimnerError
+from limner.plugin._generation import GenerationResult, ImageGenerationConfig, Progress
 
 from ._app import (
     _bad_option,

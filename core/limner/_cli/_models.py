@@ -6,9 +6,9 @@ import json
 
 import click
 
-from limner._defaults import default_model, write_default
-from limner._registry import PluginRecord, default_registry
-from limner._spec import Capability
+from limner._cli._defaults import default_model, write_default
+from limner._registry._registry import PluginRecord, default_registry
+from limner._registry._spec import Capability
 
 from ._app import PLUGIN_HINT, cli
 

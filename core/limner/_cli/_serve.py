@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
-from limner._budget import MemoryBudget, parse_memory_size
 from limner._pool import PoolOptions
-from limner._registry import default_registry
+from limner._pool._budget import MemoryBudget, parse_memory_size
+from limner._registry._registry import default_registry
 from limner.errors import InvalidInput
 
 from ._app import _memory_option, _names, _os_reason, cli

@@ -16,7 +16,6 @@ import anyio
 import numpy as np
 import numpy.typing as npt
 
-from limner._runtime import RequestKind
 from limner.errors import ModelError, PoolBusy
 
 __all__ = ["MAX_REQUEUES", "Request", "RequestQueue", "Requeue", "submit"]
@@ -39,10 +38,10 @@ class Request:
     answered): from then on ``max_wait`` no longer applies.
     """
 
-    __slots__ = ("arrived", "cancelled", "done", "error", "items", "kind", "result", "started")
+    __slots__ = ("arrived", "cancelled", "done", "error", "items", "method", "result", "started")
 
-    def __init__(self, kind: RequestKind, items: list[Any], *, arrived: float = 0.0) -> None:
-        self.kind = kind
+    def __init__(self, method: str, items: list[Any], *, arrived: float = 0.0) -> None:
+        self.method = method  # the backend's batched method: requests of one method batch
         self.items = items
         self.arrived = arrived
         self.started = anyio.Event()
@@ -133,7 +132,7 @@ class RequestQueue:
                     return
 
     def take(self, batch: list[Request], *, max_items: int) -> int:
-        """Move queued requests into ``batch`` while they fit (one kind, ``max_items`` items);
+        """Move queued requests into ``batch`` while they fit (one method, ``max_items`` items);
         return how many moved. Cancelled requests are dropped on the way."""
         size = sum(len(request.items) for request in batch)
         moved = 0
@@ -142,7 +141,7 @@ class RequestQueue:
             if head.cancelled:
                 self.items.popleft()
                 continue
-            if batch and (head.kind != batch[0].kind or size + len(head.items) > max_items):
+            if batch and (head.method != batch[0].method or size + len(head.items) > max_items):
                 break
             batch.append(self.items.popleft())
             head.started.set()
@@ -169,7 +168,7 @@ class RequestQueue:
 
 async def submit(
     queue: RequestQueue,
-    kind: RequestKind,
+    method: str,
     chunks: list[list[Any]],
     *,
     arrived: float,
@@ -188,7 +187,7 @@ async def submit(
     results: list[Vector | None] = [None] * len(chunks)
     pending = list(range(len(chunks)))
     for _ in range(MAX_REQUEUES + 1):
-        requests = [(index, Request(kind, chunks[index], arrived=arrived)) for index in pending]
+        requests = [(index, Request(method, chunks[index], arrived=arrived)) for index in pending]
         queue.put_all([request for _, request in requests])
         queued()
         try:

@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 import anyio
 
-from limner._backends import Backend
-from limner._runtime import KeyStats, ModelState
-from limner._spec import ModelSpec
+from limner._registry._spec import ModelSpec
+from limner.plugin._backends import Backend
+from limner.runtime import KeyStats, ModelState
 
 from ._batching import RequestQueue
 

@@ -13,6 +13,7 @@ import contextvars
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -23,16 +24,24 @@ import numpy.typing as npt
 from anyio.abc import AsyncResource, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
-from limner._backends import Backend, TextToImageBackend
-from limner._generation_types import GenerationChunk, ImageGenerationConfig
-from limner._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
-from limner._runtime import KeyStats, RequestKind, repeat_every
+from limner._exports import warn_deprecated
+from limner._pool._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from limner.errors import (
     Cancelled,
     InvalidInput,
     LimnerError,
     PoolBusy,
     WaitTimeout,
+)
+from limner.plugin._backends import Backend
+from limner.plugin._generation import GenerationChunk, ImageGenerationConfig
+from limner.runtime import (
+    BatchCall,
+    KeyStats,
+    RequestKind,
+    StreamCall,
+    backend_method,
+    repeat_every,
 )
 
 from ._batching import RequestQueue, submit
@@ -41,7 +50,7 @@ from ._options import PoolOptions
 from ._policy import is_expired
 from ._residency import Residency, answer_waiters, claimed_elsewhere
 from ._scheduler import Scheduler, backoff_error
-from ._serving import run_generation, serve_batches, take_turn
+from ._serving import run_streamed, serve_batches, take_turn
 from ._threads import ThreadExecutor
 
 __all__ = ["Pool", "current_pool", "max_wait"]
@@ -217,8 +226,8 @@ class Pool(AsyncResource):
     # -- the runtime ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def decoding(self, backend: Backend, count: int) -> Iterator[None]:
-        """A front is decoding ``count`` inputs for ``backend`` to submit next: an idle
+    def preparing(self, backend: Backend, count: int) -> Iterator[None]:
+        """A front is preparing ``count`` inputs for ``backend`` to submit next: an idle
         worker about to run a batch waits for them (a burst of single requests then runs as
         one batch, not one request and then the rest). Call from the pool's event loop."""
         if not self.running:
@@ -232,22 +241,29 @@ class Pool(AsyncResource):
             state.decoding -= count
             state.queue.poke()
 
-    async def embed(self, backend: Backend, kind: RequestKind, items: Sequence[Any]) -> Vector:
-        """Embed prepared images (``kind="image"``) or texts; rows in the order given.
+    def decoding(self, backend: Backend, count: int) -> AbstractContextManager[None]:
+        """Deprecated: :meth:`preparing`."""
+        warn_deprecated("Pool.decoding", "use Pool.preparing")
+        return self.preparing(backend, count)
+
+    async def run_batch(self, backend: Backend, call: BatchCall) -> Vector:
+        """Rows from ``backend``'s batched method ``call.method``, in the order of
+        ``call.items``; batched with other callers' calls of that method.
 
         A call larger than the model's batch is split into chunks, admitted together and
         answered as one call. A call for a model that is not loaded waits for its turn, at
         most ``max_wait`` seconds (``WaitTimeout`` after), in a queue of at most
         ``max_queue`` (``PoolBusy`` beyond).
         """
+        backend_method(backend, call)  # one the capability offers, before anything queues
         state = self._state(backend)
         self._refuse_at_once(state)
         await self._residency.resolve_device(state)
-        size = backend.spec.info.max_batch_size
+        items, size = call.items, backend.spec.info.max_batch_size
         chunks = [list(items[start : start + size]) for start in range(0, len(items), size)]
         results = await submit(
             state.queue,
-            kind,
+            call.method,
             chunks,
             arrived=self.clock.now(),
             max_wait=self._max_wait(),
@@ -256,16 +272,17 @@ class Pool(AsyncResource):
         )
         return results[0] if len(results) == 1 else np.concatenate(results)
 
-    async def generate(
-        self, backend: Backend, prompt: str, config: ImageGenerationConfig
+    async def run_stream(
+        self, backend: Backend, call: StreamCall
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream a generation's chunks; one generation per worker at a time.
+        """Stream the chunks of one run of ``backend``'s streamed method ``call.method`` (a
+        generation); one per worker at a time.
 
-        It waits for its model's turn like an embedding call (``max_wait``, ``max_queue``).
+        It waits for its model's turn like a batched call (``max_wait``, ``max_queue``).
         Closing the iterator (or cancelling its consumer) stops the run at the next step and
-        frees the worker once the pipeline has returned.
+        frees the worker once the backend has returned.
         """
-        assert isinstance(backend, TextToImageBackend)
+        backend_method(backend, call)
         state = self._state(backend)
         self._refuse_at_once(state)
         await self._residency.resolve_device(state)
@@ -275,9 +292,7 @@ class Pool(AsyncResource):
         state.tickets.append(ticket)
         self._wanted(state)
         try:
-            self._spawn(
-                self._generation, state, ticket, self._max_wait(), prompt, config, send, cancel
-            )
+            self._spawn(self._streamed, state, ticket, self._max_wait(), call, send, cancel)
             async with receive:
                 async for chunk in receive:
                     if isinstance(chunk, BaseException):
@@ -286,7 +301,21 @@ class Pool(AsyncResource):
         finally:
             cancel.set()
             _drop(state, ticket)
-            state.notify()  # its generation task, if still waiting for a turn, stops
+            state.notify()  # its task, if still waiting for a turn, stops
+
+    async def embed(self, backend: Backend, kind: RequestKind, items: Sequence[Any]) -> Vector:
+        """Deprecated: :meth:`run_batch` with ``BatchCall("embed_prepared" or
+        "embed_texts", items)``."""
+        warn_deprecated("Pool.embed", "use Pool.run_batch(backend, BatchCall(...))")
+        method = "embed_prepared" if kind == "image" else "embed_texts"
+        return await self.run_batch(backend, BatchCall(method, items))
+
+    def generate(
+        self, backend: Backend, prompt: str, config: ImageGenerationConfig
+    ) -> AsyncIterator[GenerationChunk]:
+        """Deprecated: :meth:`run_stream` with ``StreamCall("generate", (prompt, config))``."""
+        warn_deprecated("Pool.generate", "use Pool.run_stream(backend, StreamCall(...))")
+        return self.run_stream(backend, StreamCall("generate", (prompt, config)))
 
     async def load(self, backend: Backend) -> None:
         """Cold-start a model now (preloading), so its first request finds it warm; it
@@ -423,13 +452,12 @@ class Pool(AsyncResource):
                     self._spawn(self._residency.release, state, self._residency.retire(state))
             self._scheduler.kick()  # a drained key with no workers left can go
 
-    async def _generation(
+    async def _streamed(
         self,
         state: KeyState,
         ticket: Ticket,
         max_wait: float,
-        prompt: str,
-        config: ImageGenerationConfig,
+        call: StreamCall,
         send: MemoryObjectSendStream[GenerationChunk | BaseException],
         cancel: threading.Event,
     ) -> None:
@@ -447,12 +475,11 @@ class Pool(AsyncResource):
             finally:
                 _drop(state, ticket)
             if slots is not None:
-                await run_generation(
+                await run_streamed(
                     state,
                     self.executor,
                     slots,
-                    prompt,
-                    config,
+                    call,
                     send,
                     cancel,
                     clock=self.clock,

@@ -15,10 +15,10 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from limner._backends import Backend
-from limner._readings import Clock, MemoryProbe
-from limner._weights import check_weights_reachable
+from limner._pool._readings import Clock, MemoryProbe
 from limner.errors import Cancelled, LimnerError, MemoryExhausted, ModelLoadError
+from limner.plugin._backends import Backend
+from limner.plugin._weights import check_weights_reachable
 
 from ._keys import KeyState
 from ._options import PoolOptions

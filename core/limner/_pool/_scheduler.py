@@ -16,9 +16,9 @@ from typing import NoReturn
 
 import anyio
 
-from limner._backends import Backend
-from limner._readings import Clock
+from limner._pool._readings import Clock
 from limner.errors import MemoryExhausted, ModelLoadError
+from limner.plugin._backends import Backend
 
 from ._keys import KeyState
 from ._options import PoolOptions

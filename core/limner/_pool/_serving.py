@@ -1,4 +1,5 @@
-"""A key's workers at work: batches of embeddings, and generations streamed step by step.
+"""A key's workers at work: batched calls (embeddings), and streamed calls (generations) run
+step by step.
 
 These run as tasks of the pool; what they may not leave behind is a caller without an
 answer, so every batch taken is settled in a ``finally``.
@@ -12,17 +13,17 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
-from limner._backends import ImageEmbeddingBackend, TextToImageBackend
-from limner._generation_types import GenerationChunk, ImageGenerationConfig
-from limner._readings import Clock
-from limner._vectors import checked_vectors, describe_backend
+from limner._pool._readings import Clock
+from limner._pool._vectors import checked_vectors, describe_backend
 from limner.errors import Cancelled, LimnerError, ModelError
+from limner.plugin._generation import GenerationChunk
+from limner.runtime import StreamCall
 
 from ._batching import Request, Requeue
 from ._keys import KeyState, Ticket
 from ._threads import ThreadExecutor, is_out_of_memory
 
-__all__ = ["DECODE_WAIT", "run_generation", "serve_batches", "take_turn"]
+__all__ = ["DECODE_WAIT", "run_streamed", "serve_batches", "take_turn"]
 
 #: The longest an idle model's batch waits for inputs callers are still decoding (a burst of
 #: single-image requests decodes together; without the wait its first request would run
@@ -86,11 +87,11 @@ async def serve_batches(
 async def _run_batch(state: KeyState, executor: ThreadExecutor, batch: list[Request]) -> bool:
     """Run one batch and answer its callers; return True if the worker died of it."""
     backend = state.backend
-    assert isinstance(backend, ImageEmbeddingBackend)
     items = [item for request in batch for item in request.items]
     source = describe_backend(state.spec.key, backend)
     try:
-        returned = await executor.embed(backend, batch[0].kind, items)
+        # The method was checked against the capability when the call was submitted.
+        returned = await executor.run_batch(getattr(backend, batch[0].method), items)
         dimension = state.spec.info.embedding_dimension
         vectors = checked_vectors(returned, rows=len(items), dimension=dimension, source=source)
     except Exception as error:
@@ -133,26 +134,26 @@ async def take_turn(
         await state.changed()
 
 
-async def run_generation(
+async def run_streamed(
     state: KeyState,
     executor: ThreadExecutor,
     slots: anyio.CapacityLimiter,
-    prompt: str,
-    config: ImageGenerationConfig,
+    call: StreamCall,
     send: anyio.abc.ObjectSendStream[GenerationChunk | BaseException],
     cancel: threading.Event,
     *,
     clock: Clock,
     on_progress: Callable[[], None],
 ) -> None:
-    """One generation on the slot its caller's turn took (released here): its chunks, then
-    its result or typed error, go to ``send``; a consumer that left just ends it."""
-    backend = state.backend
-    assert isinstance(backend, TextToImageBackend)
+    """One streamed call (a generation) on the slot its caller's turn took (released here):
+    its chunks, then its result or typed error, go to ``send``; a consumer that left just
+    ends it."""
+    # The method was checked against the capability when the call was submitted.
+    function = getattr(state.backend, call.method)
     try:
         state.generations += 1
         try:
-            result = await executor.generate(backend, prompt, config, send, cancel)
+            result = await executor.run_stream(function, call.args, send, cancel)
         finally:
             state.generations -= 1
             state.served_in_turn += 1

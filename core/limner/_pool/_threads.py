@@ -13,7 +13,7 @@ import logging
 import threading
 import types
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -23,15 +23,13 @@ import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
 
-from limner._backends import Backend, ImageEmbeddingBackend, TextToImageBackend
-from limner._generation_types import (
+from limner.errors import Cancelled
+from limner.plugin._backends import Backend
+from limner.plugin._generation import (
     GenerationChunk,
     GenerationResult,
-    ImageGenerationConfig,
     Progress,
 )
-from limner._runtime import RequestKind
-from limner.errors import Cancelled
 
 __all__ = ["ThreadExecutor", "is_out_of_memory", "restore_attributes"]
 
@@ -83,11 +81,11 @@ class ThreadExecutor:
         the memory back."""
         await anyio.to_thread.run_sync(_unload_and_collect, backend, baseline, limiter=self._loads)
 
-    async def embed(
-        self, backend: ImageEmbeddingBackend, kind: RequestKind, items: Sequence[Any]
+    async def run_batch(
+        self, function: Callable[[Sequence[Any]], Any], items: Sequence[Any]
     ) -> Any:
-        """One batch; an out-of-memory batch is retried once as two halves."""
-        function = backend.embed_prepared if kind == "image" else backend.embed_texts
+        """One batch of a backend's batched method; an out-of-memory batch is retried once
+        as two halves."""
         try:
             return await self._on_batch_thread(function, items)
         except Exception as error:
@@ -99,16 +97,16 @@ class ThreadExecutor:
             second = await self._on_batch_thread(function, items[half:])
             return np.concatenate([np.asarray(first), np.asarray(second)])
 
-    async def generate(
+    async def run_stream(
         self,
-        backend: TextToImageBackend,
-        prompt: str,
-        config: ImageGenerationConfig,
+        function: Callable[..., GenerationResult],
+        args: tuple[Any, ...],
         send: anyio.abc.ObjectSendStream[GenerationChunk | BaseException],
         cancel: threading.Event,
     ) -> GenerationResult:
-        """Run a generation, sending each step's progress; the send blocks the thread until
-        the consumer has room, and a consumer that left stops the run at its next step."""
+        """One run of a backend's streamed method, sending each step's progress; the send
+        blocks the thread until the consumer has room, and a consumer that left stops the
+        run at its next step."""
 
         def on_step(progress: Progress) -> None:
             if cancel.is_set():
@@ -121,7 +119,7 @@ class ThreadExecutor:
                 raise Cancelled("the consumer stopped reading")
 
         def run() -> GenerationResult:
-            return backend.generate(prompt, config, on_step=on_step)
+            return function(*args, on_step=on_step)
 
         return await anyio.to_thread.run_sync(run, limiter=self._calls)
 

@@ -20,7 +20,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from limner._spec import Capability
+from limner._registry._spec import Capability
 from limner.errors import InvalidInput
 
 __all__ = ["MAX_NAME_LENGTH", "installed_as", "plugin_names", "render_plugin", "write_plugin"]

@@ -14,8 +14,11 @@ that need them, when called.
 
 from __future__ import annotations
 
-from limner._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
-from limner._devices import (
+from limner._exports import present_as_public
+from limner._registry._hookspecs import PLUGIN_API, RegisterModel, hookimpl
+from limner._registry._spec import BackendFactory, Capability, ModelInfo, ModelSettings, ModelSpec
+from limner.plugin._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
+from limner.plugin._devices import (
     DtypePolicy,
     Placement,
     parse_device,
@@ -24,12 +27,9 @@ from limner._devices import (
     resolve_device,
     resolve_dtype,
 )
-from limner._exports import present_as_public
-from limner._generation_types import GenerationResult, ImageGenerationConfig, Progress
-from limner._hookspecs import PLUGIN_API, RegisterModel, hookimpl
-from limner._quiet import quiet_loading
-from limner._spec import BackendFactory, Capability, ModelInfo, ModelSettings, ModelSpec
-from limner._tiny_text import (
+from limner.plugin._generation import GenerationResult, ImageGenerationConfig, Progress
+from limner.plugin._quiet import quiet_loading
+from limner.plugin._tiny_text import (
     CLIP_BOS_ID,
     CLIP_EOS_ID,
     CLIP_MAX_LENGTH,
@@ -41,7 +41,7 @@ from limner._tiny_text import (
     tiny_t5_encoder,
     tiny_t5_tokenizer,
 )
-from limner._transformers_backend import (
+from limner.plugin._transformers_backend import (
     BuiltOnFirstUse,
     TransformersEmbeddingBackend,
     embedding_dtype,
@@ -50,7 +50,7 @@ from limner._transformers_backend import (
     tiny_model,
     unit_rows,
 )
-from limner._weights import (
+from limner.plugin._weights import (
     TinyModel,
     WeightSource,
     download_advice,

@@ -5,7 +5,7 @@ one that has held its room long enough while others wait), and scaled to zero it
 Kept apart from :class:`~limner.ray.RayRuntime`, which routes calls and keeps the keys'
 figures: this is the part that waits on the cluster. It acts through
 :mod:`limner.ray._cluster` (run in threads, cut short when the control plane goes away) and
-decides by :mod:`limner.ray._placement` and :mod:`limner.ray._room`.
+decides by :mod:`limner.ray._placement` and :mod:`limner.ray._eviction`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import anyio.to_thread
 from limner.errors import LimnerError, PluginError, RuntimeUnavailable
 
 from . import _cluster as cluster
-from ._board import BOARD_NAME, AppUsage, ReplicaReport, app_usage
 from ._calls import result
+from ._eviction import Holder, choose_victim, free, freed_counted, holders
 from ._health import ControlPlaneWatch
 from ._keys import KeyEntry
 from ._placement import GPU_MB, check_fits, fits, replica_resources
-from ._room import Holder, choose_victim, free, freed_counted, holders
+from ._usage import BOARD_NAME, AppUsage, ReplicaReport, app_usage
 
 __all__ = ["ROOM_POLL", "Applications"]
 
@@ -222,7 +222,7 @@ class Applications:
     async def _make_room(self, entry: KeyEntry, deadline: float) -> None:
         """Until a node has room for one replica of the key, looking again every
         ``ROOM_POLL`` seconds: another application gives its room up if
-        :func:`~limner.ray._room.choose_victim` names one (any limner application under
+        :func:`~limner.ray._eviction.choose_victim` names one (any limner application under
         ``app_prefix``, whichever runtime deployed it), then Ray is waited on to count what
         it freed; else the caller waits. With no room at ``deadline`` (monotonic),
         :class:`~limner.ray.NoRoomInCluster` naming the largest room there is."""
@@ -248,7 +248,7 @@ class Applications:
             await anyio.sleep(ROOM_POLL)
 
     async def _victim(self, entry: KeyEntry) -> Holder | None:
-        """:func:`~limner.ray._room.choose_victim` of the cluster as it is now."""
+        """:func:`~limner.ray._eviction.choose_victim` of the cluster as it is now."""
         statuses = await self.statuses()
         usage = await self.usage()
         candidates = holders(entry.app, statuses, usage, list(self.keys.values()))

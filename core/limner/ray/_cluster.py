@@ -20,8 +20,8 @@ from typing import Any
 
 from limner.errors import LimnerError
 
-from ._board import BOARD_NAME, BOARD_NAMESPACE, Board
 from ._keys import KeyEntry
+from ._usage import BOARD_NAME, BOARD_NAMESPACE, Board
 
 __all__ = [
     "NOT_DEPLOYED",

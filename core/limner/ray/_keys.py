@@ -2,7 +2,7 @@
 :class:`~limner.KeyStats` it makes of that.
 
 Plain data shared by the runtime (which updates it) and the room policy
-(:mod:`limner.ray._room`, which reads it), so neither imports the other.
+(:mod:`limner.ray._eviction`, which reads it), so neither imports the other.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from limner import KeyStats, ModelSettings, ModelSpec
 from limner.errors import LimnerError
 from limner.runtime import ModelState
 
-from ._board import AppUsage
 from ._placement import RayKeyOptions, ReplicaResources
+from ._usage import AppUsage
 
 __all__ = ["KeyEntry", "snapshot", "wall_clock"]
 

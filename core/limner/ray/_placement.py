@@ -2,7 +2,7 @@
 
 Plain functions of plain values (no ray here), so the rules are tested without a cluster:
 what a replica asks Ray for, whether a node fits it, and the error naming the need and the
-largest room when none does (which key gives its room up is :mod:`limner.ray._room`'s).
+largest room when none does (which key gives its room up is :mod:`limner.ray._eviction`'s).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import contextlib
 import importlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ import numpy.typing as npt
 
 from limner import (
     GenerationChunk,
-    ImageGenerationConfig,
     KeyStats,
     ModelSettings,
     ModelSpec,
@@ -33,8 +32,8 @@ from limner import (
     default_registry,
 )
 from limner.errors import LimnerError, PluginError
-from limner.plugin import Backend, TextToImageBackend
-from limner.runtime import RequestKind, row_for
+from limner.plugin import Backend
+from limner.runtime import BatchCall, StreamCall, row_for
 
 __all__ = ["LimnerReplica", "build_backend"]
 
@@ -81,7 +80,7 @@ def _find_board(app: str) -> Any:
     """The cluster's board actor, or None when there is none now."""
     import ray
 
-    from ._board import BOARD_NAME, BOARD_NAMESPACE
+    from ._usage import BOARD_NAME, BOARD_NAMESPACE
 
     try:
         return ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
@@ -107,7 +106,7 @@ class LimnerReplica:
         pool_options: Mapping[str, Any],
         report: bool = False,
     ) -> None:
-        """``report``: say what this replica does to the cluster's board (see ``_board``)
+        """``report``: say what this replica does to the cluster's board (see ``_usage``)
         every ``REPORT_SECONDS``, from now until it stops."""
         self.backend = build_backend(spec, settings)
         self.key = spec.key
@@ -161,25 +160,19 @@ class LimnerReplica:
             self._pool = None
             self._ready.set()
 
-    async def embed(self, kind: RequestKind, items: Sequence[Any]) -> npt.NDArray[np.float32]:
+    async def run_batch(self, call: BatchCall) -> npt.NDArray[np.float32]:
         with self._call():
             pool = await self._running()
-            return await pool.embed(self.backend, kind, items)
+            return await pool.run_batch(self.backend, call)
 
-    async def generate(
-        self,
-        prompt: str,
-        config: ImageGenerationConfig,
-        stream: str,
-        credits: Any,
-        window: int,
+    async def run_stream(
+        self, call: StreamCall, stream: str, credits: Any, window: int
     ) -> AsyncIterator[GenerationChunk]:
         """The pool's stream, at most ``window`` chunks ahead of the consumer (``credits``
         is the window's actor, or None for no window)."""
         with self._call():
             pool = await self._running()
-            assert isinstance(self.backend, TextToImageBackend)
-            chunks = pool.generate(self.backend, prompt, config)
+            chunks = pool.run_stream(self.backend, call)
             sent = 0
             try:
                 async for chunk in chunks:
@@ -223,7 +216,7 @@ class LimnerReplica:
         import ray
         from ray import serve
 
-        from ._board import REPORT_SECONDS, ReplicaReport
+        from ._usage import REPORT_SECONDS, ReplicaReport
 
         context = serve.get_replica_context()
         app, replica = context.app_name, context.replica_id.unique_id

@@ -4,17 +4,18 @@ The host keeps only what a caller needs: per key, the Serve handle, what its rep
 the cluster, the calls in flight and when it was last used (:mod:`limner.ray._keys`).
 Everything that runs a model runs in the replicas (:mod:`limner.ray._replica`), each a
 limner :class:`~limner.Pool`. This class orchestrates: Ray's and Serve's blocking calls are
-in :mod:`limner.ray._cluster`, which key makes room in :mod:`limner.ray._room`, and a
+in :mod:`limner.ray._cluster`, which key makes room in :mod:`limner.ray._eviction`, and a
 call's answer and errors in :mod:`limner.ray._calls`. Ray is imported when a runtime
 starts, never when this module is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -25,13 +26,21 @@ import numpy.typing as npt
 from anyio.abc import AsyncResource, TaskGroup
 
 from limner import GenerationChunk, ImageGenerationConfig, KeyStats
+from limner._exports import warn_deprecated
 from limner.errors import InvalidInput, LimnerError
-from limner.plugin import Backend, TextToImageBackend
-from limner.runtime import RequestKind, repeat_every
+from limner.plugin import Backend
+from limner.runtime import (
+    BatchCall,
+    RequestKind,
+    StreamCall,
+    backend_method,
+    repeat_every,
+)
 
 from . import _cluster as cluster
 from ._applications import Applications
-from ._calls import call, cancel, next_chunk, open_stream, result
+from ._calls import call as call_remote
+from ._calls import cancel, next_chunk, open_stream, result
 from ._health import ControlPlaneWatch
 from ._keys import KeyEntry, snapshot
 from ._placement import RayKeyOptions
@@ -229,28 +238,30 @@ class RayRuntime(AsyncResource):
 
     # -- the runtime ----------------------------------------------------------------------
 
-    async def embed(self, backend: Backend, kind: RequestKind, items: Sequence[Any]) -> Vector:
+    async def run_batch(self, backend: Backend, call: BatchCall) -> Vector:
         """Rows from one replica of the key (its pool batches them with other callers')."""
-        rows = await call(
+        backend_method(backend, call)  # one its capability offers, checked before it travels
+        sent = BatchCall(call.method, list(call.items))
+        rows = await call_remote(
             lambda: self._ready(backend),
-            lambda handle: handle.embed.remote(kind, list(items)),
+            lambda handle: handle.run_batch.remote(sent),
             self._finished,
         )
         # Ray hands back read-only arrays; the in-process pool's rows are the caller's own.
         return np.array(rows, dtype=np.float32)
 
-    async def generate(
-        self, backend: Backend, prompt: str, config: ImageGenerationConfig
+    async def run_stream(
+        self, backend: Backend, call: StreamCall
     ) -> AsyncIterator[GenerationChunk]:
-        """A replica's generation, chunk by chunk, at most ``stream_window`` ahead; closing
-        this iterator cancels the remote run, which stops at its next step."""
-        assert isinstance(backend, TextToImageBackend)
+        """A replica's run (a generation), chunk by chunk, at most ``stream_window`` ahead;
+        closing this iterator cancels the remote run, which stops at its next step."""
+        backend_method(backend, call)
         credits = await self._credit_actor()
         stream = uuid.uuid4().hex
         entry, response, chunk = await open_stream(
             lambda: self._ready(backend),
-            lambda handle: handle.options(stream=True).generate.remote(
-                prompt, config, stream, credits, self.stream_window
+            lambda handle: handle.options(stream=True).run_stream.remote(
+                call, stream, credits, self.stream_window
             ),
             self._finished,
         )
@@ -271,9 +282,29 @@ class RayRuntime(AsyncResource):
             if credits is not None:
                 credits.close.remote(stream)
 
+    @contextlib.contextmanager
+    def preparing(self, backend: Backend, count: int) -> Iterator[None]:
+        """Nothing to hold here: each replica's own pool batches what reaches it."""
+        yield
+
+    async def embed(self, backend: Backend, kind: RequestKind, items: Sequence[Any]) -> Vector:
+        """Deprecated: :meth:`run_batch`."""
+        warn_deprecated("RayRuntime.embed", "use RayRuntime.run_batch(backend, BatchCall(...))")
+        method = "embed_prepared" if kind == "image" else "embed_texts"
+        return await self.run_batch(backend, BatchCall(method, items))
+
+    def generate(
+        self, backend: Backend, prompt: str, config: ImageGenerationConfig
+    ) -> AsyncIterator[GenerationChunk]:
+        """Deprecated: :meth:`run_stream`."""
+        warn_deprecated(
+            "RayRuntime.generate", "use RayRuntime.run_stream(backend, StreamCall(...))"
+        )
+        return self.run_stream(backend, StreamCall("generate", (prompt, config)))
+
     async def load(self, backend: Backend) -> None:
         """Deploy the key if it is not, and load its weights in one replica now."""
-        await call(lambda: self._ready(backend), lambda h: h.load.remote(), self._finished)
+        await call_remote(lambda: self._ready(backend), lambda h: h.load.remote(), self._finished)
 
     def stats(self) -> dict[str, KeyStats]:
         """Per key, as of the last :meth:`refresh` (every ``refresh_interval``): ``workers``
@@ -377,7 +408,7 @@ class RayRuntime(AsyncResource):
             return None
         if self._credits is None:
             ray = cluster.import_ray()
-            from ._credits import Credits
+            from ._stream_window import Credits
 
             self._credits = ray.remote(num_cpus=0)(Credits).remote()
         return self._credits

@@ -1,0 +1,1 @@
+"""Image inputs: what a caller's input is, decoding within limits, fetching URLs."""

@@ -1,0 +1,1 @@
+"""Finding models: entry points, specs, the hook specifications, and the capability table."""
