@@ -78,6 +78,30 @@ def test_the_page_and_its_assets_are_served_self_contained(make_server: ServerFa
     assert "/" not in schema["paths"] and "/ui/app.js" not in schema["paths"]
 
 
+def test_docs_and_their_assets_are_served_from_here(make_server: ServerFactory) -> None:
+    served = make_server(fake_embedding_spec("fake/embedder"), ui=False)  # /docs either way
+    with served.client() as client:
+        page = client.get("/docs")
+        script = client.get("/docs/swagger-ui-bundle.js")
+        stylesheet = client.get("/docs/swagger-ui.css")
+        schema = client.get("/openapi.json").json()
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # The page names only this server's files: nothing from a CDN, no icon from elsewhere.
+    assert not re.search(r"""(src|href|url)\s*[=:]\s*["']?(https?:)?//""", page.text)
+    assert 'src="/docs/swagger-ui-bundle.js"' in page.text
+    assert 'href="/docs/swagger-ui.css"' in page.text
+    assert "'/openapi.json'" in page.text
+    assert script.status_code == 200 and script.headers["content-type"].startswith(
+        "text/javascript"
+    )
+    assert "SwaggerUIBundle" in script.text[:2000] and len(script.content) > 500_000
+    assert stylesheet.status_code == 200 and stylesheet.headers["content-type"].startswith(
+        "text/css"
+    )
+    assert ".swagger-ui" in stylesheet.text
+    assert not any(path.startswith("/docs") for path in schema["paths"])
+
+
 def test_no_ui_turns_the_page_off(make_server: ServerFactory, error_of: ErrorOf) -> None:
     served = make_server(fake_embedding_spec("fake/embedder"), ui=False)
     with served.client() as client:
@@ -128,9 +152,12 @@ def decode_png(b64: str) -> Image.Image:
 # -- the page in a browser ----------------------------------------------------------------------
 
 # Headless Chromium as root on a machine without a network: no sandbox (root), no GPU, and
-# none of the background connections it would make and have refused.
+# none of the background connections it would make and have refused. No network either where
+# there is one: every host name but the test servers' 127.0.0.1 fails to resolve, so a page
+# that needs a CDN fails here as it would offline.
 CHROMIUM_FLAGS = (
     "--headless",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -443,6 +470,41 @@ def test_stop_ends_a_generation_early(
     assert by_id(browser, "generate-button").is_enabled()
     assert not by_id(browser, "stop-button").is_enabled()
     shot(browser, "stopped")
+    assert console_errors(browser) == []
+
+
+def test_docs_render_every_operation_with_no_network(
+    browser: Chrome, playground: Playground
+) -> None:
+    console_errors(browser)
+    browser.get(playground.served.url + "/docs")
+    until(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock .opblock-summary-path"),
+        "Swagger UI to render the operations",
+    )
+    shown = {
+        (
+            block.find_element(By.CSS_SELECTOR, ".opblock-summary-method").text,
+            block.find_element(By.CSS_SELECTOR, ".opblock-summary-path").get_attribute("data-path"),
+        )
+        for block in browser.find_elements(By.CSS_SELECTOR, ".opblock")
+    }
+    with playground.served.client() as client:
+        schema = client.get("/openapi.json").json()
+    expected = {
+        (method.upper(), path)
+        for path, operations in schema["paths"].items()
+        for method in operations
+    }
+    assert ("POST", "/v1/embeddings") in expected
+    assert shown == expected
+    # Everything the page loaded came from this server.
+    loaded: list[str] = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((entry) => entry.name)"
+    )
+    assert loaded and all(url.startswith(playground.served.url + "/") for url in loaded), loaded
+    shot(browser, "docs")
     assert console_errors(browser) == []
 
 
