@@ -10,6 +10,7 @@ tests reach is kept as a screenshot under ``tests/artifacts/playground/``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import os
@@ -473,6 +474,101 @@ def test_stop_ends_a_generation_early(
     assert console_errors(browser) == []
 
 
+@contextlib.contextmanager
+def viewport(driver: Chrome, width: int, height: int) -> Iterator[None]:
+    """The page's viewport exactly ``width`` x ``height`` CSS pixels, for the block."""
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def in_viewport(driver: Chrome, element_id: str) -> bool:
+    """Whether the element is shown and wholly inside the viewport, the page as it stands."""
+    inside: bool = driver.execute_script(
+        """
+        const box = document.getElementById(arguments[0]).getBoundingClientRect();
+        return box.height > 0 && box.top >= 0 && box.left >= 0
+            && box.bottom <= window.innerHeight && box.right <= window.innerWidth;
+        """,
+        element_id,
+    )
+    return inside
+
+
+def test_the_form_takes_its_limits_from_the_server(browser: Chrome, playground: Playground) -> None:
+    with playground.served.client() as client:
+        limits = client.get(f"/v1/models/{TINY_FLUX}").json()["limits"]
+    assert limits["steps"]["max"] == 100  # the tiny FLUX checkpoint's, not the schema's 1000
+    open_page(browser, playground.served.url)
+    for field in ("width", "height", "steps"):
+        shown = by_id(browser, field)
+        expected = limits[field]
+        assert shown.get_dom_attribute("min") == str(expected["min"]), field
+        assert shown.get_dom_attribute("max") == str(expected["max"]), field
+        assert shown.get_dom_attribute("step") == (
+            None if expected["multiple"] is None else str(expected["multiple"])
+        ), field
+        assert shown.get_dom_attribute("placeholder") == f"default {expected['default']}", field
+
+    steps_before = playground.flux.steps_run
+    with viewport(browser, 1280, 900):
+        fill(browser, {"prompt": "a lighthouse", "width": "", "height": "", "seed": ""})
+        fill(browser, {"steps": "1000"})
+        by_id(browser, "generate-button").click()
+        error = by_id(browser, "gen-error")
+        until(browser, lambda d: error.is_displayed(), "the limit to be named")
+        assert error.text == f"Steps must be between 1 and 100 for {TINY_FLUX}; it is 1000."
+        assert in_viewport(browser, "gen-error")
+        assert by_id(browser, "steps") == browser.switch_to.active_element
+        shot(browser, "limit-refused")
+
+        fill(browser, {"steps": "4", "width": "100"})
+        by_id(browser, "generate-button").click()
+        until(browser, lambda d: "multiple of 16" in error.text, "the width's multiple")
+        assert error.text == f"Width must be a multiple of 16 for {TINY_FLUX}; it is 100."
+        assert in_viewport(browser, "gen-error")
+    assert generation_state(browser) == "idle"  # nothing was sent
+    assert playground.flux.steps_run == steps_before
+    assert console_errors(browser) == []
+
+
+def test_a_refused_generation_is_told_beside_the_button(
+    browser: Chrome, playground: Playground
+) -> None:
+    open_page(browser, playground.served.url)
+    with viewport(browser, 1280, 900):
+        fill(browser, {"prompt": "   ", "width": "", "height": "", "steps": "", "seed": ""})
+        by_id(browser, "generate-button").click()
+        until(browser, lambda d: generation_state(d) == "failed", "the server's refusal")
+        error = by_id(browser, "gen-error")
+        assert error.is_displayed()
+        assert "prompt" in error.text and "(400)" in error.text
+        assert in_viewport(browser, "gen-error")
+        button = by_id(browser, "generate-button").rect
+        assert 0 <= error.rect["y"] - (button["y"] + button["height"]) < 100  # right under it
+        shot(browser, "generation-refused")
+    console_errors(browser)  # the refusal's 400
+
+
+def test_an_undecodable_image_is_told_beside_the_search_button(
+    browser: Chrome, playground: Playground, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but nothing after the signature")
+    open_page(browser, playground.served.url)
+    with viewport(browser, 1280, 900):
+        by_id(browser, "files").send_keys(str(broken))
+        error = by_id(browser, "search-error")
+        until(browser, lambda d: error.is_displayed(), "the search panel's error")
+        assert error.text.startswith("broken.png: ")
+        assert in_viewport(browser, "search-error")
+        shot(browser, "search-refused")
+    console_errors(browser)  # the refusal's 400
+
+
 def test_docs_render_every_operation_with_no_network(
     browser: Chrome, playground: Playground
 ) -> None:
@@ -585,8 +681,12 @@ def test_with_an_api_key_the_page_fails_clearly_then_works(
     refused = [entry["message"] for entry in console_errors(browser)]
     assert refused and all("401" in message for message in refused), refused
 
+    assert text_of(browser, "key-state") == "Kept in this tab."
     browser.switch_to.active_element.send_keys("not-the-key", Keys.ENTER)
     until(browser, lambda d: "refused this API key" in text_of(d, "connection"), "a refusal")
+    # Beside the refusal, the key's state says the same: never "set".
+    assert text_of(browser, "key-state") == "Key refused: not this server's."
+    assert by_id(browser, "forget-key").is_displayed()
     shot(browser, "key-refused")
     console_errors(browser)  # the refusal's 401
 

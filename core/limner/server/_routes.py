@@ -23,6 +23,7 @@ from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from limner import (
+    Capability,
     GenerationChunk,
     GenerationResult,
     ImageEmbedder,
@@ -114,24 +115,28 @@ def _input_errors(*, field: str | None, indexed: bool = False) -> Iterator[None]
 # -- models -----------------------------------------------------------------------------------
 
 
-def _card(entry: ModelEntry, created: int) -> ModelCard:
+async def _card(service: Service, entry: ModelEntry) -> ModelCard:
     spec = entry.spec
     return ModelCard(
         id=spec.key,
-        created=created,
+        created=service.created,
         owned_by=entry.plugin.distribution or entry.plugin.name,
         capability=entry.capability.value,
         embedding_dimension=spec.info.embedding_dimension,
         tiny=spec.info.tiny,
         aliases=list(spec.aliases),
+        limits=await service.limits(entry.key)
+        if entry.capability is Capability.TEXT_TO_IMAGE
+        else None,
     )
 
 
 @_route("GET", "/v1/models", response_model=ModelList, responses=_errors(401))
 async def list_models(request: Request) -> ModelList:
-    """The models this server serves, in OpenAI's list shape plus limner's facts."""
+    """The models this server serves, in OpenAI's list shape plus limner's facts: for a
+    text-to-image model, each request field's default and bounds (``limits``)."""
     service = _service(request)
-    return ModelList(data=[_card(entry, service.created) for entry in service.entries()])
+    return ModelList(data=[await _card(service, entry) for entry in service.entries()])
 
 
 @_route("GET", "/v1/models/{model:path}", response_model=ModelCard, responses=_errors(401, 404))
@@ -140,7 +145,7 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
     service = _service(request)
     key = service.resolve(model)
     entry = next(e for e in service.entries() if e.key == key)
-    return _card(entry, service.created)
+    return await _card(service, entry)
 
 
 # -- embeddings -------------------------------------------------------------------------------
