@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -137,16 +138,18 @@ def test_a_diffusion_checkpoints_limits_are_its_own(hf_cache: Path) -> None:
         checkpoint.max_steps,
     )
     assert limits.n.max == 4 and limits.guidance.max == 0  # tiny FLUX is guidance-distilled
-    for field, name, last in (
-        ("width", "width", limits.width.max),
-        ("steps", "steps", limits.steps.max),
-        ("num_images", "n", limits.n.max),
+    for field, bounds in (
+        ("width", limits.width),
+        ("steps", limits.steps),
+        ("num_images", limits.n),
     ):
-        model.resolve_config(ImageGenerationConfig(**{field: last}))
+        last, step = int(bounds.max or 0), bounds.multiple or 1
+        taken: dict[str, Any] = {field: last}
+        model.resolve_config(dataclasses.replace(ImageGenerationConfig(), **taken))
         with pytest.raises(InvalidInput) as refused:
-            step = limits.width.multiple if field == "width" else 1
-            model.resolve_config(ImageGenerationConfig(**{field: last + step}))
-        assert refused.value.field == field, name
+            past: dict[str, Any] = {field: last + step}
+            model.resolve_config(dataclasses.replace(ImageGenerationConfig(), **past))
+        assert refused.value.field == field
 
 
 def test_retrieve_one_model_and_unknown_models_are_404_with_suggestions(

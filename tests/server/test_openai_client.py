@@ -85,7 +85,7 @@ def test_token_ids_are_refused_saying_what_to_change(main: Served) -> None:
     with pytest.raises(openai.BadRequestError) as mixed:
         client.embeddings.create(
             model="limner/tiny-clip",
-            input=["a red fox", [64, 2579]],  # type: ignore[list-item]
+            input=["a red fox", [64, 2579]],  # type: ignore[arg-type]
         )
     assert "check_embedding_ctx_length=False" in str(mixed.value)
 
