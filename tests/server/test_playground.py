@@ -10,6 +10,7 @@ tests reach is kept as a screenshot under ``tests/artifacts/playground/``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import os
@@ -80,6 +81,30 @@ def test_the_page_and_its_assets_are_served_self_contained(make_server: ServerFa
     assert "/" not in schema["paths"] and "/ui/app.js" not in schema["paths"]
 
 
+def test_docs_and_their_assets_are_served_from_here(make_server: ServerFactory) -> None:
+    served = make_server(fake_embedding_spec("fake/embedder"), ui=False)  # /docs either way
+    with served.client() as client:
+        page = client.get("/docs")
+        script = client.get("/docs/swagger-ui-bundle.js")
+        stylesheet = client.get("/docs/swagger-ui.css")
+        schema = client.get("/openapi.json").json()
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # The page names only this server's files: nothing from a CDN, no icon from elsewhere.
+    assert not re.search(r"""(src|href|url)\s*[=:]\s*["']?(https?:)?//""", page.text)
+    assert 'src="/docs/swagger-ui-bundle.js"' in page.text
+    assert 'href="/docs/swagger-ui.css"' in page.text
+    assert "'/openapi.json'" in page.text
+    assert script.status_code == 200 and script.headers["content-type"].startswith(
+        "text/javascript"
+    )
+    assert "SwaggerUIBundle" in script.text[:2000] and len(script.content) > 500_000
+    assert stylesheet.status_code == 200 and stylesheet.headers["content-type"].startswith(
+        "text/css"
+    )
+    assert ".swagger-ui" in stylesheet.text
+    assert not any(path.startswith("/docs") for path in schema["paths"])
+
+
 def test_no_ui_turns_the_page_off(make_server: ServerFactory, error_of: ErrorOf) -> None:
     served = make_server(fake_embedding_spec("fake/embedder"), ui=False)
     with served.client() as client:
@@ -130,9 +155,12 @@ def decode_png(b64: str) -> Image.Image:
 # -- the page in a browser ----------------------------------------------------------------------
 
 # Headless Chromium as root on a machine without a network: no sandbox (root), no GPU, and
-# none of the background connections it would make and have refused.
+# none of the background connections it would make and have refused. No network either where
+# there is one: every host name but the test servers' 127.0.0.1 fails to resolve, so a page
+# that needs a CDN fails here as it would offline.
 CHROMIUM_FLAGS = (
     "--headless",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -448,6 +476,136 @@ def test_stop_ends_a_generation_early(
     assert console_errors(browser) == []
 
 
+@contextlib.contextmanager
+def viewport(driver: Chrome, width: int, height: int) -> Iterator[None]:
+    """The page's viewport exactly ``width`` x ``height`` CSS pixels, for the block."""
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def in_viewport(driver: Chrome, element_id: str) -> bool:
+    """Whether the element is shown and wholly inside the viewport, the page as it stands."""
+    inside: bool = driver.execute_script(
+        """
+        const box = document.getElementById(arguments[0]).getBoundingClientRect();
+        return box.height > 0 && box.top >= 0 && box.left >= 0
+            && box.bottom <= window.innerHeight && box.right <= window.innerWidth;
+        """,
+        element_id,
+    )
+    return inside
+
+
+def test_the_form_takes_its_limits_from_the_server(browser: Chrome, playground: Playground) -> None:
+    with playground.served.client() as client:
+        limits = client.get(f"/v1/models/{TINY_FLUX}").json()["limits"]
+    assert limits["steps"]["max"] == 100  # the tiny FLUX checkpoint's, not the schema's 1000
+    open_page(browser, playground.served.url)
+    for field in ("width", "height", "steps"):
+        shown = by_id(browser, field)
+        expected = limits[field]
+        assert shown.get_dom_attribute("min") == str(expected["min"]), field
+        assert shown.get_dom_attribute("max") == str(expected["max"]), field
+        assert shown.get_dom_attribute("step") == (
+            None if expected["multiple"] is None else str(expected["multiple"])
+        ), field
+        assert shown.get_dom_attribute("placeholder") == f"default {expected['default']}", field
+
+    steps_before = playground.flux.steps_run
+    with viewport(browser, 1280, 900):
+        fill(browser, {"prompt": "a lighthouse", "width": "", "height": "", "seed": ""})
+        fill(browser, {"steps": "1000"})
+        by_id(browser, "generate-button").click()
+        error = by_id(browser, "gen-error")
+        until(browser, lambda d: error.is_displayed(), "the limit to be named")
+        assert error.text == f"Steps must be between 1 and 100 for {TINY_FLUX}; it is 1000."
+        assert in_viewport(browser, "gen-error")
+        assert by_id(browser, "steps") == browser.switch_to.active_element
+        shot(browser, "limit-refused")
+
+        fill(browser, {"steps": "4", "width": "100"})
+        by_id(browser, "generate-button").click()
+        until(browser, lambda d: "multiple of 16" in error.text, "the width's multiple")
+        assert error.text == f"Width must be a multiple of 16 for {TINY_FLUX}; it is 100."
+        assert in_viewport(browser, "gen-error")
+    assert generation_state(browser) == "idle"  # nothing was sent
+    assert playground.flux.steps_run == steps_before
+    assert console_errors(browser) == []
+
+
+def test_a_refused_generation_is_told_beside_the_button(
+    browser: Chrome, playground: Playground
+) -> None:
+    open_page(browser, playground.served.url)
+    with viewport(browser, 1280, 900):
+        fill(browser, {"prompt": "   ", "width": "", "height": "", "steps": "", "seed": ""})
+        by_id(browser, "generate-button").click()
+        until(browser, lambda d: generation_state(d) == "failed", "the server's refusal")
+        error = by_id(browser, "gen-error")
+        assert error.is_displayed()
+        assert "prompt" in error.text and "(400)" in error.text
+        assert in_viewport(browser, "gen-error")
+        button = by_id(browser, "generate-button").rect
+        assert 0 <= error.rect["y"] - (button["y"] + button["height"]) < 100  # right under it
+        shot(browser, "generation-refused")
+    console_errors(browser)  # the refusal's 400
+
+
+def test_an_undecodable_image_is_told_beside_the_search_button(
+    browser: Chrome, playground: Playground, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but nothing after the signature")
+    open_page(browser, playground.served.url)
+    with viewport(browser, 1280, 900):
+        by_id(browser, "files").send_keys(str(broken))
+        error = by_id(browser, "search-error")
+        until(browser, lambda d: error.is_displayed(), "the search panel's error")
+        assert error.text.startswith("broken.png: ")
+        assert in_viewport(browser, "search-error")
+        shot(browser, "search-refused")
+    console_errors(browser)  # the refusal's 400
+
+
+def test_docs_render_every_operation_with_no_network(
+    browser: Chrome, playground: Playground
+) -> None:
+    console_errors(browser)
+    browser.get(playground.served.url + "/docs")
+    until(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock .opblock-summary-path"),
+        "Swagger UI to render the operations",
+    )
+    shown = {
+        (
+            block.find_element(By.CSS_SELECTOR, ".opblock-summary-method").text,
+            block.find_element(By.CSS_SELECTOR, ".opblock-summary-path").get_attribute("data-path"),
+        )
+        for block in browser.find_elements(By.CSS_SELECTOR, ".opblock")
+    }
+    with playground.served.client() as client:
+        schema = client.get("/openapi.json").json()
+    expected = {
+        (method.upper(), path)
+        for path, operations in schema["paths"].items()
+        for method in operations
+    }
+    assert ("POST", "/v1/embeddings") in expected
+    assert shown == expected
+    # Everything the page loaded came from this server.
+    loaded: list[str] = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((entry) => entry.name)"
+    )
+    assert loaded and all(url.startswith(playground.served.url + "/") for url in loaded), loaded
+    shot(browser, "docs")
+    assert console_errors(browser) == []
+
+
 def solid_png(path: Path, colour: tuple[int, int, int], stripes: bool = False) -> Path:
     image = Image.new("RGB", (96, 96), colour)
     if stripes:
@@ -525,8 +683,12 @@ def test_with_an_api_key_the_page_fails_clearly_then_works(
     refused = [entry["message"] for entry in console_errors(browser)]
     assert refused and all("401" in message for message in refused), refused
 
+    assert text_of(browser, "key-state") == "Kept in this tab."
     browser.switch_to.active_element.send_keys("not-the-key", Keys.ENTER)
     until(browser, lambda d: "refused this API key" in text_of(d, "connection"), "a refusal")
+    # Beside the refusal, the key's state says the same: never "set".
+    assert text_of(browser, "key-state") == "Key refused: not this server's."
+    assert by_id(browser, "forget-key").is_displayed()
     shot(browser, "key-refused")
     console_errors(browser)  # the refusal's 401
 

@@ -17,7 +17,9 @@ __all__ = [
     "EmbeddingResponse",
     "ErrorDetail",
     "ErrorResponse",
+    "FieldLimits",
     "GeneratedImage",
+    "GenerationLimits",
     "ImageRequest",
     "ImageResponse",
     "ModelCard",
@@ -134,6 +136,28 @@ class ProgressEvent(BaseModel):
     preview: str | None = None
 
 
+class FieldLimits(BaseModel):
+    """One request field: what an omitted value becomes, and what the server takes."""
+
+    default: int | float | None = Field(description="What an omitted value becomes.")
+    min: int | float | None = Field(description="Smallest value taken; null when not known.")
+    max: int | float | None = Field(description="Largest value taken; null when not known.")
+    multiple: int | None = Field(
+        default=None, description="Values must divide by it (image sides); null for any."
+    )
+
+
+class GenerationLimits(BaseModel):
+    """What ``POST /v1/images/generations`` takes for one model, field by field: ``width``
+    and ``height`` are the sides in ``size``."""
+
+    width: FieldLimits
+    height: FieldLimits
+    steps: FieldLimits
+    n: FieldLimits
+    guidance: FieldLimits
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -143,6 +167,11 @@ class ModelCard(BaseModel):
     embedding_dimension: int | None
     tiny: bool
     aliases: list[str]
+    limits: GenerationLimits | None = Field(
+        default=None,
+        description="Text-to-image models: each request field's default and bounds, as this "
+        "server checks them. Null for embedding models.",
+    )
 
 
 class ModelList(BaseModel):

@@ -97,18 +97,28 @@
   function needKey(error) {
     stopPolling();
     document.body.dataset.connection = "unauthorized";
-    connection.textContent = storedKey()
+    const refused = Boolean(storedKey());
+    connection.textContent = refused
       ? `The server refused this API key (${error.message}). Enter the right key above.`
       : "This server needs an API key: enter it above, then choose Use key.";
     connection.hidden = false;
+    showKeyState(refused ? "refused" : "none");
     setFormsEnabled(false);
     $("api-key").focus();
   }
 
-  function showKeyState() {
-    const saved = Boolean(storedKey());
-    $("forget-key").hidden = !saved;
-    $("key-state").textContent = saved ? "Key set for this tab." : "Kept in this tab.";
+  // What the key beside the form is: none, being tried, taken by the server, or refused.
+  const KEY_STATES = {
+    none: "Kept in this tab.",
+    trying: "Trying the key…",
+    accepted: "Key set for this tab.",
+    refused: "Key refused: not this server's.",
+  };
+
+  function showKeyState(state) {
+    $("forget-key").hidden = !storedKey();
+    $("key-state").textContent = KEY_STATES[storedKey() ? state : "none"];
+    $("key-state").dataset.state = storedKey() ? state : "none";
   }
 
   function setFormsEnabled(enabled) {
@@ -121,7 +131,7 @@
   }
 
   async function connect() {
-    showKeyState();
+    showKeyState("trying");
     let models;
     try {
       models = (await (await api("/v1/models")).json()).data;
@@ -135,8 +145,11 @@
     }
     connection.hidden = true;
     document.body.dataset.connection = "ok";
+    showKeyState("accepted");
+    generators = new Map(models.map((model) => [model.id, model]));
     fillModels($("gen-model"), models, "text-to-image", "No text-to-image model is served.");
     fillModels($("search-model"), models, "image-embedding", "No embedding model is served.");
+    applyLimits();
     setFormsEnabled(true);
     $("search-button").disabled = !$("search-model").value;
     startPolling();
@@ -257,6 +270,72 @@
     return text === "" ? undefined : Number(text);
   }
 
+  // The form's fields and the request field whose limits each takes, from /v1/models.
+  const LIMITED_FIELDS = [
+    ["width", "width", "Width"],
+    ["height", "height", "Height"],
+    ["steps", "steps", "Steps"],
+  ];
+  let generators = new Map(); // model id -> its /v1/models card
+
+  function currentLimits() {
+    const model = generators.get($("gen-model").value);
+    return (model && model.limits) || null;
+  }
+
+  // The model's bounds on the fields, so the form offers only what the server takes.
+  function applyLimits() {
+    const limits = currentLimits();
+    for (const [id, name] of LIMITED_FIELDS) {
+      const input = $(id);
+      const field = limits ? limits[name] : null;
+      const set = (attribute, value) =>
+        value === null || value === undefined
+          ? input.removeAttribute(attribute)
+          : input.setAttribute(attribute, String(value));
+      set("min", field && field.min);
+      set("max", field && field.max);
+      set("step", field && field.multiple);
+      input.placeholder =
+        field && field.default !== null ? `default ${field.default}` : "default";
+    }
+  }
+
+  // What is wrong with a field for this model, in words, or null.
+  function fieldProblem(id, label) {
+    const input = $(id);
+    const { validity } = input;
+    if (validity.valid) return null;
+    const model = $("gen-model").value;
+    if (validity.badInput) return `${label} must be a whole number.`;
+    if (validity.rangeUnderflow || validity.rangeOverflow) {
+      const low = input.getAttribute("min");
+      const high = input.getAttribute("max");
+      return `${label} must be between ${low} and ${high} for ${model}; it is ${input.value}.`;
+    }
+    if (validity.stepMismatch) {
+      const step = input.getAttribute("step");
+      return `${label} must be a multiple of ${step} for ${model}; it is ${input.value}.`;
+    }
+    if (validity.valueMissing) return `${label} is required.`;
+    return `${label}: ${input.validationMessage}`;
+  }
+
+  // The first bad field, named beside the button; true when every field is good.
+  function checkFields() {
+    const fields = [["prompt", "The prompt"], ...LIMITED_FIELDS.map(([id, , l]) => [id, l])];
+    fields.push(["seed", "The seed"]);
+    for (const [id, label] of fields) {
+      const problem = fieldProblem(id, label);
+      if (problem) {
+        showError($("gen-error"), new Error(problem));
+        $(id).focus();
+        return false;
+      }
+    }
+    return true;
+  }
+
   function generationRequest() {
     const body = {
       model: $("gen-model").value,
@@ -291,8 +370,9 @@
   async function generate(event) {
     event.preventDefault();
     if (running) return;
-    const body = generationRequest();
     $("gen-error").hidden = true;
+    if (!checkFields()) return;
+    const body = generationRequest();
     download.hidden = true;
     progress.value = 0;
     progress.max = 1;
@@ -371,7 +451,10 @@
 
   $("generate-form").addEventListener("submit", generate);
   $("stop-button").addEventListener("click", stop);
-  $("gen-model").addEventListener("change", syncGenerateButtons);
+  $("gen-model").addEventListener("change", () => {
+    applyLimits();
+    syncGenerateButtons();
+  });
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && running) stop();
   });
