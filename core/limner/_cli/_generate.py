@@ -17,7 +17,6 @@ from limner._fronts._generator import (
     ImageGenerator,
     check_prompt,
     check_strength,
-    edit_config,
     read_edit_inputs,
 )
 from limner._pool._budget import MemoryBudget
@@ -100,7 +99,7 @@ def _edit_config(
         raise InvalidInput(f"model {model.key} cannot edit images", field="image")
     check_strength(config.strength)
     source, _ = read_edit_inputs(image, mask, limits=model.limits)
-    return edit_config(model.backend, config, source)
+    return model.resolve_config(config, source_size=(source.shape[1], source.shape[0]))
 
 
 def _time_taken(result: GenerationResult, load_seconds: float) -> str:

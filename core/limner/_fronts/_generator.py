@@ -86,13 +86,12 @@ def read_edit_inputs(
 
 
 def edit_config(
-    backend: TextToImageBackend, config: ImageGenerationConfig, source: npt.NDArray[np.uint8]
+    backend: TextToImageBackend, config: ImageGenerationConfig, source_size: tuple[int, int]
 ) -> ImageGenerationConfig:
-    """``config`` for an edit of ``source``, resolved: a size it leaves out is the model's
-    nearest to the source's (``backend.edit_size``)."""
+    """``config`` for an edit of a source of ``source_size`` (width, height), resolved: a
+    size it leaves out is the model's nearest to the source's (``backend.edit_size``)."""
     if config.width is None or config.height is None:
-        height, width = source.shape[:2]
-        fitted_width, fitted_height = backend.edit_size(width, height)
+        fitted_width, fitted_height = backend.edit_size(*source_size)
         config = dataclasses.replace(
             config,
             width=fitted_width if config.width is None else config.width,
@@ -146,9 +145,19 @@ class ImageGenerator(ModelFront[TextToImageBackend]):
         """The same model behind a plain blocking call, for synchronous host code."""
         return BlockingImageGenerator(self)
 
-    def resolve_config(self, config: ImageGenerationConfig | None = None) -> ImageGenerationConfig:
-        """The config with the model's defaults filled in and a seed drawn; validated."""
-        return self.backend.resolve_config(config or ImageGenerationConfig())
+    def resolve_config(
+        self,
+        config: ImageGenerationConfig | None = None,
+        *,
+        source_size: tuple[int, int] | None = None,
+    ) -> ImageGenerationConfig:
+        """The config with the model's defaults filled in and a seed drawn; validated. For
+        an edit of a ``source_size`` (width, height) image, a size the config leaves out is
+        the nearest the model takes to the image's."""
+        config = config or ImageGenerationConfig()
+        if source_size is None:
+            return self.backend.resolve_config(config)
+        return edit_config(self.backend, config, source_size)
 
     async def generate_image(
         self,
@@ -219,7 +228,7 @@ class ImageGenerator(ModelFront[TextToImageBackend]):
             )
         check_strength(config.strength)
         source, area = await self._read_edit_inputs(image, mask)
-        resolved = edit_config(self.backend, config, source)
+        resolved = edit_config(self.backend, config, (source.shape[1], source.shape[0]))
         return StreamCall("edit", (prompt, resolved, source, area))
 
     async def _read_edit_inputs(self, image: object, mask: object) -> EditInputs:

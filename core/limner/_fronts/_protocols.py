@@ -82,9 +82,15 @@ class TextToImageCapable(Protocol):
         """Load the weights now, so the first generation finds them warm."""
         ...
 
-    def resolve_config(self, config: ImageGenerationConfig | None = None) -> ImageGenerationConfig:
+    def resolve_config(
+        self,
+        config: ImageGenerationConfig | None = None,
+        *,
+        source_size: tuple[int, int] | None = None,
+    ) -> ImageGenerationConfig:
         """The config with the model's defaults filled in and a seed drawn; ``InvalidInput``
-        naming the field for a bad one. Needs no weights."""
+        naming the field for a bad one. Needs no weights. For an edit of a ``source_size``
+        (width, height) image, a size it leaves out is the nearest the model takes."""
         ...
 
     @property

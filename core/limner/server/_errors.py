@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from limner import errors
 
-__all__ = ["APIError", "ClientGone", "error_body", "install_error_handlers", "to_api_error"]
+__all__ = [
+    "APIError",
+    "ClientGone",
+    "error_body",
+    "install_error_handlers",
+    "to_api_error",
+    "validation_error",
+]
 
 log = logging.getLogger("limner.server")
 
@@ -152,7 +159,7 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-def _validation_error(error: RequestValidationError, content_type: str | None) -> APIError:
+def validation_error(error: RequestValidationError, content_type: str | None) -> APIError:
     problems = error.errors()
     if not problems:
         return APIError(400, "invalid request", code="invalid_request")
@@ -195,7 +202,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        return _validation_error(error, request.headers.get("content-type")).response()
+        return validation_error(error, request.headers.get("content-type")).response()
 
     async def on_http(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
