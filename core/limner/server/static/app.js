@@ -35,8 +35,12 @@
     const init = { method: "GET", headers, signal };
     if (body !== undefined) {
       init.method = "POST";
-      headers["Content-Type"] = "application/json";
-      init.body = JSON.stringify(body);
+      if (body instanceof FormData) {
+        init.body = body; // multipart/form-data: the browser writes the type and boundary
+      } else {
+        headers["Content-Type"] = "application/json";
+        init.body = JSON.stringify(body);
+      }
     }
     const response = await fetch(path, init);
     if (!response.ok) {
@@ -112,12 +116,14 @@
   }
 
   function setFormsEnabled(enabled) {
-    for (const form of [$("generate-form"), $("search-form")]) {
+    for (const form of document.querySelectorAll("form.fields")) {
       for (const control of form.elements) {
-        if (control.id !== "stop-button") control.disabled = !enabled;
+        if (!("stop" in control.dataset)) control.disabled = !enabled;
       }
     }
     if (enabled) syncGenerateButtons();
+    // edit.js keeps its own buttons in step
+    document.dispatchEvent(new CustomEvent("limner:forms", { detail: { enabled } }));
   }
 
   async function connect() {
@@ -136,6 +142,7 @@
     connection.hidden = true;
     document.body.dataset.connection = "ok";
     fillModels($("gen-model"), models, "text-to-image", "No text-to-image model is served.");
+    fillModels($("edit-model"), models, "text-to-image", "No text-to-image model is served.");
     fillModels($("search-model"), models, "image-embedding", "No embedding model is served.");
     setFormsEnabled(true);
     $("search-button").disabled = !$("search-model").value;
@@ -262,6 +269,7 @@
       model: $("gen-model").value,
       prompt: $("prompt").value,
       stream: true,
+      stream_format: "limner", // a progress event per step, with its preview
       preview: true,
     };
     const width = integerField("width");
@@ -572,6 +580,9 @@
     element.textContent = error instanceof APIError ? `${error.message} (${error.status})` : error.message;
     element.hidden = false;
   }
+
+  // What the Edit panel (edit.js) shares with the rest of the page.
+  window.limnerPlayground = { api, APIError, serverSentEvents, showError, refreshPool };
 
   setFormsEnabled(false);
   connect();
