@@ -14,7 +14,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import numpy as np
@@ -107,14 +107,16 @@ def strictly(raw: Any) -> ImagesResponse:
 
 
 @pytest.mark.parametrize("output_format", ["png", "jpeg", "webp"])
-def test_edit_with_a_mask_in_each_output_format(images_server: Served, output_format: str) -> None:
+def test_edit_with_a_mask_in_each_output_format(
+    images_server: Served, output_format: Literal["png", "jpeg", "webp"]
+) -> None:
     client = client_for(images_server)
     raw = client.images.with_raw_response.edit(
         model=TINY_FLUX,
         image=("fox.png", png(SOURCE), "image/png"),
         mask=("mask.png", png(openai_mask()), "image/png"),
         prompt="a red hat",
-        output_format=output_format,  # type: ignore[arg-type]
+        output_format=output_format,
         output_compression=90,
         extra_body={"seed": 7, "steps": 2, "strength": 0.8},
     )
@@ -168,7 +170,7 @@ def test_several_images_are_each_edited(images_server: Served) -> None:
     assert answer.data is not None and len(answer.data) == 4  # n images of each, in order
     expected = [SOURCE, SOURCE, other, other]
     for item, source in zip(answer.data, expected):
-        assert np.array_equal(np.asarray(decoded(item.b64_json).convert("RGB")), source)
+        assert np.array_equal(np.asarray(decoded(item.b64_json).convert("RGB")), np.asarray(source))
 
 
 def test_the_fake_edits_through_the_client_with_its_own_mask_convention(
