@@ -93,6 +93,22 @@
     }
   }
 
+  // limner's stream (stream_format "limner"): each progress and completed event to its
+  // handler; an error event is thrown as the APIError it carries.
+  async function followStream(response, { progress, completed }) {
+    for await (const message of serverSentEvents(response.body)) {
+      if (message.name === "progress") {
+        progress(JSON.parse(message.data));
+      } else if (message.name === "completed") {
+        completed(JSON.parse(message.data));
+      } else if (message.name === "error") {
+        const failure = JSON.parse(message.data);
+        const detail = failure.error || {};
+        throw new APIError(failure.status, detail.message, detail.code, detail.param);
+      }
+    }
+  }
+
   // -- the key and the connection -------------------------------------------------------------
 
   const connection = $("connection");
@@ -312,17 +328,10 @@
     frameShape(size[0], size[1]);
     try {
       const response = await api("/v1/images/generations", { body, signal: running.signal });
-      for await (const message of serverSentEvents(response.body)) {
-        if (message.name === "progress") {
-          showStep(JSON.parse(message.data));
-        } else if (message.name === "completed") {
-          showResult(JSON.parse(message.data), body.prompt);
-        } else if (message.name === "error") {
-          const failure = JSON.parse(message.data);
-          const detail = failure.error || {};
-          throw new APIError(failure.status, detail.message, detail.code, detail.param);
-        }
-      }
+      await followStream(response, {
+        progress: showStep,
+        completed: (answer) => showResult(answer, body.prompt),
+      });
       if (generateSection.dataset.state === "running") {
         throw new Error("the stream ended before the image arrived");
       }
@@ -582,7 +591,7 @@
   }
 
   // What the Edit panel (edit.js) shares with the rest of the page.
-  window.limnerPlayground = { api, APIError, serverSentEvents, showError, refreshPool };
+  window.limnerPlayground = { api, followStream, showError, refreshPool };
 
   setFormsEnabled(false);
   connect();

@@ -7,7 +7,7 @@
 "use strict";
 
 (() => {
-  const { api, APIError, serverSentEvents, showError, refreshPool } = window.limnerPlayground;
+  const { api, followStream, showError, refreshPool } = window.limnerPlayground;
   const $ = (id) => document.getElementById(id);
 
   const section = $("edit");
@@ -256,17 +256,7 @@
     try {
       const body = await editRequest();
       const response = await api("/v1/images/edits", { body, signal: running.signal });
-      for await (const message of serverSentEvents(response.body)) {
-        if (message.name === "progress") {
-          showStep(JSON.parse(message.data));
-        } else if (message.name === "completed") {
-          showEdited(JSON.parse(message.data));
-        } else if (message.name === "error") {
-          const failure = JSON.parse(message.data);
-          const detail = failure.error || {};
-          throw new APIError(failure.status, detail.message, detail.code, detail.param);
-        }
-      }
+      await followStream(response, { progress: showStep, completed: showEdited });
       if (section.dataset.state === "running") {
         throw new Error("the stream ended before the image arrived");
       }
