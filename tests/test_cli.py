@@ -450,6 +450,7 @@ def test_generate_edits_an_image_inside_its_mask(
         (("--strength", "0.5"), "Error: --strength edits an image: give the image with --image"),
     ],
 )
+@pytest.mark.subprocess
 def test_a_bad_edit_fails_before_any_heavy_import(
     env: dict[str, str], edit_inputs: Path, tmp_path: Path, args: tuple[str, ...], error: str
 ) -> None:

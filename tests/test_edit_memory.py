@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads RSS as Linux counts it")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="reads RSS as Linux counts it"),
+    pytest.mark.subprocess,  # a fresh process: its resident memory only ever grows
+]
 
 # Writes the widened FLUX into argv[1], loads it, generates, edits, and prints the figures.
 _SCRIPT = r"""
