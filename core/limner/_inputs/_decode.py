@@ -37,7 +37,14 @@ from limner._inputs._kinds import (
 )
 from limner.errors import InvalidInput
 
-__all__ = ["DEFAULT_LIMITS", "ImageLimits", "check_image_file", "decode_image", "encoded_bytes"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "ImageLimits",
+    "check_image_file",
+    "decode_image",
+    "decode_with_alpha",
+    "encoded_bytes",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +97,33 @@ def decode_image(
     URL the bytes came from, say) stands for the input in error messages. Blocking: run it in a
     worker thread from async code.
     """
+    return _decode(
+        source, kind=kind, limits=limits, draft_size=draft_size, name=name, keep_alpha=False
+    )
+
+
+def decode_with_alpha(
+    source: object,
+    *,
+    kind: InputKind | None = None,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    name: str | None = None,
+) -> Image.Image:
+    """As :func:`decode_image`, within the same limits, but an image with transparency (an
+    alpha channel, or a palette's transparent colour) comes back as RGBA rather than
+    composited over white: what a mask is read from. Others are RGB."""
+    return _decode(source, kind=kind, limits=limits, draft_size=None, name=name, keep_alpha=True)
+
+
+def _decode(
+    source: object,
+    *,
+    kind: InputKind | None,
+    limits: ImageLimits,
+    draft_size: int | None,
+    name: str | None,
+    keep_alpha: bool,
+) -> Image.Image:
     if kind is None:
         kind = input_kind(source)
     if draft_size is not None and draft_size < 1:
@@ -106,7 +140,7 @@ def decode_image(
     if kind is InputKind.PIL:
         if not isinstance(source, Image.Image):
             raise _wrong_type(kind, source, label)
-        return _from_pil(source, limits=limits, label=label)
+        return _from_pil(source, limits=limits, label=label, keep_alpha=keep_alpha)
     if kind is InputKind.PATH:
         if not isinstance(source, (str, os.PathLike)):
             raise _wrong_type(kind, source, label)
@@ -117,7 +151,9 @@ def decode_image(
         if not isinstance(source, (bytes, bytearray, memoryview)):
             raise _wrong_type(kind, source, label)
         data = bytes(source)
-    return _decode_bytes(data, limits=limits, draft_size=draft_size, label=label)
+    return _decode_bytes(
+        data, limits=limits, draft_size=draft_size, label=label, keep_alpha=keep_alpha
+    )
 
 
 def encoded_bytes(
@@ -308,7 +344,12 @@ def _unreadable(data: bytes) -> str:
 
 
 def _decode_bytes(
-    data: bytes, *, limits: ImageLimits, draft_size: int | None, label: object
+    data: bytes,
+    *,
+    limits: ImageLimits,
+    draft_size: int | None,
+    label: object,
+    keep_alpha: bool = False,
 ) -> Image.Image:
     if not data:
         raise InvalidInput("empty: 0 bytes is not an image", input=label)
@@ -336,7 +377,7 @@ def _decode_bytes(
             # least draft_size.
             image.draft("RGB", (draft_size, draft_size))
         image.load()  # the first frame only, for animations and multi-page files
-        return _to_rgb(_apply_orientation(image), owned=True)
+        return _to_rgb(_apply_orientation(image), owned=True, keep_alpha=keep_alpha)
     except MemoryError:
         raise
     except Exception as error:  # as above: anything a decoder raises means bad data
@@ -345,12 +386,14 @@ def _decode_bytes(
         ) from error
 
 
-def _from_pil(image: Image.Image, *, limits: ImageLimits, label: object) -> Image.Image:
+def _from_pil(
+    image: Image.Image, *, limits: ImageLimits, label: object, keep_alpha: bool = False
+) -> Image.Image:
     _check_pixels(image, limits=limits, label=label)
     try:
         image.load()
         oriented = _apply_orientation(image)
-        return _to_rgb(oriented, owned=oriented is not image)
+        return _to_rgb(oriented, owned=oriented is not image, keep_alpha=keep_alpha)
     except MemoryError:
         raise
     except Exception as error:  # a lazily opened image may still hold bad data
@@ -426,8 +469,9 @@ _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _WHITE = (255, 255, 255)
 
 
-def _to_rgb(image: Image.Image, *, owned: bool) -> Image.Image:
-    """Convert to 8-bit RGB; ``owned`` says ``image`` is ours and may be returned as is."""
+def _to_rgb(image: Image.Image, *, owned: bool, keep_alpha: bool = False) -> Image.Image:
+    """Convert to 8-bit RGB; ``owned`` says ``image`` is ours and may be returned as is.
+    With ``keep_alpha``, an image with transparency becomes RGBA instead."""
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image if owned else image.copy()
@@ -435,6 +479,8 @@ def _to_rgb(image: Image.Image, *, owned: bool) -> Image.Image:
         return Image.fromarray(_to_8_bits(image), mode="L").convert("RGB")
     if mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert(_PREMULTIPLIED.get(mode, mode)).convert("RGBA")
+        if keep_alpha:
+            return rgba
         background = Image.new("RGB", rgba.size, _WHITE)
         background.paste(rgba, mask=rgba.getchannel("A"))  # transparent shows as white
         return background

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedPipeline",
+    "build_edit_pipelines",
     "diffusers_module",
     "diffusion_dtype",
     "dtype_name",
@@ -60,6 +61,10 @@ class LoadedPipeline:
     #: Each thread's own copies of the tokenizers (see ``call_view``).
     per_thread: threading.local = field(default_factory=threading.local)
     preview: LatentRGB | None = None
+    #: The family's edit pipelines by kind (``"img2img"``, ``"inpaint"``), built on
+    #: ``pipeline``'s components, every module shared (see :func:`build_edit_pipelines`);
+    #: empty for a family that cannot edit.
+    edit_pipelines: dict[str, Any] = field(default_factory=dict)
 
     def device_mb(self) -> float:
         """The weights held on the memory device, measured: all of them, or with offload the
@@ -116,6 +121,27 @@ def load_pipeline(
         ) from error
     pipeline.set_progress_bar_config(disable=True)
     return LoadedPipeline(pipeline=pipeline, device=device, dtype=dtype, offload=offload)
+
+
+def build_edit_pipelines(pipeline: Any, classes: dict[str, str], *, key: str) -> dict[str, Any]:
+    """``diffusers.<name>`` for each kind in ``classes``, built on ``pipeline``'s components:
+    the same module objects, so an edit holds no second copy of the weights (about 1 ms
+    each). The plain constructor, never ``from_pipe``: its ``dtype`` defaults to float32 and
+    it casts the shared modules in place, which would double a bf16 model's weights.
+    A class that cannot be built on them is a ``ModelLoadError`` naming it."""
+    diffusers = diffusers_module()
+    built = {}
+    for kind, name in classes.items():
+        try:
+            edit = getattr(diffusers, name)(**pipeline.components)
+        except Exception as error:
+            raise ModelLoadError(
+                f"could not build {name} on the components of {key}'s "
+                f"{type(pipeline).__name__}: {error!r}"
+            ) from error
+        edit.set_progress_bar_config(disable=True)
+        built[kind] = edit
+    return built
 
 
 def free_cuda_memory() -> None:

@@ -21,7 +21,12 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 @dataclass(frozen=True, kw_only=True)
 class ImageGenerationConfig:
     """What to generate. ``None`` fields take the model's defaults; ``seed=None`` draws one,
-    and the seed used is always reported back in the result."""
+    and the seed used is always reported back in the result.
+
+    ``strength`` applies to edits only (a source image given): how far from the source the
+    result may go, from 0 (the source itself) to 1 (the prompt alone decides); ``None`` takes
+    the model's default, which the result's config reports.
+    """
 
     width: int | None = None
     height: int | None = None
@@ -33,6 +38,7 @@ class ImageGenerationConfig:
     max_sequence_length: int | None = None
     output_format: OutputFormat = "png"
     preview: bool = False
+    strength: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

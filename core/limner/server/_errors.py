@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from limner import errors
 
-__all__ = ["APIError", "ClientGone", "error_body", "install_error_handlers", "to_api_error"]
+__all__ = [
+    "APIError",
+    "ClientGone",
+    "error_body",
+    "install_error_handlers",
+    "to_api_error",
+    "validation_error",
+]
 
 log = logging.getLogger("limner.server")
 
@@ -174,7 +181,7 @@ _TOKEN_IDS = (
 )
 
 
-def _validation_error(
+def validation_error(
     error: RequestValidationError, content_type: str | None, *, path: str = ""
 ) -> APIError:
     problems = error.errors()
@@ -224,7 +231,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
         content_type = request.headers.get("content-type")
-        return _validation_error(error, content_type, path=request.url.path).response()
+        return validation_error(error, content_type, path=request.url.path).response()
 
     async def on_http(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)

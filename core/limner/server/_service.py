@@ -193,6 +193,8 @@ class Service:
             if isinstance(bound, ImageEmbedder):  # the server's limits, not the registry's
                 bound = bound.with_limits(self.settings.image_limits)
                 bound.max_text_chars = self.settings.max_text_chars
+            elif isinstance(bound, ImageGenerator):  # an edit's images, within them too
+                bound = bound.with_limits(self.settings.image_limits)
             bound = self._bound.setdefault(key, bound)
         return bound
 

@@ -35,8 +35,12 @@
     const init = { method: "GET", headers, signal };
     if (body !== undefined) {
       init.method = "POST";
-      headers["Content-Type"] = "application/json";
-      init.body = JSON.stringify(body);
+      if (body instanceof FormData) {
+        init.body = body; // multipart/form-data: the browser writes the type and boundary
+      } else {
+        headers["Content-Type"] = "application/json";
+        init.body = JSON.stringify(body);
+      }
     }
     const response = await fetch(path, init);
     if (!response.ok) {
@@ -89,6 +93,22 @@
     }
   }
 
+  // limner's stream (stream_format "limner"): each progress and completed event to its
+  // handler; an error event is thrown as the APIError it carries.
+  async function followStream(response, { progress, completed }) {
+    for await (const message of serverSentEvents(response.body)) {
+      if (message.name === "progress") {
+        progress(JSON.parse(message.data));
+      } else if (message.name === "completed") {
+        completed(JSON.parse(message.data));
+      } else if (message.name === "error") {
+        const failure = JSON.parse(message.data);
+        const detail = failure.error || {};
+        throw new APIError(failure.status, detail.message, detail.code, detail.param);
+      }
+    }
+  }
+
   // -- the key and the connection -------------------------------------------------------------
 
   const connection = $("connection");
@@ -122,12 +142,14 @@
   }
 
   function setFormsEnabled(enabled) {
-    for (const form of [$("generate-form"), $("search-form")]) {
+    for (const form of document.querySelectorAll("form.fields")) {
       for (const control of form.elements) {
-        if (control.id !== "stop-button") control.disabled = !enabled;
+        if (!("stop" in control.dataset)) control.disabled = !enabled;
       }
     }
     if (enabled) syncGenerateButtons();
+    // edit.js keeps its own buttons in step
+    document.dispatchEvent(new CustomEvent("limner:forms", { detail: { enabled } }));
   }
 
   async function connect() {
@@ -148,6 +170,7 @@
     showKeyState("accepted");
     generators = new Map(models.map((model) => [model.id, model]));
     fillModels($("gen-model"), models, "text-to-image", "No text-to-image model is served.");
+    fillModels($("edit-model"), models, "text-to-image", "No text-to-image model is served.");
     fillModels($("search-model"), models, "image-embedding", "No embedding model is served.");
     applyLimits();
     setFormsEnabled(true);
@@ -341,6 +364,7 @@
       model: $("gen-model").value,
       prompt: $("prompt").value,
       stream: true,
+      stream_format: "limner", // a progress event per step, with its preview
       preview: true,
     };
     const width = integerField("width");
@@ -384,17 +408,10 @@
     frameShape(size[0], size[1]);
     try {
       const response = await api("/v1/images/generations", { body, signal: running.signal });
-      for await (const message of serverSentEvents(response.body)) {
-        if (message.name === "progress") {
-          showStep(JSON.parse(message.data));
-        } else if (message.name === "completed") {
-          showResult(JSON.parse(message.data), body.prompt);
-        } else if (message.name === "error") {
-          const failure = JSON.parse(message.data);
-          const detail = failure.error || {};
-          throw new APIError(failure.status, detail.message, detail.code, detail.param);
-        }
-      }
+      await followStream(response, {
+        progress: showStep,
+        completed: (answer) => showResult(answer, body.prompt),
+      });
       if (generateSection.dataset.state === "running") {
         throw new Error("the stream ended before the image arrived");
       }
@@ -655,6 +672,9 @@
     element.textContent = error instanceof APIError ? `${error.message} (${error.status})` : error.message;
     element.hidden = false;
   }
+
+  // What the Edit panel (edit.js) shares with the rest of the page.
+  window.limnerPlayground = { api, followStream, showError, refreshPool };
 
   setFormsEnabled(false);
   connect();
