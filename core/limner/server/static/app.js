@@ -671,6 +671,8 @@
   function showError(element, error) {
     element.textContent = error instanceof APIError ? `${error.message} (${error.status})` : error.message;
     element.hidden = false;
+    // Where the user will read it: scrolled into sight if the panel runs below the window.
+    element.scrollIntoView({ block: "nearest" });
   }
 
   // What the Edit panel (edit.js) shares with the rest of the page.
