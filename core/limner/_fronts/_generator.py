@@ -44,15 +44,23 @@ class ImageGenerator(ModelFront[TextToImageBackend]):
         return BlockingImageGenerator(self)
 
     def resolve_config(self, config: ImageGenerationConfig | None = None) -> ImageGenerationConfig:
-        """The config with the model's defaults filled in and a seed drawn; validated."""
-        return self.backend.resolve_config(config or ImageGenerationConfig())
+        """The config with the model's defaults filled in and a seed drawn; validated (its
+        LoRA adapters too, in their canonical order)."""
+        config = config or ImageGenerationConfig()
+        if config.loras and not self.backend.supports_loras:
+            raise InvalidInput(f"{self.key} takes no LoRA adapters", field="loras")
+        return self.backend.resolve_config(config)
 
     async def generate_image(
         self, prompt: str, config: ImageGenerationConfig | None = None
     ) -> AsyncGenerator[GenerationChunk, None]:
         check_prompt(prompt)
         resolved = self.resolve_config(config)
-        stream = self._run_stream(StreamCall("generate", (prompt, resolved)))
+        # The adapters are state of the one shared model: calls with another set of them
+        # never run beside this one (see StreamCall.group).
+        adapters = tuple(sorted(resolved.loras))
+        call = StreamCall("generate", (prompt, resolved), group=adapters)
+        stream = self._run_stream(call)
         try:
             async for chunk in stream:
                 yield chunk

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,7 +21,13 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 @dataclass(frozen=True, kw_only=True)
 class ImageGenerationConfig:
     """What to generate. ``None`` fields take the model's defaults; ``seed=None`` draws one,
-    and the seed used is always reported back in the result."""
+    and the seed used is always reported back in the result.
+
+    ``loras`` names LoRA adapters to apply, each with its scale: ``[("ink", 0.8)]``, kept as
+    a tuple of pairs (a mapping of names to scales is taken too). The model checks them with
+    the rest of the config, before any weights load, and applies them in its own order
+    (by name), whatever the request's (see docs/lora.md).
+    """
 
     width: int | None = None
     height: int | None = None
@@ -33,6 +39,24 @@ class ImageGenerationConfig:
     max_sequence_length: int | None = None
     output_format: OutputFormat = "png"
     preview: bool = False
+    loras: Sequence[tuple[str, float]] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", _pairs(self.loras))
+
+
+def _pairs(loras: object) -> object:
+    """``[("ink", 0.8)]`` or ``{"ink": 0.8}`` as ``(("ink", 0.8),)``: hashable, as a frozen
+    config must be. Anything else is left for ``resolve_config`` to refuse, naming it."""
+    if isinstance(loras, Mapping):
+        loras = list(loras.items())
+    if (
+        isinstance(loras, Sequence)
+        and not isinstance(loras, str)
+        and all(isinstance(e, Sequence) and not isinstance(e, str) for e in loras)
+    ):
+        return tuple(tuple(entry) for entry in loras)
+    return loras
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,7 +92,9 @@ class GenerationResult:
     def text_metadata(self, index: int = 0) -> dict[str, str]:
         """What to store beside image ``index`` so it can be made again: prompt, its seed,
         model, config."""
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if v is not None}
+        settings = {
+            k: v for k, v in dataclasses.asdict(self.config).items() if v is not None and v != ()
+        }
         return {
             "prompt": self.prompt,
             "seed": str(self.seed_of(index)),
