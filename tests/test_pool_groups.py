@@ -4,6 +4,7 @@ it only for a while, and parts models can drop (LoRA adapters) go before any mod
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Hashable, Sequence
@@ -81,7 +82,9 @@ class Recorder(TextToImageBackend):
             with self.lock:
                 self.active.remove(group)
         image = Image.new("RGB", (8, 8))
-        return GenerationResult(model=self.spec.key, prompt=prompt, images=(image,), seed=0, config=config)
+        return GenerationResult(
+            model=self.spec.key, prompt=prompt, images=(image,), seed=0, config=config
+        )
 
     def memory_mb(self) -> float | None:
         if not self.loaded:
@@ -121,7 +124,9 @@ async def generate(pool: Pool, backend: Recorder, prompt: str, group: Hashable) 
 
 async def wait_until(condition: Any, *, timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
-        while not condition():
+        while True:
+            if condition():
+                return
             await anyio.sleep(0.002)
 
 
@@ -147,7 +152,7 @@ async def test_calls_of_different_groups_never_share_the_model() -> None:
     assert all(len(set(running)) == 1 for running in backend.seen)
     assert max(len(running) for running in backend.seen) == 2
     groups = [prompt[0] for prompt in backend.started]
-    switches = sum(1 for before, after in zip(groups, groups[1:]) if before != after)
+    switches = sum(1 for before, after in itertools.pairwise(groups) if before != after)
     assert switches == 2, groups
 
 
@@ -170,9 +175,10 @@ async def test_a_group_keeps_the_model_from_another_only_for_a_while(waited: flo
     gates = {"a:1": threading.Event()}
     backend = recorder(gates=gates)
     clock = FakeClock()
-    async with Pool(
-        memory=FakeMemory(total_mb=10_000), clock=clock, max_workers=2, max_wait=60
-    ) as pool, anyio.create_task_group() as tasks:
+    async with (
+        Pool(memory=FakeMemory(total_mb=10_000), clock=clock, max_workers=2, max_wait=60) as pool,
+        anyio.create_task_group() as tasks,
+    ):
         tasks.start_soon(generate, pool, backend, "a:1", "a")
         await wait_until(lambda: backend.started == ["a:1"])
         tasks.start_soon(generate, pool, backend, "b:1", "b")

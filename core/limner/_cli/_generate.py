@@ -24,6 +24,7 @@ from ._app import (
     _check_image_path,
     _chosen_model,
     _loaded,
+    _lora_dirs_option,
     _model_options,
     _writing,
     cli,
@@ -39,6 +40,7 @@ _SETTING_FLAGS = {
     "guidance": "--guidance",
     "num_images": "--num-images",
     "negative_prompt": "--negative-prompt",
+    "loras": "--lora",
 }
 _SIZE_FLAGS = {"width": "--size", "height": "--size"}
 
@@ -50,11 +52,16 @@ def _naming_flags(flags: dict[str, str]) -> Iterator[None]:
     try:
         yield
     except InvalidInput as error:
-        flag = flags.get(error.field or "")
+        field = error.field or ""
+        flag = flags.get(field) or flags.get(field.partition("[")[0])
         if flag is None:
             raise
-        # --size sets two fields: say which one is wrong.
-        reason = f"{error.field} {error.reason}" if flag == "--size" else error.reason
+        # --size sets two fields, --lora one per adapter: say which one is wrong.
+        reason = error.reason
+        if flag == "--size":
+            reason = f"{field} {reason}"
+        elif field != "loras" and flag == "--lora":
+            reason = f"{field}: {reason}"
         raise _bad_option(f"'{flag}'", reason) from None
 
 
@@ -81,6 +88,29 @@ class _Size(_SizeParam):
         return int(width), int(height)
 
 
+if TYPE_CHECKING:
+    _LoraParam = click.ParamType[tuple[str, float]]
+else:
+    _LoraParam = click.ParamType  # generic only in recent click
+
+
+class _Lora(_LoraParam):
+    """``--lora``: ``NAME:SCALE``, or ``NAME`` for scale 1."""
+
+    name = "NAME[:SCALE]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        name, colon, scale = str(value).rpartition(":")
+        if not colon:
+            return str(value), 1.0
+        try:
+            return name, float(scale)
+        except ValueError:
+            self.fail(f"{value!r}: the scale after ':' must be a number, as in ink:0.8", param, ctx)
+
+
 def _time_taken(result: GenerationResult, load_seconds: float) -> str:
     """``in 6.1 s (loading 4.9 s, generating 0.3 s)``: the whole command, from its process's
     start, which is what the user waited, and the model's two parts of it."""
@@ -98,6 +128,7 @@ Examples:
   limner generate "a lighthouse at dusk" --model limner/tiny-flux --out lighthouse.png
   limner generate "a red fox" -m flux-schnell --seed 42 --steps 4 -o fox.png
   limner generate "a red fox" -m sd35-medium --num-images 4 -o foxes/fox.webp
+  limner generate "a red fox" -m flux-dev --lora-dir loras --lora ink:0.8 -o fox.png
 """
 )
 @click.argument("prompt")
@@ -130,6 +161,15 @@ Examples:
 )
 @click.option("--negative-prompt", help="What to avoid, for models that support it.")
 @click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    type=_Lora(),
+    help="A LoRA adapter of the --lora-dir folders, with its scale (ink:0.8; repeatable: "
+    "they combine). `limner loras` lists them.",
+)
+@_lora_dirs_option
+@click.option(
     "--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a TTY)."
 )
 def generate(
@@ -148,6 +188,8 @@ def generate(
     num_images: int,
     negative_prompt: str | None,
     progress: bool | None,
+    loras: tuple[tuple[str, float], ...] = (),
+    lora_dirs: tuple[str, ...] = (),
 ) -> None:
     """Generate images from PROMPT with a text-to-image model and save them.
 
@@ -165,7 +207,9 @@ def generate(
     with _naming_flags(flags):
         check_prompt(prompt)
     _check_image_path(out_path)
-    registry, key = _chosen_model(model_key, Capability.TEXT_TO_IMAGE, device, dtype)
+    registry, key = _chosen_model(
+        model_key, Capability.TEXT_TO_IMAGE, device, dtype, lora_dirs=lora_dirs
+    )
     model = registry.generator(key)
     with _naming_flags(flags):
         config = model.resolve_config(
@@ -177,6 +221,7 @@ def generate(
                 guidance=guidance,
                 num_images=num_images,
                 negative_prompt=negative_prompt,
+                loras=loras,
             )
         )
     show_progress = progress if progress is not None else sys.stderr.isatty()

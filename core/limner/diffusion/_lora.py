@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from limner.errors import InvalidInput
-from limner.plugin import CachedPart, LoraAdapter, reserve_memory
+from limner.plugin import CachedPart, LoraAdapter, quiet_loading, reserve_memory
 
 if TYPE_CHECKING:
     from ._pipeline import LoadedPipeline
@@ -199,7 +199,7 @@ class LoadedAdapters:
         internal = f"limner_{next(self._names)}_"  # no name is a substring of a module path
         pipeline = loaded.pipeline
         folder, file_name = os.path.split(adapter.path)
-        with self._lock:
+        with self._lock, quiet_loading("diffusers"):
             before = loaded.device_mb()
             try:
                 pipeline.load_lora_weights(folder, weight_name=file_name, adapter_name=internal)

@@ -112,7 +112,9 @@ class LoraTests(FamilyFixtures):
         backend.unload()
 
     @staticmethod
-    def lora_image(backend: DiffusersBackend[Any], *loras: tuple[str, float], seed: int = 7) -> Image:
+    def lora_image(
+        backend: DiffusersBackend[Any], *loras: tuple[str, float], seed: int = 7
+    ) -> Image:
         _, result = run(backend, steps=2, width=32, height=32, seed=seed, loras=list(loras))
         return pixels(result.images[0]).astype(np.int64)
 

@@ -35,6 +35,7 @@ from limner.errors import InvalidInput, ModelError
 
 from ._errors import APIError, input_param, to_api_error
 from ._inputs import split_inputs
+from ._loras import lora_cards, lora_pairs
 from ._metrics import Metrics
 from ._middleware import is_authorized
 from ._schemas import (
@@ -43,6 +44,7 @@ from ._schemas import (
     ErrorResponse,
     ImageRequest,
     ImageResponse,
+    LoraList,
     ModelCard,
     ModelList,
     PoolResponse,
@@ -335,6 +337,7 @@ def _config(body: ImageRequest) -> ImageGenerationConfig:
         negative_prompt=body.negative_prompt,
         output_format=body.output_format,
         preview=body.preview and body.stream,  # only a stream has somewhere to send them
+        loras=lora_pairs(body.loras),
     )
 
 
@@ -409,6 +412,17 @@ def _png_b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# -- LoRA adapters ----------------------------------------------------------------------------
+
+
+@_route("GET", "/v1/loras", response_model=LoraList, responses=_errors(401))
+async def list_loras(request: Request) -> LoraList:
+    """The LoRA adapters in the server's adapter folders (`limner serve --lora-dir`): each
+    one's family, the served models it fits, its rank, size and file; an adapter no served
+    model can use is listed with the reason. Generations name them in `loras`."""
+    return LoraList(data=lora_cards(await _service(request).loras()))
 
 
 # -- operations -------------------------------------------------------------------------------
