@@ -2,9 +2,11 @@
 #   make demo   installs limner and its three plugins, then runs limner offline on the tiny
 #               models
 #   make test   installs those and the test tools (Ray, mypy, Selenium, ...), then runs the
-#               test suite
-# and `make dist` builds the four wheels (limner and its three plugins) into dist/. Both
-# installs go into the one .venv: `make test` after `make demo` adds only the test tools.
+#               fast lane of the test suite (a few minutes)
+# `make check` runs every test (Ray clusters, Chromium, subprocesses, wheel builds, the
+# minute-long loads) and lint: what CI runs. `make dist` builds the four wheels (limner and
+# its three plugins) into dist/. Both installs go into the one .venv: `make test` after
+# `make demo` adds only the test tools.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -27,7 +29,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check \
 	$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 PROJECTS := pyproject.toml $(addsuffix /pyproject.toml,$(PLUGINS))
 
-.PHONY: install install-demo demo test lint format bench dist clean
+.PHONY: install install-demo demo test check lint format bench dist clean
 
 install: $(VENV)/.installed
 install-demo: $(VENV)/.installed-demo
@@ -50,8 +52,16 @@ demo: install-demo
 	HF_HUB_OFFLINE=1 $(BIN)/limner generate "a lighthouse at dusk" --model limner/tiny-flux --seed 7 --out $(DEMO_OUT)/tiny-flux.png
 	HF_HUB_OFFLINE=1 $(BIN)/limner generate "a lighthouse at dusk" --model limner/tiny-sd35 --seed 7 --out $(DEMO_OUT)/tiny-sd35.png
 
+# The fast lane: every test without a marker of the slow lanes (pyproject.toml lists them).
+FAST := not slow and not subprocess and not ray and not browser and not packaging
+
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "$(FAST)"
+
+# Every test, the slowest 25 named at the end, then lint.
+check: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --durations=25
+	$(MAKE) lint
 
 lint: install
 	$(BIN)/ruff check .

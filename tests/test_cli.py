@@ -1,4 +1,7 @@
-"""The CLI through a real subprocess, on the tiny CLIP and FLUX models, offline."""
+"""The CLI on the tiny CLIP and FLUX models, offline: in this process where a process of its
+own adds nothing (``run``, as ``main`` runs a command), and as a real subprocess where it
+does (what the libraries print, which modules a command imports, signals, the hub's own
+settings, which it reads once per process)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
+
+import limner._registry._registry as registry_module
+from limner._cli import run
 
 if TYPE_CHECKING:
     from tests.conftest import LocalHTTPServer
@@ -29,7 +36,7 @@ pytest.importorskip("limner_clip", reason="the CLI tests use the CLIP plugin's t
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """An isolated, offline Hugging Face cache shared by this module's subprocesses."""
+    """An isolated, offline Hugging Face cache shared by this module's commands."""
     cache = tmp_path_factory.mktemp("hf-cache")
     environment = {
         **os.environ,
@@ -44,20 +51,48 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return environment
 
 
+@pytest.fixture(autouse=True)
+def own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each command builds its default registry from its own environment (LIMNER_PLUGINS),
+    as a process of its own would, and the suite's is put back after the test."""
+    monkeypatch.setattr(registry_module, "_default", None)
+
+
 def limner(
     env: dict[str, str], *args: str, check: bool = True, stdin: str | Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``limner ARGS`` in a subprocess; ``stdin`` is text to send, or a file to send."""
-    with open(stdin, "rb") if isinstance(stdin, Path) else open(os.devnull, "rb") as file:
-        result = subprocess.run(
-            [sys.executable, "-m", "limner", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-            check=False,
-            **({"input": stdin} if isinstance(stdin, str) else {"stdin": file}),
-        )
+    """``limner ARGS`` run in this process with ``env`` as its environment; ``stdin`` is
+    text to send, or a file to send. Its exit status and output as a subprocess's."""
+    data = stdin.read_bytes() if isinstance(stdin, Path) else stdin
+    changed: dict[str, str | None] = {
+        name: value for name, value in env.items() if os.environ.get(name) != value
+    }
+    changed.update({name: None for name in os.environ if name not in env})
+    registry_module._default = None  # a command's registry is its own environment's
+    with CliRunner().isolation(input=data, env=changed) as (stdout, stderr, _):
+        code = run(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out, err = stdout.getvalue().decode(), stderr.getvalue().decode()
+    registry_module._default = None
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\n{out}\n{err}")
+    return subprocess.CompletedProcess(["limner", *args], code, out, err)
+
+
+def limner_process(
+    env: dict[str, str], *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``limner ARGS`` in a subprocess, for what only a process of its own shows."""
+    result = subprocess.run(
+        [sys.executable, "-m", "limner", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -163,10 +198,15 @@ def test_unknown_model_suggests(env: dict[str, str], images: dict[str, Path]) ->
     assert result.returncode == 1
     assert "Did you mean: limner/tiny-clip" in result.stderr
     assert "Traceback" not in result.stderr
-    debug = limner(
+
+
+@pytest.mark.subprocess
+def test_debug_shows_the_traceback(env: dict[str, str], images: dict[str, Path]) -> None:
+    debug = limner_process(
         env, "--debug", "embed", str(images["jpeg"]), "--model", "limner/tiny-clp", check=False
     )
     assert "Traceback" in debug.stderr
+    assert "Did you mean: limner/tiny-clip" in debug.stderr
 
 
 def test_embed_text(env: dict[str, str]) -> None:
@@ -204,12 +244,13 @@ def generate_tiny(
 NOISE = ("Loading", "[transformers]", "torchvision", "Warning", "%|", "\x1b[")
 
 
+@pytest.mark.subprocess
 def test_embed_prints_nothing_of_its_libraries(
     env: dict[str, str], images: dict[str, Path]
 ) -> None:
-    result = limner(env, "embed", str(images["png"]), "--model", TINY, "--no-progress")
+    result = limner_process(env, "embed", str(images["png"]), "--model", TINY, "--no-progress")
     assert result.stderr == ""
-    text = limner(env, "embed", "--text", "a fox", "--model", TINY)
+    text = limner_process(env, "embed", "--text", "a fox", "--model", TINY)
     assert text.stderr == ""
 
 
@@ -225,9 +266,12 @@ def test_generate_prints_only_its_seed_line(env: dict[str, str], tmp_path: Path)
     assert waited >= loading + generating - 0.1  # each rounded to a tenth
 
 
+@pytest.mark.subprocess
 def test_progress_says_loading_then_counts_steps(env: dict[str, str], tmp_path: Path) -> None:
     """The bar starts once the model is loaded; what the libraries draw never shows."""
-    result = generate_tiny(env, "x", "--steps", "3", "-o", str(tmp_path / "a.png"), "--progress")
+    needs_flux()
+    args = ("generate", "x", "-m", TINY_FLUX, "--steps", "3", "-o", str(tmp_path / "a.png"))
+    result = limner_process(env, *args, "--progress")
     assert re.search(rf"^loading {TINY_FLUX} \.\.\. \d+\.\d s$", result.stderr, re.MULTILINE)
     loaded = result.stderr.index("loading")
     assert result.stderr.index("3/3", loaded) > loaded
@@ -235,8 +279,9 @@ def test_progress_says_loading_then_counts_steps(env: dict[str, str], tmp_path: 
         assert noise not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_verbose_shows_limners_log(env: dict[str, str], images: dict[str, Path]) -> None:
-    result = limner(env, "--verbose", "embed", str(images["png"]), "--model", TINY)
+    result = limner_process(env, "--verbose", "embed", str(images["png"]), "--model", TINY)
     assert f"limner.pool: loaded {TINY} on cpu" in result.stderr
 
 
@@ -325,6 +370,7 @@ finally:
         ),
     ],
 )
+@pytest.mark.subprocess
 def test_bad_input_fails_before_any_heavy_import(
     env: dict[str, str], tmp_path: Path, args: tuple[str, ...], code: int, error: str
 ) -> None:
@@ -462,6 +508,7 @@ def test_a_gated_model_missing_offline_says_to_accept_its_licence(
     assert not out.exists()
 
 
+@pytest.mark.subprocess
 def test_without_offline_an_unreachable_hub_fails_fast_in_one_line(
     env: dict[str, str], images: dict[str, Path]
 ) -> None:
@@ -471,7 +518,7 @@ def test_without_offline_an_unreachable_hub_fails_fast_in_one_line(
     online = {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     online["HF_ENDPOINT"] = endpoint
     started = time.monotonic()
-    result = limner(
+    result = limner_process(
         online,
         "embed",
         str(images["png"]),
@@ -594,6 +641,7 @@ main()
 """
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_stops_a_generation_at_its_next_step_and_exits_130(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -17,7 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = {"limner", "limner_clip", "limner_flux", "limner_sd35"}
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+pytestmark = [
+    pytest.mark.packaging,  # builds the wheels, installs them
+    pytest.mark.skipif(shutil.which("make") is None, reason="needs make"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -55,7 +55,7 @@ REAL_TO_TINY = (
 )
 
 NOT_RUN = {
-    "make demo": "runs the tiny models as these tests do, after installing (CI runs make test)",
+    "make demo": "runs the tiny models as these tests do, after installing (CI runs make check)",
     "make test": "is how these tests run",
     "make dist": "tests/test_dist.py builds the wheels and installs them",
     "pip install": "would change the environment the tests run in; tests/test_dist.py "
@@ -70,7 +70,10 @@ WRITE_INTO_OUT = ("README.md", "docs/cli.md", "docs/lora.md")
 the code of a clone they are run in."""
 WORKSPACE_OWN = frozenset({"examples", "bin", "config"})
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the docs call curl")
+pytestmark = [
+    pytest.mark.subprocess,  # each block runs as a script or in a shell
+    pytest.mark.skipif(shutil.which("curl") is None, reason="the docs call curl"),
+]
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ PLUGIN_PACKAGES = sorted(ROOT.glob("plugins/*/limner_*"))
 #: What a plugin package may import of limner.
 PLUGIN_MAY_IMPORT = {"limner.plugin", "limner.diffusion", "limner.errors"}
 #: What a wing (limner.diffusion, .server, .ray) may import of the one private core module it
-#: may reach, limner._exports: how public names are presented, and deprecated ones warn.
-WING_MAY_IMPORT = {"present_as_public", "warn_deprecated"}
+#: may reach, limner._exports: how public names are presented, and deprecated ones (names,
+#: a runtime's calls) warn.
+WING_MAY_IMPORT = {"CallsOfTheLastRelease", "present_as_public", "warn_deprecated"}
 
 
 def isort_style(name: str) -> tuple[int, str]:  # ruff's RUF022 order

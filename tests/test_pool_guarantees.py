@@ -61,6 +61,7 @@ def assert_typed(error: BaseException) -> None:
 # -- every request taken off a queue is answered --------------------------------------------------
 
 
+@pytest.mark.slow  # thousands of calls while the models take turns: tens of seconds
 async def test_callers_are_answered_while_two_models_evict_each_other() -> None:
     """The reproduction of the hang: each cold start evicts the other model, 24 callers."""
     memory = FakeMemory(total_mb=1000)
@@ -151,6 +152,7 @@ async def run_stress(seed: int, *, seconds: float) -> dict[str, int]:
     return outcomes
 
 
+@pytest.mark.slow  # many seeded rounds of evictions and cancellations: tens of seconds
 async def test_randomized_evictions_and_cancellations_never_strand_a_caller() -> None:
     """Many short seeded runs; any caller left waiting fails its ``fail_after`` bound."""
     totals: dict[str, int] = {}

@@ -182,6 +182,7 @@ logging.getLogger("diffusers.host").warning("the host's diffusers warning")
 """
 
 
+@pytest.mark.subprocess  # a host's script, as it runs on its own
 def test_a_host_script_sees_no_bars_or_advice_and_keeps_its_logging(tmp_path: Path) -> None:
     pytest.importorskip("limner_clip", reason="loads the CLIP plugin's tiny model")
     pytest.importorskip("limner_flux", reason="loads the FLUX plugin's tiny model")

@@ -188,7 +188,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return result.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.packaging  # a venv of its own, pip installs the new plugin
 @pytest.mark.parametrize("capability", ["image-embedding", "text-to-image"])
 def test_a_new_plugin_installs_and_passes_its_own_tests(capability: str, tmp_path: Path) -> None:
     """In a throwaway venv that sees this environment (limner, torch, ...) through a .pth

@@ -15,12 +15,13 @@ import inspect
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = [
     "REMOVED_IN",
+    "CallsOfTheLastRelease",
     "Moved",
     "Removed",
     "deprecated_names",
@@ -126,3 +127,32 @@ def _evaluate_annotations(cls: type, namespace: dict[str, Any]) -> None:
         for field in dataclasses.fields(cls):
             if isinstance(field.type, str) and field.name in resolved:
                 field.type = resolved[field.name]
+
+
+class _CarriesCalls(Protocol):
+    async def run_batch(self, backend: Any, call: Any) -> Any: ...
+
+    def run_stream(self, backend: Any, call: Any) -> Any: ...
+
+
+class CallsOfTheLastRelease:
+    """The two calls runtimes carried before ``run_batch`` and ``run_stream``, kept working
+    on limner's own runtimes until limner 0.3: each warns, and makes the call it was."""
+
+    async def embed(self: _CarriesCalls, backend: Any, kind: str, items: Sequence[Any]) -> Any:
+        """Deprecated: ``run_batch(backend, BatchCall("embed_prepared" or "embed_texts",
+        items))``."""
+        from limner.runtime import BatchCall
+
+        name = type(self).__name__
+        warn_deprecated(f"{name}.embed", f"use {name}.run_batch(backend, BatchCall(...))")
+        method = "embed_prepared" if kind == "image" else "embed_texts"
+        return await self.run_batch(backend, BatchCall(method, items))
+
+    def generate(self: _CarriesCalls, backend: Any, prompt: str, config: Any) -> Any:
+        """Deprecated: ``run_stream(backend, StreamCall("generate", (prompt, config)))``."""
+        from limner.runtime import StreamCall
+
+        name = type(self).__name__
+        warn_deprecated(f"{name}.generate", f"use {name}.run_stream(backend, StreamCall(...))")
+        return self.run_stream(backend, StreamCall("generate", (prompt, config)))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from limner._exports import warn_deprecated
+from limner._exports import CallsOfTheLastRelease
 from limner._registry._spec import Capability, ModelInfo, ModelSettings, ModelSpec
 from limner.errors import InvalidInput, LimnerError
 from limner.plugin._backends import Backend, ImageEmbeddingBackend, StepCallback, TextToImageBackend
@@ -356,7 +356,7 @@ def _crossed(value: T) -> T:
     return copy
 
 
-class MockRuntime:
+class MockRuntime(CallsOfTheLastRelease):
     """A :class:`~limner.Runtime` that answers from plain functions, as httpx's
     ``MockTransport`` answers from a handler: test host code and fronts without a pool.
 
@@ -428,21 +428,6 @@ class MockRuntime:
     def preparing(self, backend: Backend, count: int) -> Iterator[None]:
         """Nothing to hold: a mock answers each call as it comes."""
         yield
-
-    async def embed(
-        self, backend: Backend, kind: RequestKind, items: Sequence[Any]
-    ) -> npt.NDArray[np.float32]:
-        """Deprecated: :meth:`run_batch`."""
-        warn_deprecated("MockRuntime.embed", "use MockRuntime.run_batch")
-        method = "embed_prepared" if kind == "image" else "embed_texts"
-        return await self.run_batch(backend, BatchCall(method, items))
-
-    def generate(
-        self, backend: Backend, prompt: str, config: ImageGenerationConfig
-    ) -> AsyncIterator[GenerationChunk]:
-        """Deprecated: :meth:`run_stream`."""
-        warn_deprecated("MockRuntime.generate", "use MockRuntime.run_stream")
-        return self.run_stream(backend, StreamCall("generate", (prompt, config)))
 
     async def load(self, backend: Backend) -> None:
         self.calls.append(("load", backend.spec.key))

@@ -22,6 +22,8 @@ from limner.ray import RayRuntime
 
 from .conftest import import_ray, ray_environment
 
+pytestmark = pytest.mark.ray  # clusters of their own, in processes of their own
+
 
 def test_serve_takes_the_ray_runtime_and_its_address(served_apps: list[Any]) -> None:
     import_ray()

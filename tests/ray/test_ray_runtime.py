@@ -39,6 +39,7 @@ from limner.testing import fake_embedding_spec, fake_generation_spec
 from .conftest import FAKE_OPTIONS, check_embeddings_over_http, fake_registry, import_ray
 
 pytestmark = [
+    pytest.mark.ray,  # one local Ray cluster for the module
     pytest.mark.anyio,
     # limner sets it for a short keep-alive: Serve's replacement is process-wide env vars
     pytest.mark.filterwarnings("ignore:The `metrics_interval_s`:DeprecationWarning"),

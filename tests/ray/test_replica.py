@@ -17,7 +17,7 @@ from limner.runtime import BatchCall, StreamCall
 
 from .conftest import fake_registry, import_ray
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.ray]  # Serve's local testing mode imports Ray
 
 IMAGES = [Image.new("RGB", (8, 8), (i * 40, 90, 7)) for i in range(3)]
 

@@ -108,6 +108,7 @@ def served(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[str]]]:
         yield running.group(1), process
 
 
+@pytest.mark.subprocess
 def test_serve_binds_loopback_needs_the_key_from_the_environment_and_stops_on_sigint(
     served: tuple[str, subprocess.Popen[str]],
 ) -> None:
@@ -121,6 +122,7 @@ def test_serve_binds_loopback_needs_the_key_from_the_environment_and_stops_on_si
     assert process.wait(timeout=30) == 0
 
 
+@pytest.mark.subprocess
 def test_serve_refuses_an_unknown_model_before_binding(env: dict[str, str]) -> None:
     result = limner_serve(env, "--port", "0", "--models", "limner/tiny-clp")
     assert result.returncode == 1
@@ -129,6 +131,7 @@ def test_serve_refuses_an_unknown_model_before_binding(env: dict[str, str]) -> N
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_serve_refuses_an_api_key_with_spaces_around_it(env: dict[str, str]) -> None:
     result = limner_serve({**env, "LIMNER_API_KEY": f" {KEY} "}, "--port", "0")
     assert result.returncode == 2
@@ -137,6 +140,7 @@ def test_serve_refuses_an_api_key_with_spaces_around_it(env: dict[str, str]) -> 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_importing_limner_does_not_import_the_server_stack() -> None:
     code = (
         "import sys, limner; print(sorted({'fastapi', 'uvicorn', 'starlette'} & set(sys.modules)))"
@@ -147,6 +151,7 @@ def test_importing_limner_does_not_import_the_server_stack() -> None:
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.subprocess
 def test_start_up_says_what_is_served_whether_a_key_is_needed_and_when_ready(
     env: dict[str, str],
 ) -> None:
@@ -162,6 +167,7 @@ def test_start_up_says_what_is_served_whether_a_key_is_needed_and_when_ready(
         assert noise not in log
 
 
+@pytest.mark.subprocess
 def test_a_port_in_use_is_one_line_and_exit_code_1(env: dict[str, str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -175,6 +181,7 @@ def test_a_port_in_use_is_one_line_and_exit_code_1(env: dict[str, str]) -> None:
     assert "pick another --port" in lines[0]
 
 
+@pytest.mark.subprocess
 def test_serve_takes_the_memory_budget(env: dict[str, str]) -> None:
     with serving(env, "--preload", "limner/tiny-clip", "--memory-budget", "1MB") as (_, lines):
         seen = read_until(lines, r"preloading limner/tiny-clip failed")
@@ -193,6 +200,7 @@ main()
 """
 
 
+@pytest.mark.subprocess
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(env: dict[str, str]) -> None:
     """As http.md says: on SIGTERM the server stops accepting, lets the request in flight
     finish, the pool drains, and the command exits 0 (not 143)."""
@@ -224,6 +232,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(env: dict[str, s
     assert len(answers[0].json()["data"]) == 1
 
 
+@pytest.mark.subprocess
 def test_the_host_and_connection_options_reach_the_server(env: dict[str, str]) -> None:
     options = ("--models", "limner/tiny-clip", "--allowed-host", "models.lan",
                "--header-timeout", "1", "--max-connections", "8")  # fmt: skip
@@ -252,6 +261,7 @@ def test_the_host_and_connection_options_reach_the_server(env: dict[str, str]) -
         assert process.wait(timeout=30) == 0
 
 
+@pytest.mark.subprocess
 def test_a_bad_allowed_host_is_refused_before_binding(env: dict[str, str]) -> None:
     result = limner_serve(env, "--port", "0", "--allowed-host", "models.lan:8000")
     assert result.returncode == 2

@@ -8,9 +8,12 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="malloc arenas are glibc's, on Linux"
-)
+pytestmark = [
+    pytest.mark.subprocess,  # the cap is the process's: each probe runs in its own
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="malloc arenas are glibc's, on Linux"
+    ),
+]
 
 PROBE = "from limner.server._heap import limit_malloc_arenas; print(limit_malloc_arenas(2))"
 

@@ -115,6 +115,7 @@ def one_at_a_time_specs(memory: FakeMemory) -> list[ModelSpec]:
     ]
 
 
+@pytest.mark.slow  # three models taking turns under 30 clients for a while
 async def test_mixed_load_over_http_gets_answers_or_refusals_with_retry_after(
     make_server: ServerFactory,
 ) -> None:

@@ -31,6 +31,8 @@ from limner.plugin import StepCallback
 from limner.server import ServerSettings, create_app
 from limner.testing import fake_embedding_spec
 
+pytestmark = pytest.mark.browser  # headless Chromium
+
 if TYPE_CHECKING:
     from tests.server.conftest import ErrorOf, Serve, Served, ServerFactory, WaitFor
 

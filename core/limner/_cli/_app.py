@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import anyio
 import click
 
 from limner import __version__
@@ -26,7 +25,6 @@ from limner.plugin._quiet import quiet_third_parties, verbose_logging
 if TYPE_CHECKING:
     from limner._fronts._embedder import ImageEmbedder
     from limner._fronts._generator import ImageGenerator
-    from limner._pool import Pool
 
 __all__ = ["cli", "main"]
 
@@ -98,28 +96,37 @@ def main(argv: list[str] | None = None) -> None:
     _cli_process = True
     args = list(argv if argv is not None else sys.argv[1:])
     leading = _leading_options(args)
-    debug = "--debug" in leading
-    if debug or {"-v", "--verbose"} & set(leading):
+    if {"--debug", "-v", "--verbose"} & set(leading):
         verbose_logging()
     else:
         quiet_third_parties()  # before transformers, diffusers or tqdm are imported
+    sys.exit(run(args))
+
+
+def run(args: Sequence[str]) -> int:
+    """Run the command ``args`` in this process and give its exit status: what :func:`main`
+    does, without what belongs to a process of its own (quieting the libraries for good, the
+    garbage collector, ``sys.exit``). Tests run commands so."""
+    args = list(args)
+    debug = "--debug" in _leading_options(args)
     try:
         cli.main(args=args, prog_name="limner", standalone_mode=False)
     except click.exceptions.Exit as done:
-        sys.exit(done.exit_code)
+        return done.exit_code
     except click.ClickException as error:
         error.show()
-        sys.exit(error.exit_code)
+        return error.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("Aborted.", err=True)
-        sys.exit(130)
+        return 130
     except _Failed:
-        sys.exit(1)
+        return 1
     except LimnerError as error:
         if debug:
             raise
         click.echo(f"Error: {_one_line(str(error))}", err=True)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -256,7 +263,7 @@ async def _loaded(
 
     if _cli_process:
         gc.set_threshold(_LOADING_GC_THRESHOLD, *gc.get_threshold()[1:])
-    async with Pool(**(memory_budget or MemoryBudget())) as pool:
+    async with Pool(**(memory_budget or MemoryBudget())):
         started = time.perf_counter()
         if show:
             click.echo(f"loading {model.key} ...", err=True, nl=False)
@@ -271,13 +278,6 @@ async def _loaded(
             click.echo(f" {seconds:.1f} s", err=True)
         try:
             yield seconds
-        except BaseException:
-            # Interrupted (Ctrl-C): the work the command started stops at its next step (a
-            # generation) or batch. Wait for just that here, so that the pool has nothing to
-            # drain: its drain, once it has work, waits out all of drain_timeout (30 s).
-            with anyio.CancelScope(shield=True):
-                await _until_idle(pool)
-            raise
         finally:
             if _cli_process:
                 # Nothing the process holds now needs collecting before it ends: the full
@@ -285,12 +285,6 @@ async def _loaded(
                 # walk every object torch and its libraries made (1.5 s of a tiny model's
                 # command), and find little to free.
                 gc.freeze()
-
-
-async def _until_idle(pool: Pool) -> None:
-    """Until ``pool`` runs and queues nothing (polled: the pool signals no such moment)."""
-    while any(s.in_flight or s.queue_depth for s in pool.stats().values()):  # noqa: ASYNC110
-        await anyio.sleep(0.05)
 
 
 @contextmanager

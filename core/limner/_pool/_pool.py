@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy.typing as npt
 from anyio.abc import AsyncResource, TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
-from limner._exports import warn_deprecated
+from limner._exports import CallsOfTheLastRelease, warn_deprecated
 from limner._pool._readings import Clock, MemoryProbe, MonotonicClock, SystemMemory
 from limner.errors import (
     Cancelled,
@@ -34,11 +34,10 @@ from limner.errors import (
     WaitTimeout,
 )
 from limner.plugin._backends import Backend
-from limner.plugin._generation import GenerationChunk, ImageGenerationConfig
+from limner.plugin._generation import GenerationChunk
 from limner.runtime import (
     BatchCall,
     KeyStats,
-    RequestKind,
     StreamCall,
     backend_method,
     repeat_every,
@@ -69,7 +68,7 @@ def current_pool() -> Pool | None:
     return _current.get()
 
 
-class Pool(AsyncResource):
+class Pool(CallsOfTheLastRelease, AsyncResource):
     """Serves models from a memory budget, in this process. Use as ``async with Pool():``.
 
     Keyword-only options (see :class:`~limner.PoolOptions`, which holds them as one value:
@@ -303,20 +302,6 @@ class Pool(AsyncResource):
             cancel.set()
             _drop(state, ticket)
             state.notify()  # its task, if still waiting for a turn, stops
-
-    async def embed(self, backend: Backend, kind: RequestKind, items: Sequence[Any]) -> Vector:
-        """Deprecated: :meth:`run_batch` with ``BatchCall("embed_prepared" or
-        "embed_texts", items)``."""
-        warn_deprecated("Pool.embed", "use Pool.run_batch(backend, BatchCall(...))")
-        method = "embed_prepared" if kind == "image" else "embed_texts"
-        return await self.run_batch(backend, BatchCall(method, items))
-
-    def generate(
-        self, backend: Backend, prompt: str, config: ImageGenerationConfig
-    ) -> AsyncIterator[GenerationChunk]:
-        """Deprecated: :meth:`run_stream` with ``StreamCall("generate", (prompt, config))``."""
-        warn_deprecated("Pool.generate", "use Pool.run_stream(backend, StreamCall(...))")
-        return self.run_stream(backend, StreamCall("generate", (prompt, config)))
 
     async def load(self, backend: Backend) -> None:
         """Cold-start a model now (preloading), so its first request finds it warm; it

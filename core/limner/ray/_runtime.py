@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -25,13 +25,12 @@ import numpy as np
 import numpy.typing as npt
 from anyio.abc import AsyncResource, TaskGroup
 
-from limner import GenerationChunk, ImageGenerationConfig, KeyStats
-from limner._exports import warn_deprecated
+from limner import GenerationChunk, KeyStats
+from limner._exports import CallsOfTheLastRelease
 from limner.errors import InvalidInput, LimnerError
 from limner.plugin import Backend
 from limner.runtime import (
     BatchCall,
-    RequestKind,
     StreamCall,
     backend_method,
     repeat_every,
@@ -53,7 +52,7 @@ Vector = npt.NDArray[np.float32]
 
 
 @dataclass(eq=False)
-class RayRuntime(AsyncResource):
+class RayRuntime(CallsOfTheLastRelease, AsyncResource):
     """A :class:`~limner.Runtime` on a Ray cluster. Use as ``async with RayRuntime():``.
 
     ``address`` is Ray's: ``None`` joins the cluster this process is connected to, else
@@ -286,21 +285,6 @@ class RayRuntime(AsyncResource):
     def preparing(self, backend: Backend, count: int) -> Iterator[None]:
         """Nothing to hold here: each replica's own pool batches what reaches it."""
         yield
-
-    async def embed(self, backend: Backend, kind: RequestKind, items: Sequence[Any]) -> Vector:
-        """Deprecated: :meth:`run_batch`."""
-        warn_deprecated("RayRuntime.embed", "use RayRuntime.run_batch(backend, BatchCall(...))")
-        method = "embed_prepared" if kind == "image" else "embed_texts"
-        return await self.run_batch(backend, BatchCall(method, items))
-
-    def generate(
-        self, backend: Backend, prompt: str, config: ImageGenerationConfig
-    ) -> AsyncIterator[GenerationChunk]:
-        """Deprecated: :meth:`run_stream`."""
-        warn_deprecated(
-            "RayRuntime.generate", "use RayRuntime.run_stream(backend, StreamCall(...))"
-        )
-        return self.run_stream(backend, StreamCall("generate", (prompt, config)))
 
     async def load(self, backend: Backend) -> None:
         """Deploy the key if it is not, and load its weights in one replica now."""

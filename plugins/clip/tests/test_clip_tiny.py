@@ -97,6 +97,7 @@ async def test_snapshot_lands_in_the_hf_cache_layout(
     assert processor.resample == 3
 
 
+@pytest.mark.subprocess
 def test_a_second_process_reuses_the_snapshot(
     registry: limner.Registry, isolated_hf_cache: Path
 ) -> None:
