@@ -1,6 +1,7 @@
-"""LoRA adapters on the command line: `limner loras`, `limner generate --lora NAME:SCALE
---lora-dir DIR` (the Python API's pixels), each bad --lora a one-line usage error naming the
-flag before any model loads, and `limner serve --lora-dir`."""
+"""LoRA adapters on the command line, its commands run in this process as tests/test_cli.py
+runs them: `limner loras`, `limner generate --lora NAME:SCALE --lora-dir DIR` (the Python
+API's pixels), each bad --lora a one-line usage error naming the flag before any model loads,
+and `limner serve --lora-dir`."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from limner import ImageGenerationConfig, Registry
+from limner._cli import run
+from limner._registry import _registry as registry_module
 
 limner_flux = pytest.importorskip("limner_flux")
 
@@ -29,6 +33,12 @@ def folder(lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(lora_dir, copy)
     (copy / "junk.safetensors").write_bytes(b"junk")
     return copy
+
+
+@pytest.fixture(autouse=True)
+def own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's default registry is put back after each command."""
+    monkeypatch.setattr(registry_module, "_default", None)
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +56,20 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def limner(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "limner", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    """``limner ARGS`` run in this process with ``env`` as its environment: its exit status
+    and output as a subprocess's."""
+    changed: dict[str, str | None] = {
+        name: value for name, value in env.items() if os.environ.get(name) != value
+    }
+    changed.update({name: None for name in os.environ if name not in env})
+    registry_module._default = None  # a command's registry is its own environment's
+    with CliRunner().isolation(env=changed) as (stdout, stderr, _):
+        code = run(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out, err = stdout.getvalue().decode(), stderr.getvalue().decode()
+    registry_module._default = None
+    return subprocess.CompletedProcess(["limner", *args], code, out, err)
 
 
 def test_loras_lists_the_adapters_and_says_which_cannot_be_used(
@@ -142,8 +158,6 @@ def test_a_bad_lora_is_a_usage_error_naming_the_flag(
 
 
 def test_serve_looks_adapters_up_in_its_folders(served_apps: list[Any], folder: Path) -> None:
-    from click.testing import CliRunner
-
     from limner._cli import cli
 
     result = CliRunner().invoke(cli, ["serve", "--port", "0", "--no-ui", "--lora-dir", str(folder)])

@@ -212,6 +212,7 @@ def test_an_adapter_no_model_fits_is_listed_with_the_reason(lora_dir: Path, tmp_
     assert "stub.safetensors is not a safetensors file" in (entries["stub"].reason or "")
 
 
+@pytest.mark.subprocess
 def test_the_listing_reads_headers_without_torch(lora_dir: Path) -> None:
     code = (
         "import sys, limner\n"

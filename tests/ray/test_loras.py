@@ -20,6 +20,7 @@ from limner.testing import fake_generation_spec
 from .conftest import FAKE_OPTIONS
 
 pytestmark = [
+    pytest.mark.ray,  # one local Ray cluster for the module
     pytest.mark.anyio,
     pytest.mark.filterwarnings("ignore:The `metrics_interval_s`:DeprecationWarning"),
 ]
