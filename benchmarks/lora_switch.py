@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import shutil
 import statistics
 import tempfile
@@ -187,10 +188,10 @@ TARGETS = [
 
 
 def real_width(label: str, repeats: int, scratch: Path) -> None:
-    import diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    diffusers: Any = importlib.import_module("diffusers")  # untyped constructors
     model_class, pipeline_class, config = REAL[label]
     folder = scratch / model_class
     torch.manual_seed(0)
