@@ -327,6 +327,22 @@ def fill(driver: Chrome, values: dict[str, str]) -> None:
         field.send_keys(value)
 
 
+def downloaded_b64(driver: Chrome, url: str | None) -> str:
+    """What the page's ``url`` (a blob: link) holds, base64-encoded, read by the page."""
+    downloaded: str = driver.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0]).then((r) => r.arrayBuffer()).then((buffer) => {
+            let text = "";
+            for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
+            done(btoa(text));
+        }).catch((error) => done(String(error)));
+        """,
+        url,
+    )
+    return downloaded
+
+
 def generation_state(driver: Chrome) -> str:
     return by_id(driver, "generate").get_attribute("data-state") or ""
 
@@ -394,18 +410,7 @@ def test_a_generation_shows_previews_then_the_final_image(
     link = by_id(browser, "download")
     assert link.is_displayed()
     assert link.get_attribute("download") == "limner-7.png"
-    downloaded: str = browser.execute_async_script(
-        """
-        const done = arguments[arguments.length - 1];
-        fetch(arguments[0]).then((r) => r.arrayBuffer()).then((buffer) => {
-            let text = "";
-            for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
-            done(btoa(text));
-        }).catch((error) => done(String(error)));
-        """,
-        link.get_attribute("href"),
-    )
-    image = decode_png(downloaded)
+    image = decode_png(downloaded_b64(browser, link.get_attribute("href")))
     assert image.size == (128, 128)
     assert image.text["prompt"] == "a lighthouse at dusk"  # type: ignore[attr-defined]
     assert image.text["seed"] == "7"  # type: ignore[attr-defined]
@@ -593,18 +598,7 @@ def test_the_page_lists_the_models_adapters_and_sends_the_ticked_ones(
     by_id(browser, "generate-button").click()
     until(browser, lambda d: generation_state(d) == "done", "the image", timeout=60)
     shot(browser, "loras")
-    downloaded: str = browser.execute_async_script(
-        """
-        const done = arguments[arguments.length - 1];
-        fetch(arguments[0]).then((r) => r.arrayBuffer()).then((buffer) => {
-            let text = "";
-            for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
-            done(btoa(text));
-        }).catch((error) => done(String(error)));
-        """,
-        by_id(browser, "download").get_attribute("href"),
-    )
-    image = decode_png(downloaded)
+    image = decode_png(downloaded_b64(browser, by_id(browser, "download").get_attribute("href")))
     settings = json.loads(image.text["limner"])  # type: ignore[attr-defined]
     assert settings["loras"] == [["ink", 0.8]]
     body = {"model": TINY_FLUX, "prompt": "a lighthouse", "size": "32x32", "steps": 2, "seed": 7}

@@ -11,6 +11,7 @@ fits is the model's to say (``TextToImageBackend.lora_fit``): only it knows its 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -136,26 +137,15 @@ def read_lora_file(name: str, path: str | os.PathLike[str], *, directory: str) -
 
 def _read(name: str, path: str, directory: str, fingerprint: tuple[int, int]) -> LoraAdapter:
     size = fingerprint[0]
+    found = LoraAdapter(
+        name=name, path=path, directory=directory, file_bytes=size, fingerprint=fingerprint
+    )
     try:
         layers, parameters, tensor_bytes = _layers(_header(path, size))
     except _Unusable as error:
-        return LoraAdapter(
-            name=name,
-            path=path,
-            directory=directory,
-            file_bytes=size,
-            fingerprint=fingerprint,
-            error=str(error),
-        )
-    return LoraAdapter(
-        name=name,
-        path=path,
-        directory=directory,
-        file_bytes=size,
-        fingerprint=fingerprint,
-        layers=layers,
-        parameters=parameters,
-        tensor_bytes=tensor_bytes,
+        return dataclasses.replace(found, error=str(error))
+    return dataclasses.replace(
+        found, layers=layers, parameters=parameters, tensor_bytes=tensor_bytes
     )
 
 
