@@ -297,7 +297,10 @@ def _unusable(name: str, path: str, directory: str, error: str) -> LoraAdapter:
 
 def find_lora(dirs: Iterable[str], name: str) -> LoraAdapter | None:
     """The adapter called ``name`` (a checked name) in the first of ``dirs`` that holds one,
-    as :func:`scan_lora_dirs` would choose it; ``None`` when none does."""
+    as :func:`scan_lora_dirs` would choose it; ``None`` when none does (or when ``name`` is
+    no adapter's name: never a path)."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        return None
     for directory in dirs:
         for path in (
             os.path.join(directory, f"{name}.safetensors"),
