@@ -109,6 +109,7 @@ def client_loop(
                         "prompt": "x",
                         "steps": 20,
                         "stream": True,
+                        "stream_format": "limner",  # an event per step: left after the first
                     }
                     with client.stream(
                         "POST", "/v1/images/generations", json=stream_body

@@ -395,6 +395,83 @@ def test_bad_input_fails_before_any_heavy_import(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture(scope="module")
+def edit_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64x48 source, OpenAI's mask of its middle (transparent there), one of 8x8, and a
+    file that is no image."""
+    root = tmp_path_factory.mktemp("edit")
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "in.png")
+    mask = Image.new("RGBA", (64, 48), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 8, 48, 40))
+    mask.save(root / "mask.png")
+    Image.new("L", (8, 8)).save(root / "small.png")
+    (root / "text.png").write_text("not an image")
+    return root
+
+
+def test_generate_edits_an_image_inside_its_mask(
+    env: dict[str, str], edit_inputs: Path, tmp_path: Path
+) -> None:
+    source = edit_inputs / "in.png"
+    edit = ("--image", str(source), "--mask", str(edit_inputs / "mask.png"), "--strength", "0.8")
+    for name in ("a.png", "b.png"):
+        generate_tiny(
+            env, "a red hat", *edit, "--seed", "3", "--steps", "2", "-o", str(tmp_path / name)
+        )
+    with Image.open(tmp_path / "a.png") as first, Image.open(tmp_path / "b.png") as second:
+        assert first.size == (64, 48)  # the image's size: no --size given
+        out, again = np.asarray(first.convert("RGB")), np.asarray(second.convert("RGB"))
+        settings = json.loads(first.text["limner"])  # type: ignore[attr-defined]
+    original = np.asarray(Image.open(source))
+    outside = np.ones((48, 64), dtype=bool)
+    outside[8:40, 16:48] = False
+    assert np.array_equal(out[outside], original[outside])
+    assert not np.array_equal(out[~outside], original[~outside])
+    assert np.array_equal(out, again)  # the same seed, the same edit
+    assert settings["strength"] == 0.8 and settings["edit"] == "inpaint"
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--image", "missing.png"), "Error: Invalid value for '--image': no such file"),
+        (("--image", "text.png"), "Error: Invalid value for '--image': not an image"),
+        (
+            ("--image", "in.png", "--mask", "small.png"),
+            "Error: Invalid value for '--mask': the mask is 8x8 and the image 64x48; they must "
+            "be the same size",
+        ),
+        (
+            ("--image", "in.png", "--strength", "1.5"),
+            "Error: Invalid value for '--strength': must be a number from 0 to 1, got 1.5",
+        ),
+        (("--mask", "mask.png"), "Error: --mask edits an image: give the image with --image"),
+        (("--strength", "0.5"), "Error: --strength edits an image: give the image with --image"),
+    ],
+)
+@pytest.mark.subprocess
+def test_a_bad_edit_fails_before_any_heavy_import(
+    env: dict[str, str], edit_inputs: Path, tmp_path: Path, args: tuple[str, ...], error: str
+) -> None:
+    needs_flux()
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_AND_TELL_IMPORTS, "generate", "x", "-m", TINY_FLUX,
+         *args, "-o", str(tmp_path / "out.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=edit_inputs,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert lines and lines[0].startswith(error), result.stderr
+    assert result.stderr.splitlines()[-1] == "imported:", result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unreadable_inputs_are_told_first_and_the_rest_embedded(
     env: dict[str, str], images: dict[str, Path]
 ) -> None:

@@ -135,3 +135,54 @@ def test_generations_reuse_the_loaded_pipeline_without_rebuilding_it(
     assert [m for m in records.messages if "safety checker" in m] == []
     first, second = (np.asarray(result.images[0]) for result in results)
     np.testing.assert_array_equal(first, second)  # the copy is a working pipeline
+
+
+# -- editing: declared by naming both pipelines -----------------------------------------------
+
+
+def test_a_family_names_both_edit_pipelines_or_neither() -> None:
+    assert not _SD15Backend.img2img_class
+    with pytest.raises(TypeError, match="names one of img2img_class and inpaint_class"):
+
+        class _Half(_SD15Backend):
+            img2img_class = "StableDiffusionImg2ImgPipeline"
+
+    class _Both(_SD15Backend):
+        img2img_class = "StableDiffusionImg2ImgPipeline"
+        inpaint_class = "StableDiffusionInpaintPipeline"
+
+    spec = ModelSpec(
+        key="test/tiny-sd15",
+        capability=Capability.TEXT_TO_IMAGE,
+        factory=_Both,
+        info=ModelInfo(memory_mb=10),
+    )
+    assert _Both(spec, ModelSettings(weights="x", device="cpu")).supports_editing
+    assert not _SD15Backend(spec, ModelSettings(weights="x", device="cpu")).supports_editing
+
+
+@pytest.mark.parametrize(
+    ("source", "fitted"),
+    [
+        ((1024, 768), (1024, 768)),  # fits as it is
+        ((1003, 755), (1008, 752)),  # the nearest multiples of 16
+        ((4000, 3000), (2048, 1536)),  # scaled down to the largest side, its shape kept
+        ((100, 3000), (256, 2048)),  # each side within the limits
+        ((1, 1), (256, 256)),
+    ],
+)
+def test_an_edit_without_a_size_takes_the_nearest_the_checkpoint_allows(
+    source: tuple[int, int], fitted: tuple[int, int]
+) -> None:
+    from limner.diffusion import Checkpoint, fit_edit_size
+
+    checkpoint = Checkpoint(
+        key="k",
+        license="x",
+        description="x",
+        memory_mb=1,
+        working_mb=1,
+        default_steps=4,
+        default_guidance=0,
+    )
+    assert fit_edit_size(checkpoint, *source) == fitted

@@ -65,7 +65,7 @@ NOT_RUN = {
     "python benchmarks/": "a benchmark, run by hand (benchmarks/README.md)",
 }
 
-WRITE_INTO_OUT = ("README.md", "docs/cli.md", "docs/lora.md")
+WRITE_INTO_OUT = ("README.md", "docs/cli.md", "docs/http.md", "docs/lora.md")
 """What these documents' examples write goes into out/, which .gitignore covers, never next to
 the code of a clone they are run in."""
 WORKSPACE_OWN = frozenset({"examples", "bin", "config"})

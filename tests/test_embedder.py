@@ -25,7 +25,7 @@ from limner import (
     ModelLoadError,
     Registry,
 )
-from limner.testing import FakeEmbeddingBackend, fake_embedding_spec
+from limner.testing import FakeClock, FakeEmbeddingBackend, fake_embedding_spec
 
 
 def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (32, 24)) -> bytes:
@@ -197,9 +197,14 @@ async def test_load_failure_is_typed_and_retried(red_path: Path) -> None:
     registry = Registry(entry_points=False)
     registry.register(fake_embedding_spec("fake/flaky", options={"fail_loads": 1}))
     model = registry.embedder("fake/flaky")
-    async with limner.Pool(load_retry_backoff=(0.0, 0.0)):
+    clock = FakeClock()
+    # The load may fail while the call still decodes its image (the pool starts a cold model
+    # for a caller that is preparing its inputs): the call then finds the key in its backoff,
+    # and gets the same error. After the backoff the next request loads again.
+    async with limner.Pool(load_retry_backoff=(1.0, 1.0), clock=clock):
         with pytest.raises(ModelLoadError, match="injected load failure #1"):
             await model.embed_image(red_path)
+        clock.advance(2.0)
         vector = await model.embed_image(red_path)  # the next request loads again
     assert vector.shape == (8,)
 

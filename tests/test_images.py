@@ -25,6 +25,8 @@ from PIL.PngImagePlugin import PngInfo
 from limner._inputs._decode import (
     DEFAULT_LIMITS,
     ImageLimits,
+    _decode_base64_exactly,
+    _decode_plain_base64,
     _pixel_size_problem,
     decode_image,
     encoded_bytes,
@@ -367,6 +369,37 @@ def test_base64_with_its_padding_or_none_decodes(padding: str) -> None:
         assert server_kind(text) is InputKind.BASE64
         assert encoded_bytes(text, kind=InputKind.BASE64) == data
         assert pixel(decode_image(text), (0, 0)) == RED
+
+
+def test_the_plain_base64_path_decodes_only_what_the_exact_path_takes_and_the_same() -> None:
+    """The fast path (ASCII, one alphabet, padded, strict) against the exact one, on
+    well-formed base64 and every kind of mistake: where the fast path answers, the exact one
+    gives the same bytes; where the exact one refuses, the fast path leaves it to it."""
+    rng = np.random.default_rng(7)
+    limits = ImageLimits(max_bytes=4096)
+    texts: list[str] = []
+    for size in (1, 2, 3, 4, 5, 47, 48, 100, 3000):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        for encoded in (base64.b64encode(data).decode(), base64.urlsafe_b64encode(data).decode()):
+            texts += [encoded, encoded.rstrip("="), encoded + "=", encoded + "==", encoded[:-1]]
+            texts += ["=" + encoded, encoded + "===="]
+            texts += [base64.encodebytes(data).decode(), " \t" + encoded + "\x1c\n"]
+            texts += [encoded[:2] + "\u00a0" + encoded[2:], encoded + "!", encoded + "A"]
+            middle = len(encoded) // 2
+            texts += [encoded[:middle] + "=" + encoded[middle:], encoded[:middle] + "-+" + encoded]
+    texts += ["", "====", "A", "AA", "AA=", "A===", "AAAA" * 2000]  # the last over the limit
+    answered = 0
+    for text in texts:
+        plain = _decode_plain_base64(text, limits=limits)
+        try:
+            exact = _decode_base64_exactly(text, limits, text)
+        except InvalidInput:
+            assert plain is None, text
+            continue
+        if plain is not None:
+            answered += 1
+            assert plain == exact, text
+    assert answered >= 40  # it does take the common forms
 
 
 def test_a_data_urls_payload_is_decoded_however_short_and_percent_encoded() -> None:

@@ -192,6 +192,55 @@ async def test_concurrent_cold_start_loads_once() -> None:
     assert len(results) == 50
 
 
+class Overlap:
+    """Records how many loads were inside at once: each waits a moment for another to join."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.most_at_once = 0
+        self.changed = threading.Condition()
+
+    def enter(self) -> None:
+        with self.changed:
+            self.inside += 1
+            self.most_at_once = max(self.most_at_once, self.inside)
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: self.inside > 1, timeout=0.5)
+            self.inside -= 1
+
+
+class OverlappingLoads(FakeEmbeddingBackend):
+    def load(self) -> None:
+        self._option("overlap", None).enter()
+        super().load()
+
+
+async def test_one_load_at_a_time_in_the_process() -> None:
+    # transformers' and diffusers' from_pretrained swap torch's process-wide default dtype
+    # while they build a model: two loads at once could leave every later model in bf16.
+    overlap = Overlap()
+    specs = [
+        dataclasses.replace(
+            fake_embedding_spec(f"fake/{n}", options={"overlap": overlap}),
+            factory=OverlappingLoads,
+        )
+        for n in "abc"
+    ]
+    registry = make_registry(*specs)
+
+    async def load(key: str, pool: Pool) -> None:
+        await registry.embedder(key).using(pool).embed_images([colour(1)])
+
+    memory = FakeMemory(total_mb=10_000)
+    async with Pool(memory=memory, clock=FakeClock()) as first:
+        async with Pool(memory=memory, clock=FakeClock()) as second:
+            async with anyio.create_task_group() as group:
+                group.start_soon(load, "fake/a", first)
+                group.start_soon(load, "fake/b", first)
+                group.start_soon(load, "fake/c", second)
+    assert overlap.most_at_once == 1
+
+
 async def test_load_failure_reaches_every_waiter_then_retries_after_backoff() -> None:
     gate = threading.Event()
     clock = FakeClock()

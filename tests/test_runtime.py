@@ -166,7 +166,7 @@ async def test_a_runtime_runs_only_the_methods_a_capability_offers() -> None:
         backend_method(embedder.backend, BatchCall("load", []))
     with pytest.raises(limner.LimnerError, match="offers no streamed method 'embed_texts'"):
         backend_method(embedder.backend, StreamCall("embed_texts"))
-    with pytest.raises(limner.LimnerError, match="its capability's are: generate"):
+    with pytest.raises(limner.LimnerError, match="its capability's are: edit, generate"):
         backend_method(generator.backend, StreamCall("unload"))
     assert backend_method(generator.backend, StreamCall("generate")) == generator.backend.generate
     async with Pool(memory=FakeMemory(total_mb=10_000)) as pool:

@@ -129,6 +129,14 @@ class InvalidInput(LimnerError, ValueError):
         self.args = (self._render(),)
         return self
 
+    def in_field(self, field: str) -> InvalidInput:
+        """The same error, located in the request's ``field`` (an edit's ``image`` or
+        ``mask``, say); a field it already names stays."""
+        if self.field is None:
+            self.field = field
+            self.args = (self._render(),)
+        return self
+
 
 class FetchError(InvalidInput):
     """An image URL could not be fetched: bad status, timeout, too large, not an image."""

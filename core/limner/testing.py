@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import pickle
 import random
 import threading
@@ -242,10 +243,17 @@ def _fake_spec(
 class FakeTextToImageBackend(TextToImageBackend):
     """Generates flat-colour images whose colour derives from prompt and seed, step by step.
 
+    It edits too: the colour blended into the source at ``strength`` (0.6 by default),
+    inside the mask only, over ``ceil(steps * strength)`` steps, as a diffusers pipeline
+    counts them. With ``preview``, each step carries a flat preview an eighth of the size.
+
     Options: ``step_seconds`` sleeps per step; ``gate`` holds each step until set;
     ``fail_at_step`` raises at that step; ``memory`` as for :class:`FakeEmbeddingBackend`.
     ``steps_run`` counts the steps actually executed, across all generations.
     """
+
+    #: What an edit without a strength uses, as diffusers' image-to-image pipelines do.
+    default_strength = 0.6
 
     def __init__(self, spec: ModelSpec, settings: ModelSettings) -> None:
         super().__init__(spec, settings)
@@ -281,23 +289,69 @@ class FakeTextToImageBackend(TextToImageBackend):
         steps = config.steps or 4
         if not 1 <= steps <= 50:
             raise InvalidInput("steps must be in 1..50", field="steps")
+        strength = config.strength
+        if strength is not None and not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
+            raise InvalidInput("strength must be a number in 0..1", field="strength")
         seed = config.seed if config.seed is not None else random.randrange(2**32)
         return dataclasses.replace(config, width=width, height=height, steps=steps, seed=seed)
 
     def generate(
         self, prompt: str, config: ImageGenerationConfig, *, on_step: StepCallback
     ) -> GenerationResult:
+        assert config.steps is not None
+        return self._run(prompt, config, config.steps, on_step, lambda colour: colour)
+
+    def edit(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        image: npt.NDArray[np.uint8],
+        mask: npt.NDArray[np.uint8] | None,
+        *,
+        on_step: StepCallback,
+    ) -> GenerationResult:
+        from PIL import Image
+
+        steps, width, height = config.steps, config.width, config.height
+        assert steps is not None and width is not None and height is not None
+        strength = self.default_strength if config.strength is None else float(config.strength)
+        config = dataclasses.replace(config, strength=strength)
+        size = (width, height)
+        source = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.NEAREST))
+        inside = np.ones(source.shape[:2], dtype=bool)
+        if mask is not None:
+            inside = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST)) > 0
+
+        def blend(colour: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+            mixed = np.rint(source * (1 - strength) + colour.astype(np.float64) * strength)
+            return np.where(inside[..., None], mixed, source).astype(np.uint8)
+
+        return self._run(prompt, config, math.ceil(steps * strength), on_step, blend)
+
+    def _run(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        steps: int,
+        on_step: StepCallback,
+        paint: Callable[[Any], Any],
+    ) -> GenerationResult:
+        """``steps`` steps, then each image: ``paint`` of its flat colour (an array)."""
         from PIL import Image
 
         if not self.loaded:
             raise RuntimeError("generate called before load")
-        assert config.steps is not None
         assert config.seed is not None
         assert config.width is not None
         assert config.height is not None
         started = time.perf_counter()
         gate = self._option("gate", None)
-        for step in range(1, config.steps + 1):
+        digest = hashlib.sha256(f"{prompt}|{config.seed}".encode()).digest()
+        colours = [
+            np.array(list(digest[3 * i : 3 * i + 3]), dtype=np.uint8)
+            for i in range(max(1, config.num_images))
+        ]
+        for step in range(1, steps + 1):
             if gate is not None and not gate.wait(timeout=30):
                 raise RuntimeError("gate never opened")
             time.sleep(float(self._option("step_seconds", 0.0)))
@@ -305,10 +359,16 @@ class FakeTextToImageBackend(TextToImageBackend):
                 raise RuntimeError(f"injected failure at step {step}")
             with self._lock:
                 self.steps_run += 1
-            on_step(Progress(step=step, total=config.steps, elapsed=time.perf_counter() - started))
-        digest = hashlib.sha256(f"{prompt}|{config.seed}".encode()).digest()
+            preview = None
+            if config.preview:  # the colour fading in, an eighth of the size
+                small = (max(1, config.width // 8), max(1, config.height // 8))
+                shade = tuple(int(value) * step // steps for value in colours[0])
+                preview = Image.new("RGB", small, shade)
+            elapsed = time.perf_counter() - started
+            on_step(Progress(step=step, total=steps, elapsed=elapsed, preview=preview))
+        flat = np.zeros((config.height, config.width, 3), dtype=np.uint8)
         images = tuple(
-            Image.new("RGB", (config.width, config.height), tuple(digest[3 * i : 3 * i + 3]))
+            Image.fromarray(np.asarray(paint(flat + colours[i]), dtype=np.uint8))
             for i in range(config.num_images)
         )
         return GenerationResult(

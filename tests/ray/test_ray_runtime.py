@@ -58,6 +58,19 @@ async def collect(model: limner.ImageGenerator, prompt: str, **config: Any) -> l
     return [chunk async for chunk in model.generate_image(prompt, ImageGenerationConfig(**config))]
 
 
+SOURCE = Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+MASK = Image.new("L", (64, 48), 0)
+MASK.paste(255, (16, 8, 48, 40))  # white: repaint the middle
+
+
+async def collect_edit(model: limner.ImageGenerator, **config: Any) -> list[Any]:
+    """The chunks of an edit of SOURCE inside MASK: arrays and a config cross to Ray."""
+    stream = model.generate_image(
+        "a red hat", ImageGenerationConfig(**config), image=SOURCE, mask=MASK
+    )
+    return [chunk async for chunk in stream]
+
+
 def test_the_ray_runtime_is_a_runtime() -> None:
     assert isinstance(RayRuntime(), limner.Runtime)
 
@@ -70,9 +83,11 @@ async def test_vectors_and_images_are_those_of_the_in_process_pool(
         local_images = await embedder.using(pool).embed_images(IMAGES)
         local_texts = await embedder.using(pool).embed_text(["a fox", "a lighthouse"])
         local_chunks = await collect(generator.using(pool), "a fox", steps=3, seed=11)
+        local_edit = await collect_edit(generator.using(pool), steps=4, seed=3, strength=0.5)
     remote_images = await embedder.using(runtime).embed_images(IMAGES)
     remote_texts = await embedder.using(runtime).embed_text(["a fox", "a lighthouse"])
     remote_chunks = await collect(generator.using(runtime), "a fox", steps=3, seed=11)
+    remote_edit = await collect_edit(generator.using(runtime), steps=4, seed=3, strength=0.5)
 
     np.testing.assert_array_equal(remote_images, local_images)
     np.testing.assert_array_equal(remote_texts, local_texts)
@@ -82,6 +97,10 @@ async def test_vectors_and_images_are_those_of_the_in_process_pool(
     assert isinstance(remote, GenerationResult) and isinstance(local, GenerationResult)
     assert [png(image) for image in remote.images] == [png(image) for image in local.images]
     assert (remote.seed, remote.config) == (local.seed, local.config)
+    assert [chunk.step for chunk in remote_edit[:-1]] == [1, 2]  # ceil(4 x 0.5)
+    local, remote = local_edit[-1], remote_edit[-1]
+    assert [png(image) for image in remote.images] == [png(image) for image in local.images]
+    assert remote.config == local.config and remote.config.strength == 0.5
     stats = (await runtime.refresh())["fake/embedder"]
     assert (stats.state, stats.workers, stats.in_flight, stats.loads) == ("ready", 1, 0, 1)
 
@@ -102,14 +121,22 @@ async def test_the_tiny_models_give_the_in_process_vectors_and_image(ray_cluster
         expected = await clip.using(pool).embed_images([photo, IMAGES[1]])
         expected_text = await clip.using(pool).embed_text("a red fox")
         expected_image = (await collect(flux.using(pool), "a lighthouse", **config))[-1]
+        expected_edit = (await collect_edit(flux.using(pool), steps=2, seed=5, strength=0.8))[-1]
     async with RayRuntime(options=FAKE_OPTIONS) as runtime:
         got = await clip.using(runtime).embed_images([photo, IMAGES[1]])
         got_text = await clip.using(runtime).embed_text("a red fox")
         got_image = (await collect(flux.using(runtime), "a lighthouse", **config))[-1]
+        got_edit = (await collect_edit(flux.using(runtime), steps=2, seed=5, strength=0.8))[-1]
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(got_text, expected_text)
     assert isinstance(got_image, GenerationResult) and isinstance(expected_image, GenerationResult)
     assert [png(image) for image in got_image.images] == [png(i) for i in expected_image.images]
+    # An edit: the same pixels as in process, and the source's outside the mask.
+    assert [png(image) for image in got_edit.images] == [png(i) for i in expected_edit.images]
+    edited, original = np.asarray(got_edit.images[0]), np.asarray(SOURCE)
+    outside = np.asarray(MASK) == 0
+    assert np.array_equal(edited[outside], original[outside])
+    assert not np.array_equal(edited[~outside], original[~outside])
 
 
 async def test_typed_errors_come_back_typed(runtime: RayRuntime, registry: Registry) -> None:

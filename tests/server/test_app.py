@@ -8,13 +8,15 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
-from limner import InvalidInput, Pool, PoolOptions, Registry
+from limner import ImageGenerationConfig, InvalidInput, Pool, PoolOptions, Registry
 from limner.server import ServerSettings, create_app
+from limner.server._limits import generation_limits
 from limner.testing import fake_embedding_spec, fake_generation_spec
 
 if TYPE_CHECKING:
@@ -98,6 +100,57 @@ def test_models_lists_exactly_the_served_models(main: Served) -> None:
     assert generator["capability"] == "text-to-image"
     assert generator["embedding_dimension"] is None
     assert generator["owned_by"] == "host"
+    assert clip["limits"] is None and cards["fake/embedder"]["limits"] is None
+
+
+def test_a_generators_limits_are_what_its_resolve_config_takes(main: Served) -> None:
+    """A plugin not built on limner.diffusion: its steps and n bounds found by asking its
+    resolve_config (the fake takes 1..50 steps), its sides' bounds unknown."""
+    with main.client() as client:
+        limits = client.get("/v1/models/fake/generator").json()["limits"]
+        too_many = client.post(
+            "/v1/images/generations",
+            json={"model": "fake/generator", "prompt": "x", "steps": limits["steps"]["max"] + 1},
+        )
+    assert limits["steps"] == {"default": 4, "min": 1, "max": 50, "multiple": None}
+    assert limits["n"] == {"default": 1, "min": 1, "max": 10, "multiple": None}
+    assert limits["width"] == {"default": 16, "min": None, "max": None, "multiple": None}
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "steps"
+
+
+def test_a_diffusion_checkpoints_limits_are_its_own(hf_cache: Path) -> None:
+    """A limner.diffusion model: the checkpoint's bounds, each the last value its
+    resolve_config takes; the schema's caps where they are lower."""
+    limner_flux = pytest.importorskip("limner_flux")
+    registry = Registry(entry_points=False)
+    registry.register_plugin(limner_flux)
+    model = registry.generator("limner/tiny-flux")
+    limits = generation_limits(model)
+    checkpoint = model.backend.variant  # type: ignore[attr-defined]
+    assert limits.width.model_dump() == {
+        "default": checkpoint.default_size,
+        "min": checkpoint.min_size,
+        "max": checkpoint.max_size,
+        "multiple": checkpoint.size_multiple,
+    }
+    assert (limits.steps.default, limits.steps.min, limits.steps.max) == (
+        checkpoint.default_steps,
+        1,
+        checkpoint.max_steps,
+    )
+    assert limits.n.max == 4 and limits.guidance.max == 0  # tiny FLUX is guidance-distilled
+    for field, bounds in (
+        ("width", limits.width),
+        ("steps", limits.steps),
+        ("num_images", limits.n),
+    ):
+        last, step = int(bounds.max or 0), bounds.multiple or 1
+        taken: dict[str, Any] = {field: last}
+        model.resolve_config(dataclasses.replace(ImageGenerationConfig(), **taken))
+        with pytest.raises(InvalidInput) as refused:
+            past: dict[str, Any] = {field: last + step}
+            model.resolve_config(dataclasses.replace(ImageGenerationConfig(), **past))
+        assert refused.value.field == field
 
 
 def test_retrieve_one_model_and_unknown_models_are_404_with_suggestions(

@@ -50,9 +50,11 @@ def generate(served: Served, **body: Any) -> httpx.Response:
 
 
 def stream(served: Served, **body: Any) -> list[Event]:
+    """limner's own stream (``stream_format: "limner"``) unless ``body`` says otherwise."""
+    request = {"stream_format": "limner", **body, "stream": True}
     with (
         served.client() as client,
-        client.stream("POST", "/v1/images/generations", json={**body, "stream": True}) as response,
+        client.stream("POST", "/v1/images/generations", json=request) as response,
     ):
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -205,7 +207,13 @@ def test_a_client_leaving_a_stream_stops_the_generation(
         client.stream(
             "POST",
             "/v1/images/generations",
-            json={"model": "fake/slow", "prompt": "long", "steps": 50, "stream": True},
+            json={
+                "model": "fake/slow",
+                "prompt": "long",
+                "steps": 50,
+                "stream": True,
+                "stream_format": "limner",
+            },
         ) as response,
     ):
         events = parse_events(response.iter_lines())  # held: dropping it closes the stream

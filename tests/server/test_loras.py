@@ -136,9 +136,10 @@ def test_a_streamed_generation_with_adapters_ends_with_the_same_image(served: Se
     ):
         assert events.status_code == 200
         lines = [line for line in events.iter_lines() if line.startswith("data:")]
-    completed = next(line for line in lines if '"b64_json"' in line)
-    streamed = completed.removeprefix("data:").strip()
-    image = json.loads(streamed)["data"][0]["b64_json"]
+    events_sent = [json.loads(line.removeprefix("data:").strip()) for line in lines]
+    completed = [e for e in events_sent if e.get("type") == "image_generation.completed"]
+    assert len(completed) == 1, events_sent  # OpenAI's stream: the image in its last event
+    image = completed[0]["b64_json"]
     assert np.array_equal(pixels_of(image), pixels_of(whole.json()["data"][0]["b64_json"]))
 
 
@@ -222,3 +223,70 @@ def test_a_bad_form_field_names_the_field(text: str, field: str) -> None:
     with pytest.raises(InvalidInput) as refused:
         lora_pairs(text)
     assert refused.value.field == field
+
+
+# -- edits: the form's "loras" field, on the edit pipelines that share the adapters ------------
+
+
+def scene_png() -> bytes:
+    ramp = np.linspace(0, 255, 32, dtype=np.uint8)
+    pixels = np.stack(
+        [np.tile(ramp, (32, 1)), np.tile(ramp[:, None], (1, 32)), 255 - np.tile(ramp, (32, 1))], -1
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+EDIT = {"model": FLUX, "prompt": "a red hat", "size": "32x32", "steps": "2", "seed": "7"}
+
+
+def edit(served: Served, **fields: str) -> Any:
+    with served.client() as client:
+        return client.post(
+            "/v1/images/edits",
+            data={**EDIT, "strength": "0.8", **fields},
+            files={"image": ("scene.png", scene_png(), "image/png")},
+        )
+
+
+def edit_reference(folder: Path, loras: list[tuple[str, float]]) -> npt.NDArray[np.int64]:
+    """The edit the Python API makes, on a backend of its own."""
+    backend: Any = registry_of(folder).generator(FLUX).backend
+    backend.load()
+    try:
+        config = backend.resolve_config(
+            ImageGenerationConfig(width=32, height=32, steps=2, seed=7, strength=0.8, loras=loras)
+        )
+        with Image.open(io.BytesIO(scene_png())) as image:
+            source = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        result = backend.edit("a red hat", config, source, None, on_step=lambda _: None)
+        return np.asarray(result.images[0]).astype(np.int64)
+    finally:
+        backend.unload()
+
+
+def test_an_edit_with_adapters_makes_the_python_apis_pixels(served: Served, folder: Path) -> None:
+    answer = edit(served, loras=json.dumps([{"name": "ink", "scale": 0.8}]))
+    assert answer.status_code == 200, answer.text
+    with_ink = pixels_of(answer.json()["data"][0]["b64_json"])
+    assert np.array_equal(with_ink, edit_reference(folder, [("ink", 0.8)]))
+    plain = edit(served)
+    assert plain.status_code == 200, plain.text
+    assert not np.array_equal(with_ink, pixels_of(plain.json()["data"][0]["b64_json"]))
+
+
+@pytest.mark.parametrize(
+    ("text", "param"),
+    [
+        ('[{"name": "inc"}]', "loras[0].name"),
+        ('[{"name": "ink", "scale": 9}]', "loras[0].scale"),
+        ("ink:0.8", "loras"),
+    ],
+)
+def test_a_bad_adapter_in_an_edit_is_a_400_naming_the_field(
+    served: Served, error_of: ErrorOf, text: str, param: str
+) -> None:
+    answer = edit(served, loras=text)
+    assert answer.status_code == 400, answer.text
+    assert error_of(answer)["param"] == param

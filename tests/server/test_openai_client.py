@@ -67,3 +67,65 @@ def test_images_through_the_openai_client(main: Served) -> None:
         image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
         assert image.size == (32, 16)
     assert (response.model_extra or {}).get("seed") == 11
+
+
+def test_token_ids_are_refused_saying_what_to_change(main: Served) -> None:
+    """OpenAI's API also takes token ids, which LangChain's OpenAIEmbeddings sends by default
+    through this same client: the 400 says what to change rather than "not a string"."""
+    client = client_for(main)
+    for tokens, param in (([[64, 2579, 39935], [64, 23506]], "input[0]"), ([64, 2579], "input[0]")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.embeddings.create(model="limner/tiny-clip", input=tokens)
+        error = refused.value.body
+        assert isinstance(error, dict)
+        assert error["param"] == param and error["code"] == "token_ids_not_supported"
+        assert "send each input as a string" in error["message"]
+        assert "check_embedding_ctx_length=False" in error["message"]
+    # Strings beside them are not the problem: the message names token ids all the same.
+    with pytest.raises(openai.BadRequestError) as mixed:
+        client.embeddings.create(
+            model="limner/tiny-clip",
+            input=["a red fox", [64, 2579]],  # type: ignore[arg-type]
+        )
+    assert "check_embedding_ctx_length=False" in str(mixed.value)
+
+
+def test_langchain_openai_embeddings_as_the_message_says(
+    main: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """langchain-openai itself: by default it tokenizes with tiktoken and sends token ids,
+    refused with the advice; with check_embedding_ctx_length=False it sends the strings, and
+    gets the server's vectors for them."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    import tiktoken
+
+    # tiktoken downloads its vocabularies from the internet, which no machine here reaches: a
+    # byte-level encoding stands in for cl100k_base's. The request stays LangChain's own
+    # (token ids, through the openai client); only the ids differ.
+    by_bytes = tiktoken.Encoding(
+        "bytes",
+        pat_str=r"\S+|\s+",
+        mergeable_ranks={bytes([value]): value for value in range(256)},
+        special_tokens={},
+    )
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: by_bytes)
+    texts = ["a red fox", "a lighthouse at dusk"]
+    options = {
+        "model": "limner/tiny-clip",
+        "base_url": f"{main.url}/v1",
+        "api_key": "unused",
+        "max_retries": 0,
+    }
+    with pytest.raises(openai.BadRequestError) as refused:
+        langchain_openai.OpenAIEmbeddings(**options).embed_documents(texts)
+    assert "check_embedding_ctx_length=False" in str(refused.value)
+
+    embeddings = langchain_openai.OpenAIEmbeddings(**options, check_embedding_ctx_length=False)
+    vectors = np.array(embeddings.embed_documents(texts))
+    query = np.array(embeddings.embed_query(texts[0]))
+    client = client_for(main)
+    direct = client.embeddings.create(model="limner/tiny-clip", input=texts)
+    alone = client.embeddings.create(model="limner/tiny-clip", input=texts[0])
+    assert vectors.shape == (2, 64)
+    assert np.allclose(vectors, [row.embedding for row in direct.data], atol=1e-6)
+    assert np.allclose(query, alone.data[0].embedding, atol=1e-6)

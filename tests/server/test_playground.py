@@ -10,6 +10,7 @@ tests reach is kept as a screenshot under ``tests/artifacts/playground/``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -64,7 +65,7 @@ def test_the_page_and_its_assets_are_served_self_contained(make_server: ServerFa
     served = make_server(fake_embedding_spec("fake/embedder"))
     with served.client() as client:
         page = client.get("/")
-        assets = {path: client.get(path) for path in ("/ui/app.js", "/ui/style.css")}
+        assets = {path: client.get(path) for path in ("/ui/app.js", "/ui/edit.js", "/ui/style.css")}
         schema = client.get("/openapi.json").json()
     assert page.status_code == 200
     assert page.headers["content-type"] == "text/html; charset=utf-8"
@@ -72,6 +73,7 @@ def test_the_page_and_its_assets_are_served_self_contained(make_server: ServerFa
     assert "script-src 'self'" in policy and "connect-src 'self'" in policy
     assert page.headers["x-content-type-options"] == "nosniff"
     assert assets["/ui/app.js"].headers["content-type"].startswith("text/javascript")
+    assert assets["/ui/edit.js"].headers["content-type"].startswith("text/javascript")
     assert assets["/ui/style.css"].headers["content-type"].startswith("text/css")
     for text in (page.text, *(answer.text for answer in assets.values())):
         # Nothing from elsewhere: users may be offline, and the policy would block it anyway.
@@ -81,10 +83,34 @@ def test_the_page_and_its_assets_are_served_self_contained(make_server: ServerFa
     assert "/" not in schema["paths"] and "/ui/app.js" not in schema["paths"]
 
 
+def test_docs_and_their_assets_are_served_from_here(make_server: ServerFactory) -> None:
+    served = make_server(fake_embedding_spec("fake/embedder"), ui=False)  # /docs either way
+    with served.client() as client:
+        page = client.get("/docs")
+        script = client.get("/docs/swagger-ui-bundle.js")
+        stylesheet = client.get("/docs/swagger-ui.css")
+        schema = client.get("/openapi.json").json()
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    # The page names only this server's files: nothing from a CDN, no icon from elsewhere.
+    assert not re.search(r"""(src|href|url)\s*[=:]\s*["']?(https?:)?//""", page.text)
+    assert 'src="/docs/swagger-ui-bundle.js"' in page.text
+    assert 'href="/docs/swagger-ui.css"' in page.text
+    assert "'/openapi.json'" in page.text
+    assert script.status_code == 200 and script.headers["content-type"].startswith(
+        "text/javascript"
+    )
+    assert "SwaggerUIBundle" in script.text[:2000] and len(script.content) > 500_000
+    assert stylesheet.status_code == 200 and stylesheet.headers["content-type"].startswith(
+        "text/css"
+    )
+    assert ".swagger-ui" in stylesheet.text
+    assert not any(path.startswith("/docs") for path in schema["paths"])
+
+
 def test_no_ui_turns_the_page_off(make_server: ServerFactory, error_of: ErrorOf) -> None:
     served = make_server(fake_embedding_spec("fake/embedder"), ui=False)
     with served.client() as client:
-        for path in ("/", "/ui/app.js", "/ui/style.css"):
+        for path in ("/", "/ui/app.js", "/ui/edit.js", "/ui/style.css"):
             answer = client.get(path)
             assert answer.status_code == 404, path
             assert error_of(answer)["code"] == "not_found"
@@ -131,9 +157,12 @@ def decode_png(b64: str) -> Image.Image:
 # -- the page in a browser ----------------------------------------------------------------------
 
 # Headless Chromium as root on a machine without a network: no sandbox (root), no GPU, and
-# none of the background connections it would make and have refused.
+# none of the background connections it would make and have refused. No network either where
+# there is one: every host name but the test servers' 127.0.0.1 fails to resolve, so a page
+# that needs a CDN fails here as it would offline.
 CHROMIUM_FLAGS = (
     "--headless",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -204,6 +233,25 @@ class SlowTinyFluxMixin:
 
         result: GenerationResult = super().generate(  # type: ignore[misc]
             prompt, config, on_step=slow_step
+        )
+        return result
+
+    def edit(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        image: Any,
+        mask: Any,
+        *,
+        on_step: StepCallback,
+    ) -> GenerationResult:
+        def slow_step(progress: Progress) -> None:
+            time.sleep(STEP_SECONDS)
+            self.steps_run += 1
+            on_step(progress)
+
+        result: GenerationResult = super().edit(  # type: ignore[misc]
+            prompt, config, image, mask, on_step=slow_step
         )
         return result
 
@@ -355,6 +403,9 @@ def test_the_page_loads_without_console_errors(browser: Chrome, playground: Play
     assert connected(browser), text_of(browser, "connection")
     models = [o.get_attribute("value") for o in Select(by_id(browser, "gen-model")).options]
     assert models == [TINY_FLUX]
+    edit_models = [o.get_attribute("value") for o in Select(by_id(browser, "edit-model")).options]
+    assert edit_models == [TINY_FLUX]
+    assert not by_id(browser, "edit-button").is_enabled()  # no image yet
     search_model = Select(by_id(browser, "search-model")).first_selected_option
     assert search_model.get_attribute("value") == TINY_CLIP
     until(
@@ -454,6 +505,254 @@ def test_stop_ends_a_generation_early(
     assert console_errors(browser) == []
 
 
+@contextlib.contextmanager
+def viewport(driver: Chrome, width: int, height: int) -> Iterator[None]:
+    """The page's viewport exactly ``width`` x ``height`` CSS pixels, for the block."""
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def in_viewport(driver: Chrome, element_id: str) -> bool:
+    """Whether the element is shown and wholly inside the viewport, the page as it stands."""
+    inside: bool = driver.execute_script(
+        """
+        const box = document.getElementById(arguments[0]).getBoundingClientRect();
+        return box.height > 0 && box.top >= 0 && box.left >= 0
+            && box.bottom <= window.innerHeight && box.right <= window.innerWidth;
+        """,
+        element_id,
+    )
+    return inside
+
+
+def test_the_form_takes_its_limits_from_the_server(browser: Chrome, playground: Playground) -> None:
+    with playground.served.client() as client:
+        limits = client.get(f"/v1/models/{TINY_FLUX}").json()["limits"]
+    assert limits["steps"]["max"] == 100  # the tiny FLUX checkpoint's, not the schema's 1000
+    open_page(browser, playground.served.url)
+    for field in ("width", "height", "steps"):
+        shown = by_id(browser, field)
+        expected = limits[field]
+        assert shown.get_dom_attribute("min") == str(expected["min"]), field
+        assert shown.get_dom_attribute("max") == str(expected["max"]), field
+        assert shown.get_dom_attribute("step") == (
+            None if expected["multiple"] is None else str(expected["multiple"])
+        ), field
+        assert shown.get_dom_attribute("placeholder") == f"default {expected['default']}", field
+
+    steps_before = playground.flux.steps_run
+    with viewport(browser, 1280, 900):
+        fill(browser, {"prompt": "a lighthouse", "width": "", "height": "", "seed": ""})
+        fill(browser, {"steps": "1000"})
+        by_id(browser, "generate-button").click()
+        error = by_id(browser, "gen-error")
+        until(browser, lambda d: error.is_displayed(), "the limit to be named")
+        assert error.text == f"Steps must be between 1 and 100 for {TINY_FLUX}; it is 1000."
+        assert in_viewport(browser, "gen-error")
+        assert by_id(browser, "steps") == browser.switch_to.active_element
+        shot(browser, "limit-refused")
+
+        fill(browser, {"steps": "4", "width": "100"})
+        by_id(browser, "generate-button").click()
+        until(browser, lambda d: "multiple of 16" in error.text, "the width's multiple")
+        assert error.text == f"Width must be a multiple of 16 for {TINY_FLUX}; it is 100."
+        assert in_viewport(browser, "gen-error")
+    assert generation_state(browser) == "idle"  # nothing was sent
+    assert playground.flux.steps_run == steps_before
+    assert console_errors(browser) == []
+
+
+def test_a_refused_generation_is_told_beside_the_button(
+    browser: Chrome, playground: Playground
+) -> None:
+    open_page(browser, playground.served.url)
+    with viewport(browser, 1280, 900):
+        fill(browser, {"prompt": "   ", "width": "", "height": "", "steps": "", "seed": ""})
+        by_id(browser, "generate-button").click()
+        until(browser, lambda d: generation_state(d) == "failed", "the server's refusal")
+        error = by_id(browser, "gen-error")
+        assert error.is_displayed()
+        assert "prompt" in error.text and "(400)" in error.text
+        assert in_viewport(browser, "gen-error")
+        button = by_id(browser, "generate-button").rect
+        assert 0 <= error.rect["y"] - (button["y"] + button["height"]) < 100  # right under it
+        shot(browser, "generation-refused")
+    console_errors(browser)  # the refusal's 400
+
+
+def test_an_undecodable_image_is_told_beside_the_search_button(
+    browser: Chrome, playground: Playground, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but nothing after the signature")
+    open_page(browser, playground.served.url)
+    with viewport(browser, 1280, 900):
+        by_id(browser, "files").send_keys(str(broken))
+        error = by_id(browser, "search-error")
+        until(browser, lambda d: error.is_displayed(), "the search panel's error")
+        assert error.text.startswith("broken.png: ")
+        assert in_viewport(browser, "search-error")
+        shot(browser, "search-refused")
+    console_errors(browser)  # the refusal's 400
+
+
+def test_docs_render_every_operation_with_no_network(
+    browser: Chrome, playground: Playground
+) -> None:
+    console_errors(browser)
+    browser.get(playground.served.url + "/docs")
+    until(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock .opblock-summary-path"),
+        "Swagger UI to render the operations",
+    )
+    shown = {
+        (
+            block.find_element(By.CSS_SELECTOR, ".opblock-summary-method").text,
+            block.find_element(By.CSS_SELECTOR, ".opblock-summary-path").get_attribute("data-path"),
+        )
+        for block in browser.find_elements(By.CSS_SELECTOR, ".opblock")
+    }
+    with playground.served.client() as client:
+        schema = client.get("/openapi.json").json()
+    expected = {
+        (method.upper(), path)
+        for path, operations in schema["paths"].items()
+        for method in operations
+    }
+    assert ("POST", "/v1/embeddings") in expected
+    assert shown == expected
+    # Everything the page loaded came from this server.
+    loaded: list[str] = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((entry) => entry.name)"
+    )
+    assert loaded and all(url.startswith(playground.served.url + "/") for url in loaded), loaded
+    shot(browser, "docs")
+    assert console_errors(browser) == []
+
+
+# -- the Edit panel --
+
+
+def edit_state(driver: Chrome) -> str:
+    return by_id(driver, "edit").get_attribute("data-state") or ""
+
+
+def record_edit_images(driver: Chrome) -> None:
+    """Remember every image the edit panel shows, however briefly."""
+    driver.execute_script(
+        """
+        const image = document.getElementById("edit-image");
+        window.editImages = [];
+        new MutationObserver(() => window.editImages.push(image.src))
+            .observe(image, {attributes: true, attributeFilter: ["src"]});
+        """
+    )
+
+
+def fetched_png(driver: Chrome, url: str) -> Image.Image:
+    """What a blob: URL of the page holds, as an image."""
+    data: str = driver.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0]).then((r) => r.arrayBuffer()).then((buffer) => {
+            let text = "";
+            for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
+            done(btoa(text));
+        }).catch((error) => done(String(error)));
+        """,
+        url,
+    )
+    return decode_png(data)
+
+
+def edit_source(path: Path) -> np.ndarray:
+    pixels = np.random.default_rng(9).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_an_edit_inside_a_painted_mask_forms_step_by_step(
+    browser: Chrome, playground: Playground, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    source = edit_source(tmp_path / "fox.png")
+    open_page(browser, playground.served.url)
+    by_id(browser, "edit-file").send_keys(str(tmp_path / "fox.png"))
+    until(browser, lambda d: "64x48" in text_of(d, "edit-status"), "the image to load")
+    assert by_id(browser, "edit-button").is_enabled()
+    assert by_id(browser, "edit").get_attribute("data-masked") == "no"
+    # A stroke across the middle of the image, on the mask painted over it.
+    canvas = by_id(browser, "edit-mask")
+    width = canvas.size["width"]
+    strokes = ActionChains(browser).move_to_element_with_offset(canvas, -width // 6, 0)
+    strokes.click_and_hold().move_by_offset(width // 3, 0).release().perform()
+    assert by_id(browser, "edit").get_attribute("data-masked") == "yes"
+    assert by_id(browser, "clear-mask").is_enabled()
+    shot(browser, "edit-painted")
+    fill(browser, {"edit-prompt": "a red hat", "strength": "1", "edit-steps": "6"})
+    fill(browser, {"edit-seed": "5"})
+    record_edit_images(browser)
+    by_id(browser, "edit-button").click()
+    until(browser, lambda d: edit_state(d) == "done", "the edited image", timeout=60)
+    shown: list[str] = browser.execute_script("return window.editImages")
+    previews = [src for src in shown if src.startswith("data:image/png;base64,")]
+    assert len(set(previews)) >= 2, "the edit's preview never changed"
+    assert shown[-1].startswith("blob:")
+    assert "seed 5" in text_of(browser, "edit-status")
+    link = by_id(browser, "edit-download")
+    assert link.is_displayed() and link.get_attribute("download") == "limner-edit-5.png"
+    edited = fetched_png(browser, link.get_attribute("href") or "")
+    assert edited.size == (64, 48)
+    pixels = np.asarray(edited.convert("RGB"))
+    painted_png: str = browser.execute_script(
+        "return document.getElementById('edit-mask').toDataURL('image/png')"
+    )
+    painted = decode_png(painted_png.split(",", 1)[1]).getchannel("A")
+    stroke = np.asarray(painted) > 0  # what the page sent as the area to edit
+    assert 0 < stroke.sum() < stroke.size / 2, "the stroke painted nothing, or everything"
+    same = (pixels == source).all(axis=2)
+    assert same[~stroke].all(), "a pixel outside the painted mask changed"
+    assert not same[stroke].all(), "the painted area did not change"
+    settings = json.loads(edited.text["limner"])  # type: ignore[attr-defined]
+    assert settings["edit"] == "inpaint" and settings["strength"] == 1.0
+    shot(browser, "edit-done")
+    assert console_errors(browser) == []
+
+
+def test_an_uploaded_mask_is_the_area_edited(
+    browser: Chrome, playground: Playground, tmp_path: Path
+) -> None:
+    source = edit_source(tmp_path / "fox.png")
+    mask = Image.new("RGBA", (64, 48), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (32, 0, 64, 48))  # OpenAI's: transparent on the right half
+    mask.save(tmp_path / "mask.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+    open_page(browser, playground.served.url)
+    by_id(browser, "edit-file").send_keys(str(tmp_path / "fox.png"))
+    until(browser, lambda d: "64x48" in text_of(d, "edit-status"), "the image to load")
+    by_id(browser, "mask-file").send_keys(str(tmp_path / "small.png"))
+    until(browser, lambda d: by_id(d, "edit-error").is_displayed(), "the size to be refused")
+    assert "must be the same size" in text_of(browser, "edit-error")
+    by_id(browser, "mask-file").send_keys(str(tmp_path / "mask.png"))
+    until(browser, lambda d: d.find_element(By.ID, "edit").get_attribute("data-masked") == "yes",
+          "the mask to load")  # fmt: skip
+    fill(browser, {"strength": "1", "edit-steps": "2", "edit-seed": "8"})
+    by_id(browser, "edit-button").click()
+    until(browser, lambda d: edit_state(d) == "done", "the edited image", timeout=60)
+    edited = fetched_png(browser, by_id(browser, "edit-download").get_attribute("href") or "")
+    pixels = np.asarray(edited.convert("RGB"))
+    assert np.array_equal(pixels[:, :32], source[:, :32])  # kept, pixel for pixel
+    assert not np.array_equal(pixels[:, 32:], source[:, 32:])
+    shot(browser, "edit-uploaded-mask")
+    assert console_errors(browser) == []
+
+
 def solid_png(path: Path, colour: tuple[int, int, int], stripes: bool = False) -> Path:
     image = Image.new("RGB", (96, 96), colour)
     if stripes:
@@ -531,8 +830,12 @@ def test_with_an_api_key_the_page_fails_clearly_then_works(
     refused = [entry["message"] for entry in console_errors(browser)]
     assert refused and all("401" in message for message in refused), refused
 
+    assert text_of(browser, "key-state") == "Kept in this tab."
     browser.switch_to.active_element.send_keys("not-the-key", Keys.ENTER)
     until(browser, lambda d: "refused this API key" in text_of(d, "connection"), "a refusal")
+    # Beside the refusal, the key's state says the same: never "set".
+    assert text_of(browser, "key-state") == "Key refused: not this server's."
+    assert by_id(browser, "forget-key").is_displayed()
     shot(browser, "key-refused")
     console_errors(browser)  # the refusal's 401
 

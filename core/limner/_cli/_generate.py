@@ -13,7 +13,12 @@ import anyio
 import click
 import psutil
 
-from limner._fronts._generator import check_prompt
+from limner._fronts._generator import (
+    ImageGenerator,
+    check_prompt,
+    check_strength,
+    read_edit_inputs,
+)
 from limner._pool._budget import MemoryBudget
 from limner._registry._spec import Capability
 from limner.errors import InvalidInput, LimnerError
@@ -40,6 +45,9 @@ _SETTING_FLAGS = {
     "guidance": "--guidance",
     "num_images": "--num-images",
     "negative_prompt": "--negative-prompt",
+    "image": "--image",
+    "mask": "--mask",
+    "strength": "--strength",
     "loras": "--lora",
 }
 _SIZE_FLAGS = {"width": "--size", "height": "--size"}
@@ -111,6 +119,19 @@ class _Lora(_LoraParam):
             self.fail(f"{value!r}: the scale after ':' must be a number, as in ink:0.8", param, ctx)
 
 
+def _edit_config(
+    model: ImageGenerator, config: ImageGenerationConfig, image: Path, mask: Path | None
+) -> ImageGenerationConfig:
+    """The config of an edit, its files read and checked now, before the model loads: a
+    model that cannot edit, an unreadable image or mask, a mask of another size, a strength
+    outside 0..1 each name their option."""
+    if not model.supports_editing:
+        raise InvalidInput(f"model {model.key} cannot edit images", field="image")
+    check_strength(config.strength)
+    source, _ = read_edit_inputs(image, mask, limits=model.limits)
+    return model.resolve_config(config, source_size=(source.shape[1], source.shape[0]))
+
+
 def _time_taken(result: GenerationResult, load_seconds: float) -> str:
     """``in 6.1 s (loading 4.9 s, generating 0.3 s)``: the whole command, from its process's
     start, which is what the user waited, and the model's two parts of it."""
@@ -129,6 +150,8 @@ Examples:
   limner generate "a red fox" -m flux-schnell --seed 42 --steps 4 -o fox.png
   limner generate "a red fox" -m sd35-medium --num-images 4 -o foxes/fox.webp
   limner generate "a red fox" -m flux-dev --lora-dir loras --lora ink:0.8 -o fox.png
+  limner generate "a red fox in snow" -m flux-schnell --image fox.png --strength 0.6 -o snow.png
+  limner generate "a red hat" -m flux-schnell --image fox.png --mask hat.png -o hat.png
 """
 )
 @click.argument("prompt")
@@ -161,6 +184,25 @@ Examples:
 )
 @click.option("--negative-prompt", help="What to avoid, for models that support it.")
 @click.option(
+    "--image",
+    "image_path",
+    type=click.Path(path_type=Path),  # checked, and decoded, before the model loads
+    help="Edit this image instead of starting from noise (models that edit); the output "
+    "takes its size unless --size says otherwise.",
+)
+@click.option(
+    "--mask",
+    "mask_path",
+    type=click.Path(path_type=Path),
+    help="With --image: repaint only the mask's white pixels (or, in a mask with "
+    "transparency, its fully transparent ones, as OpenAI's); the image's size.",
+)
+@click.option(
+    "--strength",
+    type=float,
+    help="With --image: how far from it to go, 0 (the image) to 1 (default: the model's).",
+)
+@click.option(
     "--lora",
     "loras",
     multiple=True,
@@ -187,15 +229,18 @@ def generate(
     guidance: float | None,
     num_images: int,
     negative_prompt: str | None,
+    image_path: Path | None,
+    mask_path: Path | None,
+    strength: float | None,
     progress: bool | None,
     loras: tuple[tuple[str, float], ...] = (),
     lora_dirs: tuple[str, ...] = (),
 ) -> None:
     """Generate images from PROMPT with a text-to-image model and save them.
 
-    Everything is checked before the model loads: the prompt, the model, the settings and
-    where the images go. The seed is printed on stderr, so the image can be made again, with
-    the time the command took.
+    Everything is checked before the model loads: the prompt, the model, the settings, the
+    image and mask to edit, and where the images go. The seed is printed on stderr, so the
+    image can be made again, with the time the command took.
     """
     from tqdm import tqdm
 
@@ -211,19 +256,25 @@ def generate(
         model_key, Capability.TEXT_TO_IMAGE, device, dtype, lora_dirs=lora_dirs
     )
     model = registry.generator(key)
+    requested = ImageGenerationConfig(
+        width=width,
+        height=height,
+        steps=steps,
+        seed=seed,
+        guidance=guidance,
+        num_images=num_images,
+        negative_prompt=negative_prompt,
+        strength=strength,
+        loras=loras,
+    )
     with _naming_flags(flags):
-        config = model.resolve_config(
-            ImageGenerationConfig(
-                width=width,
-                height=height,
-                steps=steps,
-                seed=seed,
-                guidance=guidance,
-                num_images=num_images,
-                negative_prompt=negative_prompt,
-                loras=loras,
-            )
-        )
+        if image_path is None:
+            if mask_path is not None or strength is not None:
+                given = "--mask" if mask_path is not None else "--strength"
+                raise click.UsageError(f"{given} edits an image: give the image with --image")
+            config = model.resolve_config(requested)
+        else:
+            config = _edit_config(model, requested, image_path, mask_path)
     show_progress = progress if progress is not None else sys.stderr.isatty()
 
     async def run() -> tuple[GenerationResult, float]:
@@ -237,7 +288,8 @@ def generate(
                 disable=not show_progress,
             ) as bar:
                 # Closed however the loop ends: a Ctrl-C stops the run at its next step.
-                async with aclosing(model.generate_image(prompt, config)) as stream:
+                edit = {"image": image_path, "mask": mask_path} if image_path else {}
+                async with aclosing(model.generate_image(prompt, config, **edit)) as stream:
                     async for chunk in stream:
                         if isinstance(chunk, Progress):
                             bar.update(chunk.step - bar.n)

@@ -15,6 +15,7 @@ from limner._exports import warn_deprecated
 from limner._fronts._default_pool import in_runtime, iterate_in_runtime
 from limner._pool import current_pool
 from limner._registry._spec import ModelSpec
+from limner.errors import LimnerError
 from limner.plugin._backends import Backend
 from limner.plugin._generation import GenerationChunk
 from limner.runtime import BatchCall, RequestKind, Runtime, StreamCall
@@ -78,6 +79,11 @@ async def _batch(runtime: Runtime, backend: Backend, call: BatchCall) -> Vector:
 def _stream(runtime: Runtime, backend: Backend, call: StreamCall) -> AsyncIterator[Any]:
     if hasattr(runtime, "run_stream"):
         return runtime.run_stream(backend, call)
+    if call.method != "generate":  # the old call carries generations only
+        raise LimnerError(
+            f"{type(runtime).__name__} cannot run {call.method!r}: it implements generate "
+            "without run_stream (limner.runtime.Runtime)"
+        )
     _warn(runtime, "generate", "run_stream")
     prompt, config = call.args
     return runtime.generate(backend, prompt, config)

@@ -72,8 +72,8 @@ class ImageEmbeddingCapable(Protocol):
 
 @runtime_checkable
 class TextToImageCapable(Protocol):
-    """A prompt and a config in; progress chunks and then a final result out. What
-    ``limner.generator(key)`` returns."""
+    """A prompt and a config (and, to edit, an image and a mask) in; progress chunks and
+    then a final result out. What ``limner.generator(key)`` returns."""
 
     @property
     def key(self) -> str: ...
@@ -82,16 +82,33 @@ class TextToImageCapable(Protocol):
         """Load the weights now, so the first generation finds them warm."""
         ...
 
-    def resolve_config(self, config: ImageGenerationConfig | None = None) -> ImageGenerationConfig:
+    def resolve_config(
+        self,
+        config: ImageGenerationConfig | None = None,
+        *,
+        source_size: tuple[int, int] | None = None,
+    ) -> ImageGenerationConfig:
         """The config with the model's defaults filled in and a seed drawn; ``InvalidInput``
-        naming the field for a bad one. Needs no weights."""
+        naming the field for a bad one. Needs no weights. For an edit of a ``source_size``
+        (width, height) image, a size it leaves out is the nearest the model takes."""
+        ...
+
+    @property
+    def supports_editing(self) -> bool:
+        """Whether ``image=`` works: the model can repaint an image (and a mask's area)."""
         ...
 
     def generate_image(
-        self, prompt: str, config: ImageGenerationConfig | None = None
+        self,
+        prompt: str,
+        config: ImageGenerationConfig | None = None,
+        *,
+        image: ImageInput | None = None,
+        mask: ImageInput | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         """Stream ``Progress`` chunks, then one ``GenerationResult``; errors end the stream,
-        and stopping the iteration stops the run at its next step."""
+        and stopping the iteration stops the run at its next step. With ``image``, an edit
+        of it (limited to ``mask``'s area when given)."""
         ...
 
     async def generate(
@@ -99,6 +116,10 @@ class TextToImageCapable(Protocol):
         prompt: str,
         config: ImageGenerationConfig | None = None,
         on_progress: Callable[[GenerationChunk], None] | None = None,
+        *,
+        image: ImageInput | None = None,
+        mask: ImageInput | None = None,
     ) -> GenerationResult:
-        """Run a whole generation and return its result; ``on_progress`` sees every chunk."""
+        """Run a whole generation (or, with ``image``, an edit) and return its result;
+        ``on_progress`` sees every chunk."""
         ...

@@ -41,10 +41,22 @@ ReserveOnLoop = Callable[[float, str], Coroutine[Any, Any, None]]
 
 log = logging.getLogger("limner.pool")
 
+_one_load_at_a_time = threading.Lock()
+"""Held by every load in the process. transformers' and diffusers' ``from_pretrained`` set
+torch's process-wide default dtype while they build a model and put back what they found:
+two loads at once (bf16 both, or bf16 and fp32) can leave the whole process in bf16, and
+every model any thread builds afterwards with it."""
+
+
+def _load_alone(backend: Backend) -> None:
+    with _one_load_at_a_time:
+        backend.load()
+
 
 class ThreadExecutor:
     """Runs one pool's plugin calls in threads: at most ``max_threads`` batches or
-    generations at once, and at most two loads or unloads.
+    generations at once, at most two loads or unloads, and one load at a time in the
+    process.
 
     Batches run on ``max_threads`` threads of their own, not on whichever of anyio's worker
     threads is free: glibc gives each thread its own malloc arena, and a forward pass whose
@@ -78,7 +90,7 @@ class ThreadExecutor:
         return await anyio.to_thread.run_sync(backend.memory_device)
 
     async def load(self, backend: Backend) -> None:
-        await anyio.to_thread.run_sync(backend.load, limiter=self._loads)
+        await anyio.to_thread.run_sync(_load_alone, backend, limiter=self._loads)
 
     async def unload(self, backend: Backend, *, baseline: dict[str, Any] | None) -> None:
         """Unload, drop whatever loading attached (see :func:`restore_attributes`), and give

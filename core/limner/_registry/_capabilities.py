@@ -57,7 +57,7 @@ def _embedder(spec: ModelSpec, backend: Any, options: FrontOptions) -> Model:
 def _generator(spec: ModelSpec, backend: Any, options: FrontOptions) -> Model:
     from limner._fronts._generator import ImageGenerator
 
-    return ImageGenerator(spec, backend)
+    return ImageGenerator(spec, backend, limits=options.limits)
 
 
 CAPABILITIES: tuple[CapabilityRow, ...] = (
@@ -73,7 +73,8 @@ CAPABILITIES: tuple[CapabilityRow, ...] = (
         TextToImageBackend,
         _generator,
         "text-to-image model",
-        streamed=frozenset({"generate"}),
+        # edit: a feature of the capability, which a backend may offer (supports_editing)
+        streamed=frozenset({"generate", "edit"}),
     ),
 )
 

@@ -23,6 +23,7 @@ from ._checkpoint import Checkpoint
 from ._config import (
     MAX_NUM_IMAGES,
     MAX_SEED,
+    fit_edit_size,
     resolve_config,
     resolve_guidance,
     resolve_integer,
@@ -31,6 +32,7 @@ from ._config import (
     resolve_preview,
     resolve_seed,
     resolve_side,
+    resolve_strength,
 )
 from ._pipeline import LoadedPipeline, diffusion_dtype
 from ._preview import LatentRGB, fit_latent_rgb
@@ -46,6 +48,7 @@ __all__ = [
     "LoadedPipeline",
     "TinyPipeline",
     "diffusion_dtype",
+    "fit_edit_size",
     "fit_latent_rgb",
     "resolve_config",
     "resolve_guidance",
@@ -55,6 +58,7 @@ __all__ = [
     "resolve_preview",
     "resolve_seed",
     "resolve_side",
+    "resolve_strength",
     "select_variant",
     "tiny_pipeline",
     "tiny_unet",

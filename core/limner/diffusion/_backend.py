@@ -16,6 +16,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+
 from limner.errors import InvalidInput, ModelError, ModelLoadError
 from limner.plugin import (
     CachedPart,
@@ -37,13 +40,21 @@ from limner.plugin import (
 )
 
 from ._checkpoint import Checkpoint
-from ._config import resolve_config
+from ._config import fit_edit_size, resolve_config
 from ._generation import run_pipeline
 from ._lora import Wanted
-from ._pipeline import LoadedPipeline, diffusion_dtype, dtype_name, free_cuda_memory, load_pipeline
+from ._pipeline import (
+    LoadedPipeline,
+    build_edit_pipelines,
+    diffusion_dtype,
+    dtype_name,
+    free_cuda_memory,
+    load_pipeline,
+)
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
 __all__ = ["DiffusersBackend", "DiffusionVariant", "select_variant"]
 
@@ -98,6 +109,10 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     A family whose pipeline takes LoRA adapters (diffusers' ``load_lora_weights``) says which
     layers they may change with :meth:`lora_layers`; see docs/lora.md.
 
+    A family that can edit images names its image-to-image and inpainting pipelines,
+    :attr:`img2img_class` and :attr:`inpaint_class`: they are built on the loaded pipeline's
+    components when it loads, sharing every module, and serve :meth:`edit`.
+
     Options every subclass takes: ``cpu_offload`` (bool, default false) keeps each component in
     CPU memory and moves it to the GPU only while it runs (diffusers'
     ``enable_model_cpu_offload``).
@@ -113,12 +128,24 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     #: The family's checkpoints, each key's facts and limits: what the default
     #: :meth:`find_variant` looks a key up in, and what :meth:`specs` declares.
     variants: ClassVar[Sequence[Any]] = ()
+    #: The diffusers image-to-image pipeline class, by name (``"FluxImg2ImgPipeline"``),
+    #: whose constructor takes the loaded pipeline's components; ``None``: it cannot edit.
+    img2img_class: ClassVar[str | None] = None
+    #: The inpainting one (``"FluxInpaintPipeline"``): a family that edits names both.
+    inpaint_class: ClassVar[str | None] = None
+    #: An edit's strength when the request gives none (diffusers' image-to-image default).
+    default_strength: ClassVar[float] = 0.6
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         named = getattr(cls.tiny, "pipeline_class", "")
         if named and not hasattr(cls, "pipeline_class"):
             cls.pipeline_class = named
+        if (cls.img2img_class is None) != (cls.inpaint_class is None):
+            raise TypeError(
+                f"{cls.__name__} names one of img2img_class and inpaint_class: a family that "
+                "edits names both (an edit with a mask inpaints), one that cannot neither"
+            )
 
     @classmethod
     def register_specs(cls, register: Callable[[ModelSpec], None], **settings: Any) -> None:
@@ -284,6 +311,12 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
             advice=self.load_advice(),
             peak_mb=self.spec.info.memory_mb,
         )
+        if self.img2img_class is not None and self.inpaint_class is not None:
+            loaded.edit_pipelines = build_edit_pipelines(
+                loaded.pipeline,
+                {"img2img": self.img2img_class, "inpaint": self.inpaint_class},
+                key=self.spec.key,
+            )
         loaded.load_seconds = time.perf_counter() - started
         self._loaded = loaded
 
@@ -364,6 +397,86 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
             metadata=self._metadata(loaded, prompt, config, seeds),
         )
 
+    # -- editing ------------------------------------------------------------------------------
+
+    @property
+    def supports_editing(self) -> bool:
+        """Whether the family names its edit pipelines (:attr:`img2img_class`)."""
+        return self.img2img_class is not None and self.inpaint_class is not None
+
+    def edit_size(self, width: int, height: int) -> tuple[int, int]:
+        """The source's size, scaled to fit the checkpoint's limits and rounded to its
+        multiple (see :func:`fit_edit_size`)."""
+        variant = self.variant
+        if not isinstance(variant, Checkpoint):
+            return width, height
+        return fit_edit_size(variant, width, height)
+
+    def edit(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        image: npt.NDArray[np.uint8],
+        mask: npt.NDArray[np.uint8] | None,
+        *,
+        on_step: StepCallback,
+    ) -> GenerationResult:
+        """Image-to-image, or with a mask inpainting, on the loaded weights: the source
+        (and mask) resized to the config's size, ``image=[source] * n`` so that image k
+        starts from seed + k as a generation's does; outside the mask the source is
+        composited back, so it is kept exactly. Strength 0 returns the source, no step run;
+        otherwise the pipeline runs ``ceil(steps * strength)`` steps, as progress says."""
+        loaded = self._require_loaded()
+        if not loaded.edit_pipelines:
+            raise InvalidInput(f"model {self.spec.key} cannot edit images", field="image")
+        if not isinstance(prompt, str):
+            raise InvalidInput(f"must be a string, got {type(prompt).__name__}", field="prompt")
+        config = self.resolve_config(config)  # idempotent; guards direct callers
+        seed, width, height = config.seed, config.width, config.height
+        assert seed is not None and width is not None and height is not None
+        source, area = edit_images(image, mask, (width, height))
+        strength = self.default_strength if config.strength is None else config.strength
+        config = dataclasses.replace(config, strength=strength)
+        seeds = [(seed + index) % _SEED_SPACE for index in range(config.num_images)]
+        kind = "img2img" if area is None else "inpaint"
+        pipeline = loaded.edit_pipelines[kind]
+        if strength == 0:  # diffusers would run no step and fail: the source is the answer
+            images: tuple[Image.Image, ...] = tuple(source.copy() for _ in seeds)
+            timings = {"generate": 0.0, "decode": 0.0}
+        else:
+            sources = {"image": [source] * len(seeds), "strength": strength}
+            if area is not None:
+                sources["mask_image"] = [area] * len(seeds)
+            # The edit pipelines share the loaded transformer, adapters and all.
+            with loaded.adapters.use(loaded, self._adapters_of(config), key=self.spec.key):
+                images, timings = run_pipeline(
+                    loaded,
+                    prompt,
+                    config,
+                    seeds=seeds,
+                    on_step=on_step,
+                    preview_latents=self.preview_latents,
+                    call_kwargs={**self._call_kwargs(config), **sources},
+                    pipeline=pipeline,
+                )
+            if area is not None:
+                images = tuple(keep_outside(out, source, area) for out in images)
+        metadata = self._metadata(loaded, prompt, config, seeds)
+        return GenerationResult(
+            model=self.spec.key,
+            prompt=prompt,
+            images=images,
+            seed=seed,
+            config=config,
+            timings={"load": loaded.load_seconds, **timings},
+            metadata={
+                **metadata,
+                "pipeline": type(pipeline).__name__,
+                "edit": kind,
+                "strength": strength,
+            },
+        )
+
     def _call_kwargs(self, config: ImageGenerationConfig) -> dict[str, Any]:
         # resolve_config refuses a negative prompt where the checkpoint takes none
         given = {"negative_prompt": config.negative_prompt} if config.negative_prompt else {}
@@ -403,3 +516,44 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
             "cpu_offload": loaded.offload,
             **self.extra_metadata(loaded, config),
         }
+
+
+# -- an edit's images -------------------------------------------------------------------------
+
+
+def edit_images(
+    image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8] | None, size: tuple[int, int]
+) -> tuple[Image.Image, Image.Image | None]:
+    """The source as an RGB image and the mask as a 0/255 ``L`` image, both ``size``;
+    ``InvalidInput`` naming the field for arrays of another shape or type."""
+    from PIL import Image
+
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+        raise InvalidInput("must be a (height, width, 3) uint8 array", field="image")
+    if image.shape[2] != 3 or 0 in image.shape:
+        raise InvalidInput(f"must be RGB pixels, got shape {image.shape}", field="image")
+    source = Image.fromarray(image)
+    area = None
+    if mask is not None:
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.uint8 or mask.ndim != 2:
+            raise InvalidInput("must be a (height, width) uint8 array", field="mask")
+        if mask.shape != image.shape[:2]:
+            raise InvalidInput(
+                f"the mask is {mask.shape[1]}x{mask.shape[0]} and the image "
+                f"{image.shape[1]}x{image.shape[0]}; they must be the same size",
+                field="mask",
+            )
+        area = Image.fromarray(np.where(mask >= 128, 255, 0).astype(np.uint8))
+    if source.size != size:
+        source = source.resize(size, Image.Resampling.LANCZOS)
+        if area is not None:
+            area = area.resize(size, Image.Resampling.NEAREST)
+    return source, area
+
+
+def keep_outside(out: Image.Image, source: Image.Image, area: Image.Image) -> Image.Image:
+    """``out`` inside the mask, the source outside it, pixel for pixel: the VAE's round trip
+    and its decoder's reach across the mask's edge would otherwise change kept pixels."""
+    from PIL import Image
+
+    return Image.composite(out.convert("RGB"), source, area)

@@ -52,6 +52,7 @@ def resolve_config(checkpoint: Checkpoint, config: ImageGenerationConfig) -> Ima
     )
     output_format = resolve_output_format(config.output_format)
     resolve_preview(config.preview)
+    strength = resolve_strength(config.strength)
     return dataclasses.replace(
         config,
         width=width,
@@ -63,6 +64,7 @@ def resolve_config(checkpoint: Checkpoint, config: ImageGenerationConfig) -> Ima
         negative_prompt=negative_prompt,
         max_sequence_length=max_sequence_length,
         output_format=output_format,  # type: ignore[arg-type]
+        strength=strength,
     )
 
 
@@ -179,6 +181,32 @@ def resolve_output_format(value: object) -> str:
             f"must be one of 'png', 'jpeg', 'webp', got {value!r}", field="output_format"
         )
     return _FORMATS[value.lower()]
+
+
+def resolve_strength(value: object) -> float | None:
+    """An edit's strength: ``None`` (the model's default, decided when it edits) or a finite
+    number from 0 (the source as it is) to 1 (the prompt alone)."""
+    if value is None:
+        return None
+    strength = resolve_number("strength", value)
+    if not 0 <= strength <= 1:
+        raise InvalidInput(f"must be from 0 to 1, got {value}", field="strength")
+    return strength
+
+
+def fit_edit_size(checkpoint: Checkpoint, width: int, height: int) -> tuple[int, int]:
+    """The size an edit of a ``width`` x ``height`` source comes out at when the request
+    gives none: the source's, scaled down to fit ``max_size`` (its shape kept), each side
+    rounded to the nearest multiple of ``size_multiple`` within the checkpoint's limits."""
+    multiple = checkpoint.size_multiple
+    low = -(-checkpoint.min_size // multiple) * multiple
+    high = checkpoint.max_size // multiple * multiple
+    scale = min(1.0, checkpoint.max_size / max(width, height, 1))
+
+    def side(value: int) -> int:
+        return min(high, max(low, round(value * scale / multiple) * multiple))
+
+    return side(width), side(height)
 
 
 def resolve_preview(value: object) -> bool:

@@ -3,6 +3,7 @@ facts and fixtures, and the tests of its tiny model generating through the real 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -361,6 +362,75 @@ class GenerationTests(FamilyFixtures):
         assert received == [1, 2]
         assert isinstance(outcome.get("error"), limner.Cancelled)
         assert seen in ([1, 2], [1, 2, 3])  # at most one step past the consumer
+
+    # -- editing: the family's edit pipelines on the loaded weights ------------------------
+
+    def test_edit_pipelines_share_the_loaded_modules(self, tiny: DiffusersBackend[Any]) -> None:
+        """Built once per load on the loaded pipeline's components: the same module objects,
+        so every tensor is shared and no weight is copied or cast."""
+        import torch
+
+        if not tiny.supports_editing:
+            pytest.skip(f"{self.backend_class.__name__} names no edit pipelines")
+        loaded = tiny._require_loaded()
+        base = loaded.pipeline
+        assert set(loaded.edit_pipelines) == {"img2img", "inpaint"}
+        assert type(loaded.edit_pipelines["img2img"]).__name__ == self.backend_class.img2img_class
+        assert type(loaded.edit_pipelines["inpaint"]).__name__ == self.backend_class.inpaint_class
+        pointers = {
+            tensor.data_ptr()
+            for module in base.components.values()
+            if isinstance(module, torch.nn.Module)
+            for tensor in (*module.parameters(), *module.buffers())
+        }
+        for edit in loaded.edit_pipelines.values():
+            for name, component in edit.components.items():
+                assert component is base.components.get(name), f"{name} is not the loaded one"
+                if isinstance(component, torch.nn.Module):
+                    for tensor in (*component.parameters(), *component.buffers()):
+                        assert tensor.data_ptr() in pointers
+                        assert tensor.dtype == loaded.dtype or not tensor.is_floating_point()
+        before = dict(loaded.edit_pipelines)
+        source, mask = self.edit_inputs(tiny)
+        self.edit(tiny, source, mask, seed=1)
+        self.edit(tiny, source, None, seed=1)
+        assert loaded.edit_pipelines == before  # not rebuilt per call
+
+    def test_edit_refuses_arrays_of_another_shape(self, tiny: DiffusersBackend[Any]) -> None:
+        if not tiny.supports_editing:
+            pytest.skip(f"{self.backend_class.__name__} names no edit pipelines")
+        source, mask = self.edit_inputs(tiny)
+        bad: list[tuple[Any, Any, str]] = [
+            (source.astype(np.float32), None, "image"),
+            (source[..., :1], None, "image"),
+            (source.tolist(), None, "image"),
+            (source, mask[:-16], "mask"),
+            (source, mask.astype(np.int64), "mask"),
+        ]
+        for image, area, field in bad:
+            config = tiny.resolve_config(ImageGenerationConfig(steps=1, seed=1))
+            with pytest.raises(limner.InvalidInput) as caught:
+                tiny.edit("a fox", config, image, area, on_step=lambda progress: None)
+            assert caught.value.field == field
+
+    def test_an_edit_of_another_size_resizes_the_source(self, tiny: DiffusersBackend[Any]) -> None:
+        """The config's size decides, as a generation's: the source and mask follow it, and
+        the kept pixels are the resized source's."""
+        if not tiny.supports_editing:
+            pytest.skip(f"{self.backend_class.__name__} names no edit pipelines")
+        source, mask = self.edit_inputs(tiny)
+        config = tiny.resolve_config(ImageGenerationConfig(steps=2, seed=1, width=32, height=32))
+        result = tiny.edit("a fox", config, source, mask, on_step=lambda progress: None)
+        assert result.images[0].size == (32, 32)
+        kept = tiny.edit(
+            "a fox",
+            dataclasses.replace(config, strength=0.0),
+            source,
+            None,
+            on_step=lambda progress: None,
+        )
+        assert kept.images[0].size == (32, 32)
+        assert result.metadata["edit"] == "inpaint" and kept.metadata["edit"] == "img2img"
 
     @pytest.mark.anyio
     async def test_served_through_the_core_pool(

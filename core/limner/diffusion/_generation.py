@@ -42,12 +42,14 @@ def run_pipeline(
     on_step: StepCallback,
     preview_latents: PreviewLatents,
     call_kwargs: dict[str, Any],
+    pipeline: Any = None,
 ) -> tuple[tuple[Image.Image, ...], dict[str, float]]:
     """The images of one pipeline call on a resolved ``config``, one per seed, and its
     timings (``generate``, and ``decode``: from the last step to the images).
 
     ``on_step`` hears each step (with a preview when ``config.preview``); whatever it raises
-    (``Cancelled``) stops the call before the next step.
+    (``Cancelled``) stops the call before the next step. ``pipeline`` is the one to call
+    when not the loaded one: an edit pipeline built on its components (``edit_pipelines``).
     """
     import torch
 
@@ -61,7 +63,7 @@ def run_pipeline(
 
     with exclusive(loaded):
         preview = latent_rgb(loaded) if config.preview else None
-        pipeline = call_view(loaded)
+        view = call_view(loaded, pipeline)
 
         def step_end(
             pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]
@@ -83,7 +85,7 @@ def run_pipeline(
             return {}
 
         with torch.inference_mode():
-            output = pipeline(
+            output = view(
                 prompt=prompt,
                 width=config.width,
                 height=config.height,
@@ -126,8 +128,9 @@ def latent_rgb(loaded: LoadedPipeline) -> LatentRGB:
         return loaded.preview
 
 
-def call_view(loaded: LoadedPipeline) -> Any:
-    """A pipeline object for one call around the shared, read-only modules.
+def call_view(loaded: LoadedPipeline, pipeline: Any = None) -> Any:
+    """A pipeline object for one call around the shared, read-only modules: of ``pipeline``
+    (one built on the loaded one's components), else of the loaded pipeline.
 
     Per-call state must not be shared between concurrent calls: ``__call__`` sets the
     scheduler's timesteps (so each call gets a fresh copy of the scheduler), and a fast
@@ -140,7 +143,8 @@ def call_view(loaded: LoadedPipeline) -> Any:
     safety checker, every time) and rebuilds its helpers. Assigning a component to the copy
     updates the copy's own config, not the shared pipeline's.
     """
-    pipeline = loaded.pipeline
+    pipeline = loaded.pipeline if pipeline is None else pipeline
+    # the tokenizers are the loaded pipeline's, shared by the pipelines built on its components
     tokenizers: dict[str, Any] | None = getattr(loaded.per_thread, "tokenizers", None)
     if tokenizers is None:
         tokenizers = {

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedPipeline",
+    "build_edit_pipelines",
     "diffusers_module",
     "diffusion_dtype",
     "dtype_name",
@@ -66,6 +67,10 @@ class LoadedPipeline:
     weights_mb: float = 0.0
     #: The LoRA adapters loaded into the shared transformer, and which apply now.
     adapters: LoadedAdapters = field(default_factory=LoadedAdapters)
+    #: The family's edit pipelines by kind (``"img2img"``, ``"inpaint"``), built on
+    #: ``pipeline``'s components, every module shared (see :func:`build_edit_pipelines`);
+    #: empty for a family that cannot edit.
+    edit_pipelines: dict[str, Any] = field(default_factory=dict)
 
     def device_mb(self) -> float:
         """The weights held on the memory device, measured: all of them, or with offload the
@@ -124,6 +129,27 @@ def load_pipeline(
     loaded = LoadedPipeline(pipeline=pipeline, device=device, dtype=dtype, offload=offload)
     loaded.weights_mb = loaded.device_mb()
     return loaded
+
+
+def build_edit_pipelines(pipeline: Any, classes: dict[str, str], *, key: str) -> dict[str, Any]:
+    """``diffusers.<name>`` for each kind in ``classes``, built on ``pipeline``'s components:
+    the same module objects, so an edit holds no second copy of the weights (about 1 ms
+    each). The plain constructor, never ``from_pipe``: its ``dtype`` defaults to float32 and
+    it casts the shared modules in place, which would double a bf16 model's weights.
+    A class that cannot be built on them is a ``ModelLoadError`` naming it."""
+    diffusers = diffusers_module()
+    built = {}
+    for kind, name in classes.items():
+        try:
+            edit = getattr(diffusers, name)(**pipeline.components)
+        except Exception as error:
+            raise ModelLoadError(
+                f"could not build {name} on the components of {key}'s "
+                f"{type(pipeline).__name__}: {error!r}"
+            ) from error
+        edit.set_progress_bar_config(disable=True)
+        built[kind] = edit
+    return built
 
 
 def free_cuda_memory() -> None:

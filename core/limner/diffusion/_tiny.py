@@ -104,11 +104,14 @@ def tiny_vae(*, scaling_factor: float, shift_factor: float, latent_channels: int
     )
 
 
-def tiny_unet(*, cross_attention_dim: int, in_channels: int = 4) -> Any:
+def tiny_unet(*, cross_attention_dim: int, in_channels: int = 4, sample_size: int = 8) -> Any:
     """A ``UNet2DConditionModel`` of Stable Diffusion 1 and 2's blocks at tiny widths: two
     levels, the lower one attending to the text (``cross_attention_dim``, the text encoder's
-    width), over ``in_channels`` latent channels."""
+    width), over ``in_channels`` latent channels. ``sample_size`` is the latent side of the
+    default image (8 for a tiny model's 64 px): diffusers' image-to-image and inpainting
+    pipelines read it when they are built."""
     return diffusers_module().UNet2DConditionModel(
+        sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,
         block_out_channels=(8, 16),

@@ -148,3 +148,35 @@ class TextToImageBackend(Backend):
         self, prompt: str, config: ImageGenerationConfig, *, on_step: StepCallback
     ) -> GenerationResult:
         """Run the pipeline with a resolved config (its seed set), calling ``on_step`` per step."""
+
+    # -- editing: an optional feature ------------------------------------------------------------
+
+    def edit(
+        self,
+        prompt: str,
+        config: ImageGenerationConfig,
+        image: npt.NDArray[np.uint8],
+        mask: npt.NDArray[np.uint8] | None,
+        *,
+        on_step: StepCallback,
+    ) -> GenerationResult:
+        """Repaint ``image`` (RGB, ``(height, width, 3)`` uint8) after ``prompt``, with a
+        resolved config whose size is the output's; where ``mask`` (``(height, width)``
+        uint8, the image's size) is given, only its 255 pixels, keeping the rest. Streams
+        like :meth:`generate`. ``config.strength`` 0 returns the source.
+
+        Optional: a backend that overrides it can edit (:attr:`supports_editing`); the front
+        checks the inputs (decoded, sizes matching, the mask 0 or 255) before it is called.
+        """
+        raise NotImplementedError(f"model {self.spec.key} cannot edit images")
+
+    @property
+    def supports_editing(self) -> bool:
+        """Whether :meth:`edit` works: true where a subclass overrides it."""
+        return type(self).edit is not TextToImageBackend.edit
+
+    def edit_size(self, width: int, height: int) -> tuple[int, int]:
+        """The output size of an edit whose config gives none, for a ``width`` x ``height``
+        source: by default the source's own. A model with size rules (multiples of 16, a
+        largest side) returns the nearest size it takes. Needs no weights."""
+        return width, height

@@ -23,6 +23,10 @@ class ImageGenerationConfig:
     """What to generate. ``None`` fields take the model's defaults; ``seed=None`` draws one,
     and the seed used is always reported back in the result.
 
+    ``strength`` applies to edits only (a source image given): how far from the source the
+    result may go, from 0 (the source itself) to 1 (the prompt alone decides); ``None`` takes
+    the model's default, which the result's config reports.
+
     ``loras`` names LoRA adapters to apply, each with its scale: ``[("ink", 0.8)]``, kept as
     a tuple of pairs (a mapping of names to scales is taken too). The model checks them with
     the rest of the config, before any weights load, and applies them in its own order
@@ -39,6 +43,7 @@ class ImageGenerationConfig:
     max_sequence_length: int | None = None
     output_format: OutputFormat = "png"
     preview: bool = False
+    strength: float | None = None
     loras: Sequence[tuple[str, float]] = ()
 
     def __post_init__(self) -> None:

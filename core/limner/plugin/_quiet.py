@@ -113,10 +113,28 @@ def _in_quiet_load() -> bool:
 
 
 class _QuietLoadFilter(logging.Filter):
-    """Drops a record below ERROR logged from a thread in a quiet load."""
+    """Drops a record of ``library`` below ERROR logged from a thread in a quiet load."""
+
+    def __init__(self, library: str) -> None:
+        super().__init__()
+        self.library = library
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or not _in_quiet_load()
+        if record.levelno >= logging.ERROR or not _in_quiet_load():
+            return True
+        name = record.name
+        return not (name == self.library or name.startswith(self.library + "."))
+
+
+def _handlers_reached(logger: logging.Logger) -> list[logging.Handler]:
+    """The handlers a record of ``logger`` reaches: its own and, while it propagates, its
+    ancestors' (a host's root handlers among them)."""
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        handlers.extend(h for h in current.handlers if h not in handlers)
+        current = current.parent if current.propagate else None
+    return handlers
 
 
 def _logging_module(library: str) -> Any:
@@ -132,9 +150,10 @@ def _quiet(library: str, module: Any) -> list[Callable[[], None]]:
     what undoes it."""
     undo: list[Callable[[], None]] = []
     # The library's loggers send their records to the handlers of its root logger (its own
-    # stderr handler, and any the host added there), and propagate no further by default.
-    record_filter = _QuietLoadFilter()
-    for handler in logging.getLogger(library).handlers:
+    # stderr handler, and any the host added there), and propagate no further by default;
+    # transformers propagates to the host's root handlers where CI is set in the environment.
+    record_filter = _QuietLoadFilter(library)
+    for handler in _handlers_reached(logging.getLogger(library)):
         handler.addFilter(record_filter)
         undo.append(functools.partial(handler.removeFilter, record_filter))
     set_hook = getattr(module, "set_tqdm_hook", None)

@@ -12,6 +12,7 @@ from fastapi.openapi.utils import get_openapi
 
 from limner import Capability, Registry, __version__, default_registry
 
+from ._docs import add_docs
 from ._errors import install_error_handlers
 from ._metrics import Metrics
 from ._middleware import (
@@ -60,12 +61,14 @@ def create_app(
         version=__version__,
         description=_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # add_docs serves Swagger UI without a CDN
         redoc_url=None,
     )
     app.state.limner = service
     app.state.limner_metrics = metrics
     install_error_handlers(app)
     add_routes(app)
+    add_docs(app)
     if settings.ui:
         add_ui(app)
     # Added innermost first: metrics see every answer, a foreign Host is refused before

@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from limner import errors
 
-__all__ = ["APIError", "ClientGone", "error_body", "install_error_handlers", "to_api_error"]
+__all__ = [
+    "APIError",
+    "ClientGone",
+    "error_body",
+    "install_error_handlers",
+    "to_api_error",
+    "validation_error",
+]
 
 log = logging.getLogger("limner.server")
 
@@ -152,7 +159,31 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-def _validation_error(error: RequestValidationError, content_type: str | None) -> APIError:
+def _token_ids(body: object) -> bool:
+    """Whether an embeddings body's ``input`` holds token ids, OpenAI's other two shapes of it
+    (a list of integers, or lists of them), as LangChain's ``OpenAIEmbeddings`` sends."""
+    items = body.get("input") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        return False
+
+    def integer(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    return all(map(integer, items)) or any(
+        isinstance(item, list) and item and all(map(integer, item)) for item in items
+    )
+
+
+_TOKEN_IDS = (
+    "{param} is token ids (integers, as OpenAI's tokenizer makes them); this server embeds "
+    "texts and images, so send each input as a string. LangChain's OpenAIEmbeddings sends "
+    "token ids unless it is made with check_embedding_ctx_length=False"
+)
+
+
+def validation_error(
+    error: RequestValidationError, content_type: str | None, *, path: str = ""
+) -> APIError:
     problems = error.errors()
     if not problems:
         return APIError(400, "invalid request", code="invalid_request")
@@ -171,6 +202,10 @@ def _validation_error(error: RequestValidationError, content_type: str | None) -
     # (``input[1]`` of a list, not "input should be a string").
     first = max(problems, key=lambda p: len((_location(p.get("loc", ())) or "").split("[")))
     param = _location(first.get("loc", ()))
+    if path.endswith("/v1/embeddings") and _token_ids(error.body):
+        return APIError(
+            400, _TOKEN_IDS.format(param=param), param=param, code="token_ids_not_supported"
+        )
     kind = first.get("type", "")
     if kind == "json_invalid":
         message = "the body is not valid JSON"
@@ -195,7 +230,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        return _validation_error(error, request.headers.get("content-type")).response()
+        content_type = request.headers.get("content-type")
+        return validation_error(error, content_type, path=request.url.path).response()
 
     async def on_http(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)

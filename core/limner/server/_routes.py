@@ -1,14 +1,13 @@
-"""The endpoints: models, embeddings, image generation, probes, pool stats, metrics."""
+"""The endpoints: models, embeddings, image generation and editing, probes, pool stats,
+metrics."""
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import io
-import json
+import functools
 import re
-import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -16,24 +15,34 @@ import anyio
 import anyio.to_thread
 import numpy as np
 import numpy.typing as npt
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from limner import (
+    Capability,
     GenerationChunk,
     GenerationResult,
     ImageEmbedder,
     ImageGenerationConfig,
     ImageGenerator,
     ModelEntry,
-    Progress,
 )
-from limner.errors import InvalidInput, ModelError
+from limner.errors import InvalidInput
+from limner.inputs import ImageLimits, InputKind, decode_image, decode_mask
 
 from ._errors import APIError, input_param, to_api_error
+from ._forms import MAX_SOURCES, EditForm, read_edit_form
+from ._images import (
+    ImageAnswer,
+    Job,
+    Kind,
+    limner_events,
+    next_chunk,
+    openai_events,
+    whole_answer,
+)
 from ._inputs import split_inputs
 from ._loras import lora_cards, lora_pairs
 from ._metrics import Metrics
@@ -42,6 +51,7 @@ from ._schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
+    ImageEditRequest,
     ImageRequest,
     ImageResponse,
     LoraList,
@@ -50,7 +60,7 @@ from ._schemas import (
     PoolResponse,
 )
 from ._service import Service
-from ._streaming import EventStream, run_for_client, sse_event
+from ._streaming import EventStream, run_for_client
 
 __all__ = ["add_routes"]
 
@@ -117,24 +127,28 @@ def _input_errors(*, field: str | None, indexed: bool = False) -> Iterator[None]
 # -- models -----------------------------------------------------------------------------------
 
 
-def _card(entry: ModelEntry, created: int) -> ModelCard:
+async def _card(service: Service, entry: ModelEntry) -> ModelCard:
     spec = entry.spec
     return ModelCard(
         id=spec.key,
-        created=created,
+        created=service.created,
         owned_by=entry.plugin.distribution or entry.plugin.name,
         capability=entry.capability.value,
         embedding_dimension=spec.info.embedding_dimension,
         tiny=spec.info.tiny,
         aliases=list(spec.aliases),
+        limits=await service.limits(entry.key)
+        if entry.capability is Capability.TEXT_TO_IMAGE
+        else None,
     )
 
 
 @_route("GET", "/v1/models", response_model=ModelList, responses=_errors(401))
 async def list_models(request: Request) -> ModelList:
-    """The models this server serves, in OpenAI's list shape plus limner's facts."""
+    """The models this server serves, in OpenAI's list shape plus limner's facts: for a
+    text-to-image model, each request field's default and bounds (``limits``)."""
     service = _service(request)
-    return ModelList(data=[_card(entry, service.created) for entry in service.entries()])
+    return ModelList(data=[await _card(service, entry) for entry in service.entries()])
 
 
 @_route("GET", "/v1/models/{model:path}", response_model=ModelCard, responses=_errors(401, 404))
@@ -143,7 +157,7 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
     service = _service(request)
     key = service.resolve(model)
     entry = next(e for e in service.entries() if e.key == key)
-    return _card(entry, service.created)
+    return await _card(service, entry)
 
 
 # -- embeddings -------------------------------------------------------------------------------
@@ -199,14 +213,24 @@ async def _embed(service: Service, body: EmbeddingRequest) -> Response:
         if split.texts:
             positions = [index for index, _ in split.texts]
             vectors[positions] = await _in_request_order(model.embed_text, split.texts)
-    # Thousands of vectors take a while to render: not on the event loop.
-    content = await anyio.to_thread.run_sync(
-        _embeddings_body, vectors, model.key, body.encoding_format
-    )
+    if len(vectors) <= _INLINE_VECTORS:
+        content = _embeddings_body(vectors, model.key, body.encoding_format)
+    else:  # thousands of vectors take a while to render: not on the event loop
+        content = await anyio.to_thread.run_sync(
+            _embeddings_body, vectors, model.key, body.encoding_format
+        )
     return Response(content, media_type="application/json")
 
 
+# Rendered on the event loop up to this many vectors (about 15 us each with orjson): less
+# than the hop to a worker thread and back costs.
+_INLINE_VECTORS = 16
+
+
 def _embeddings_body(vectors: Vector, model: str, encoding_format: str) -> bytes:
+    """The OpenAI embeddings body. orjson writes float32 rows as they are, each number the
+    shortest text that reads back as the same float32 (json.dumps of ``tolist()`` took 20x
+    as long, and wrote float64's longer digits); the pool's vectors are finite."""
     encode = _base64_vector if encoding_format == "base64" else _float_vector
     data = [
         {"object": "embedding", "index": index, "embedding": encode(vector)}
@@ -214,7 +238,7 @@ def _embeddings_body(vectors: Vector, model: str, encoding_format: str) -> bytes
     ]
     usage = {"prompt_tokens": 0, "total_tokens": 0}
     body = {"object": "list", "data": data, "model": model, "usage": usage}
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 async def _embed_images(model: ImageEmbedder, images: list[tuple[int, bytes]]) -> Vector:
@@ -235,9 +259,9 @@ async def _in_request_order(
         raise
 
 
-def _float_vector(vector: Vector) -> list[float]:
-    values: list[float] = vector.tolist()
-    return values
+def _float_vector(vector: Vector) -> Vector:
+    """The row itself, C-contiguous float32, as orjson serialises numpy arrays."""
+    return np.ascontiguousarray(vector, dtype=np.float32)
 
 
 def _base64_vector(vector: Vector) -> str:
@@ -245,46 +269,155 @@ def _base64_vector(vector: Vector) -> str:
     return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
 
 
-# -- image generation -------------------------------------------------------------------------
+# -- image generation and editing ---------------------------------------------------------
 
 _SIZE = re.compile(r"^([0-9]+)x([0-9]+)$")
-_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 # One server-sent event, as OpenAPI 3.2 describes an event stream's items.
 _SSE_EVENT = {
     "type": "object",
     "required": ["event", "data"],
     "properties": {
-        "event": {"type": "string", "enum": ["progress", "completed", "done", "error"]},
+        "event": {
+            "type": "string",
+            "enum": [
+                "image_generation.partial_image",
+                "image_generation.completed",
+                "image_edit.partial_image",
+                "image_edit.completed",
+                "progress",
+                "completed",
+                "done",
+                "error",
+            ],
+        },
         "data": {"type": "string", "contentMediaType": "application/json"},
     },
 }
 
 _STREAM_DOC = (
-    "With `stream: true`: `text/event-stream` with one `progress` event per step "
-    '(`{"step","total","elapsed"}`, plus `"preview"`, a base64 PNG, with `preview: true`), '
-    "then `completed` (the JSON body below), then `done` (`[DONE]`); a failure is an `error` "
-    "event in the error shape, with `status`."
+    "With `stream: true`: `text/event-stream` of OpenAI's image events, as the `openai` "
+    "package parses them: `partial_images` (0 to 3) `{kind}.partial_image` events (`b64_json` "
+    "of the step's latent preview scaled to the output size, `background`, `created_at`, "
+    "`output_format`, `partial_image_index`, `quality`, `size`, `type`), then one "
+    "`{kind}.completed` event per image (the same fields less the index, plus `usage`). With "
+    '`stream_format: "limner"`: one `progress` event per step (`{{"step","total","elapsed"}}`, '
+    'plus `"preview"`, a base64 PNG, with `preview: true`), then `completed` (the JSON body '
+    "below), then `done` (`[DONE]`). A failure is an `error` event in the error shape, with "
+    "`status`."
 )
 
 
-@_route(
-    "POST",
-    "/v1/images/generations",
-    response_model=ImageResponse,
-    responses={
-        200: {
-            "description": "The images; or, with stream, server-sent events",
-            "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}},
+def _image_route(path: str, kind: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    return _route(
+        "POST",
+        path,
+        response_model=ImageResponse,
+        responses={
+            200: {
+                "description": "The images; or, with stream, server-sent events",
+                "content": {"text/event-stream": {"itemSchema": _SSE_EVENT}},
+            },
+            **_MODEL_ERRORS,
         },
-        **_MODEL_ERRORS,
-    },
-    description=_STREAM_DOC,
-)
+        description=_STREAM_DOC.format(kind=kind),
+        **options,
+    )
+
+
+@_image_route("/v1/images/generations", "image_generation")
 async def create_images(body: ImageRequest, request: Request) -> Response:
     """Generate images from a prompt; base64 PNG/JPEG/WebP inline."""
     service = _service(request)
     deadline = _deadline(service)
+    _check_image_options(body)
+    model = await service.generator(body.model)
+    _check_background(body, model)
+    with _input_errors(field=None):  # the backend names the field (size, steps, ...)
+        config = _config(body)
+        resolved = await anyio.to_thread.run_sync(model.resolve_config, config)
+    answer = _answer(body, "image_generation")
+    return await _images(request, model, [Job(body.prompt, resolved)], body, answer, deadline)
+
+
+_EDIT_FORM = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                **ImageEditRequest.model_json_schema(),
+                "title": "ImageEditForm",
+                "properties": {
+                    "image": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "The image to edit; one part per image (`image[]` "
+                        "also), each edited on its own, at most 16.",
+                    },
+                    "mask": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "A PNG the image's size whose fully transparent "
+                        "pixels mark the area to edit; applies to the first image.",
+                    },
+                    **ImageEditRequest.model_json_schema()["properties"],
+                },
+                "required": ["image", "prompt", "model"],
+            }
+        }
+    },
+}
+
+
+@_image_route("/v1/images/edits", "image_edit", openapi_extra={"requestBody": _EDIT_FORM})
+async def create_image_edits(request: Request) -> Response:
+    """Edit images after a prompt (image-to-image, or inpainting inside a mask), as OpenAI's
+    `images.edit` sends it: `multipart/form-data` with the image files, an optional `mask`,
+    and the generation fields, plus limner's `strength`, `seed`, `steps`."""
+    service = _service(request)
+    deadline = _deadline(service)
+    limits = service.settings.image_limits
+    form = await read_edit_form(request, limits=limits)
+    body = form.body
+    _check_image_options(body)
+    if len(form.sources) > MAX_SOURCES:
+        raise APIError(
+            400,
+            f"{len(form.sources)} images is over the limit of {MAX_SOURCES} per edit",
+            param="image",
+            code="invalid_request",
+        )
+    model = await service.generator(body.model)
+    _check_background(body, model)
+    if not model.supports_editing:
+        raise APIError(
+            400,
+            f"model {model.key} cannot edit images; it generates from a prompt alone "
+            "(POST /v1/images/generations)",
+            param="model",
+            code="unsupported_model",
+        )
+    config = dataclasses.replace(_config(body), strength=body.strength)
+    jobs = await _edit_jobs(model, body.prompt, config, form, limits)
+    answer = _answer(body, "image_edit")
+    return await _images(request, model, jobs, body, answer, deadline)
+
+
+# Not an operation of this API, so not in its schema: a clear answer for OpenAI's clients.
+@_route("POST", "/v1/images/variations", include_in_schema=False)
+async def create_image_variations(request: Request) -> Response:
+    """Not served: vary an image with `POST /v1/images/edits`, a prompt and a `strength`."""
+    raise APIError(
+        400,
+        "image variations are not served here: the diffusion models vary an image after a "
+        "prompt, so use POST /v1/images/edits with the image, a prompt and a strength "
+        "(0.6 by default)",
+        code="unsupported_endpoint",
+    )
+
+
+def _check_image_options(body: ImageRequest | ImageEditRequest) -> None:
+    """What a request asks that no model here does, or that contradicts itself: a 400."""
     if body.response_format == "url":
         raise APIError(
             400,
@@ -292,41 +425,45 @@ async def create_images(body: ImageRequest, request: Request) -> Response:
             param="response_format",
             code="unsupported_response_format",
         )
-    model = await service.generator(body.model)
-    with _input_errors(field=None):  # the backend names the field (size, steps, ...)
-        config = _config(body)
-        resolved = await anyio.to_thread.run_sync(model.resolve_config, config)
-    output_format = body.output_format
-    if not body.stream:
-
-        async def whole() -> GenerationResult:
-            with _input_errors(field=None):
-                return await model.generate(body.prompt, resolved)
-
-        result = await run_for_client(request.receive, whole, deadline=deadline)
-        return JSONResponse(await anyio.to_thread.run_sync(_image_payload, result, output_format))
-    stream = model.generate_image(body.prompt, resolved)
-    try:
-
-        async def first_chunk() -> GenerationChunk:
-            with _input_errors(field=None):
-                return await _next(model, stream)
-
-        first = await run_for_client(request.receive, first_chunk, deadline=deadline)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await stream.aclose()
-        raise
-    return EventStream(_events(model, first, stream, output_format), deadline=deadline)
+    openai_stream = body.stream and body.stream_format == "openai"
+    if openai_stream and body.preview:
+        raise APIError(
+            400,
+            'preview applies to stream_format "limner" (a preview at every step); '
+            "OpenAI's stream sends partial_images instead",
+            param="preview",
+            code="invalid_request",
+        )
+    if body.stream and not openai_stream and body.partial_images:
+        raise APIError(
+            400,
+            'partial_images applies to OpenAI\'s stream (stream_format "openai"); '
+            'stream_format "limner" sends a preview at every step with preview: true',
+            param="partial_images",
+            code="invalid_request",
+        )
 
 
-def _config(body: ImageRequest) -> ImageGenerationConfig:
+def _check_background(body: ImageRequest | ImageEditRequest, model: ImageGenerator) -> None:
+    if body.background == "transparent":
+        raise APIError(
+            400,
+            f"{model.key} cannot make transparent images: its images are opaque; use "
+            "background opaque or auto",
+            param="background",
+            code="unsupported_value",
+        )
+
+
+def _config(body: ImageRequest | ImageEditRequest) -> ImageGenerationConfig:
     width = height = None
     if body.size is not None and body.size != "auto":
         match = _SIZE.match(body.size)
         if match is None:
             raise InvalidInput("must look like 1024x768", field="size")
         width, height = int(match.group(1)), int(match.group(2))
+    # Previews cost a small matrix product a step: only a stream that sends them asks.
+    preview = body.preview if body.stream_format == "limner" else bool(body.partial_images)
     return ImageGenerationConfig(
         width=width,
         height=height,
@@ -336,82 +473,104 @@ def _config(body: ImageRequest) -> ImageGenerationConfig:
         num_images=body.n,
         negative_prompt=body.negative_prompt,
         output_format=body.output_format,
-        preview=body.preview and body.stream,  # only a stream has somewhere to send them
+        preview=body.stream and preview,  # only a stream has somewhere to send them
         loras=lora_pairs(body.loras),
     )
 
 
-async def _next(
-    model: ImageGenerator, stream: AsyncGenerator[GenerationChunk, None]
-) -> GenerationChunk:
-    try:
-        return await anext(stream)
-    except StopAsyncIteration:
-        raise ModelError(f"{model.key} ended its stream without a result") from None
+def _answer(body: ImageRequest | ImageEditRequest, kind: Kind) -> ImageAnswer:
+    return ImageAnswer(
+        kind=kind,
+        output_format=body.output_format,
+        compression=body.output_compression,
+        background=body.background or "auto",
+        quality=body.quality,
+    )
 
 
-async def _events(
+async def _edit_jobs(
     model: ImageGenerator,
-    first: GenerationChunk,
-    stream: AsyncGenerator[GenerationChunk, None],
-    output_format: str,
-) -> AsyncGenerator[bytes, None]:
-    """The stream's chunks as events; closing this closes the generation (which stops it)."""
+    prompt: str,
+    config: ImageGenerationConfig,
+    form: EditForm,
+    limits: ImageLimits,
+) -> list[Job]:
+    """One job per source image, each decoded and its config resolved now, before any
+    load: the mask (OpenAI's: transparent pixels) applies to the first, whose size it must
+    have; every source after the first takes the first's seed."""
+    several = len(form.sources) > 1
+    sources = []
+    for index, data in enumerate(form.sources):
+        param = f"image[{index}]" if several else "image"
+        with _input_errors(field=param):
+            sources.append(
+                await anyio.to_thread.run_sync(
+                    functools.partial(decode_image, data, kind=InputKind.BYTES, limits=limits)
+                )
+            )
+    mask = None
+    if form.mask is not None:
+        with _input_errors(field="mask"):
+            mask = await anyio.to_thread.run_sync(
+                functools.partial(
+                    decode_mask, form.mask, kind=InputKind.BYTES, limits=limits, convention="alpha"
+                )
+            )
+        if mask.size != sources[0].size:
+            raise APIError(
+                400,
+                f"the mask is {mask.width}x{mask.height} and the image {sources[0].width}x"
+                f"{sources[0].height}; they must be the same size",
+                param="mask",
+                code="invalid_input",
+            )
+    jobs: list[Job] = []
+    for index, source in enumerate(sources):
+        if jobs:
+            config = dataclasses.replace(config, seed=jobs[0].config.seed)
+        with _input_errors(field=None):
+            resolved = model.resolve_config(config, source_size=source.size)
+        jobs.append(Job(prompt, resolved, source, mask if index == 0 else None))
+    return jobs
+
+
+async def _images(
+    request: Request,
+    model: ImageGenerator,
+    jobs: list[Job],
+    body: ImageRequest | ImageEditRequest,
+    answer: ImageAnswer,
+    deadline: float,
+) -> Response:
+    """The jobs' images as one answer, or as a stream of events."""
+    if not body.stream:
+
+        async def whole() -> list[GenerationResult]:
+            with _input_errors(field=None):
+                return [
+                    await model.generate(job.prompt, job.config, image=job.image, mask=job.mask)
+                    for job in jobs
+                ]
+
+        results = await run_for_client(request.receive, whole, deadline=deadline)
+        return JSONResponse(await anyio.to_thread.run_sync(whole_answer, results, answer))
+    stream = jobs[0].chunks(model)
     try:
-        chunk = first
-        while True:
-            if isinstance(chunk, Progress):
-                progress: dict[str, Any] = {
-                    "step": chunk.step,
-                    "total": chunk.total,
-                    "elapsed": chunk.elapsed,
-                }
-                if chunk.preview is not None:
-                    progress["preview"] = await anyio.to_thread.run_sync(_png_b64, chunk.preview)
-                yield sse_event("progress", progress)
-            else:
-                payload = await anyio.to_thread.run_sync(_image_payload, chunk, output_format)
-                yield sse_event("completed", payload)
-                yield sse_event("done", "[DONE]")
-                return
-            chunk = await _next(model, stream)
-    finally:
+
+        async def first_chunk() -> GenerationChunk:
+            with _input_errors(field=None):
+                return await next_chunk(model, stream)
+
+        first = await run_for_client(request.receive, first_chunk, deadline=deadline)
+    except BaseException:
         with anyio.CancelScope(shield=True):
             await stream.aclose()
-
-
-def _image_payload(result: GenerationResult, output_format: str) -> dict[str, Any]:
-    """The OpenAI images body: each image base64-encoded in ``output_format``. Blocking."""
-    data = []
-    for index, image in enumerate(result.images):
-        buffer = io.BytesIO()
-        if output_format == "jpeg" and image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")  # JPEG has no alpha
-        if output_format == "png":  # the text chunks GenerationResult.save writes: prompt,
-            # seed, model, settings travel with the file wherever it goes
-            info = PngInfo()
-            for key, value in result.text_metadata(index).items():
-                info.add_itxt(key, value)
-            image.save(buffer, format="PNG", pnginfo=info)
-        else:
-            image.save(buffer, format=_PIL_FORMATS[output_format])
-        encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-        data.append({"b64_json": encoded, "revised_prompt": None})
-    config = result.config
-    width, height = result.images[0].size if result.images else (config.width, config.height)
-    return {
-        "created": int(time.time()),
-        "data": data,
-        "seed": result.seed,
-        "model": result.model,
-        "size": f"{width}x{height}",
-    }
-
-
-def _png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+        raise
+    if body.stream_format == "limner":
+        events = limner_events(model, jobs, (stream, first), answer)
+    else:
+        events = openai_events(model, jobs, (stream, first), answer, body.partial_images or 0)
+    return EventStream(events, deadline=deadline)
 
 
 # -- LoRA adapters ----------------------------------------------------------------------------

@@ -18,9 +18,13 @@ __all__ = [
     "EmbeddingResponse",
     "ErrorDetail",
     "ErrorResponse",
+    "FieldLimits",
     "GeneratedImage",
+    "GenerationLimits",
+    "ImageEditRequest",
     "ImageRequest",
     "ImageResponse",
+    "ImageUsage",
     "LoraCard",
     "LoraChoice",
     "LoraList",
@@ -95,26 +99,56 @@ class LoraChoice(_Request):
     )
 
 
-class ImageRequest(_Request):
+class _ImageOptions(_Request):
+    """The fields of OpenAI's image generation and edit requests, and limner's extras."""
+
     prompt: str = Field(min_length=1, max_length=10_000)
     model: str = Field(min_length=1, max_length=256, description="Model key or alias.")
     n: _Int = Field(default=1, ge=1, le=10, description="Number of images.")
     size: str | None = Field(
         default=None,
         pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
-        description="WIDTHxHEIGHT in pixels; omitted or auto takes the model's default.",
+        description="WIDTHxHEIGHT in pixels; omitted or auto takes the model's default (for "
+        "an edit, the image's own size, to the nearest the model takes).",
     )
     response_format: Literal["b64_json", "url"] = Field(
         default="b64_json", description="Only b64_json: this server returns images inline."
     )
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: _Int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="jpeg and webp: the encoder's quality, 0 to 100 (default: Pillow's, "
+        "75 for jpeg, 80 for webp); ignored for png, which is lossless.",
+    )
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        default=None,
+        description="opaque or auto: the images are opaque; transparent is a 400, since no "
+        "model served here makes transparent images.",
+    )
     # Strict: "no" or 0 read as a boolean would silently pick the wrong kind of answer.
     stream: StrictBool = Field(
-        default=False, description="Server-sent events: progress, then images."
+        default=False,
+        description="Server-sent events: OpenAI's partial_image and completed events, or "
+        "with stream_format limner, a progress event per step.",
+    )
+    stream_format: Literal["openai", "limner"] = Field(
+        default="openai",
+        description="With stream: openai (OpenAI's image events, as its clients parse them) "
+        "or limner (progress at every step, then the answer; what the playground reads).",
+    )
+    partial_images: _Int | None = Field(
+        default=None,
+        ge=0,
+        le=3,
+        description="With stream (openai): how many partial images to send, spread over the "
+        "steps that run; each is the step's latent preview, scaled to the output size.",
     )
     preview: StrictBool = Field(
         default=False,
-        description="With stream: each progress event carries a small PNG of the image so far.",
+        description="With stream_format limner: each progress event carries a small PNG of "
+        "the image so far.",
     )
     seed: _Int | None = Field(default=None, ge=0, le=_MAX_SEED)
     steps: _Int | None = Field(default=None, ge=1, le=1000)
@@ -122,10 +156,10 @@ class ImageRequest(_Request):
     negative_prompt: str | None = Field(default=None, max_length=10_000)
     # What OpenAI clients send for DALL-E and gpt-image; the model's own settings (steps,
     # guidance) decide here, so they are accepted and ignored, yet a misspelt value is a 400.
-    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
-        default=None, description="Accepted for OpenAI clients and ignored: use steps."
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high", "xhigh", "max"] | None = (
+        Field(default=None, description="Accepted for OpenAI clients and ignored: use steps.")
     )
-    style: Literal["vivid", "natural"] | None = Field(
+    moderation: Literal["low", "auto"] | None = Field(
         default=None, description="Accepted for OpenAI clients and ignored."
     )
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
@@ -134,6 +168,32 @@ class ImageRequest(_Request):
         max_length=MAX_LORAS,
         description="LoRA adapters to apply, each with its scale (GET /v1/loras lists them).",
     )
+    safety_identifier: str | None = Field(
+        default=None, max_length=256, description="Accepted and ignored."
+    )
+
+
+class ImageRequest(_ImageOptions):
+    style: Literal["vivid", "natural"] | None = Field(
+        default=None, description="Accepted for OpenAI clients and ignored."
+    )
+
+
+class ImageEditRequest(_ImageOptions):
+    """The text fields of a ``multipart/form-data`` edit request; the files (``image`` or
+    ``image[]``, ``mask``) come beside them."""
+
+    strength: _Float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="How far from the image to go: 0 returns it, 1 keeps only its size "
+        "(default: the model's).",
+    )
+    input_fidelity: Literal["high", "low"] | None = Field(
+        default=None, description="Accepted for OpenAI clients and ignored: use strength."
+    )
 
 
 class GeneratedImage(BaseModel):
@@ -141,12 +201,31 @@ class GeneratedImage(BaseModel):
     revised_prompt: None = None
 
 
+class ImageUsageDetails(BaseModel):
+    image_tokens: int = 0
+    text_tokens: int = 0
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's token counts, which limner does not keep: zeros, so that clients reading
+    them work."""
+
+    input_tokens: int = 0
+    input_tokens_details: ImageUsageDetails = Field(default_factory=ImageUsageDetails)
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
 class ImageResponse(BaseModel):
     created: int
     data: list[GeneratedImage]
+    background: Literal["opaque"]
+    output_format: Literal["png", "jpeg", "webp"]
+    quality: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    size: str
+    usage: ImageUsage
     seed: int
     model: str
-    size: str
 
 
 class ProgressEvent(BaseModel):
@@ -154,6 +233,28 @@ class ProgressEvent(BaseModel):
     total: int
     elapsed: float
     preview: str | None = None
+
+
+class FieldLimits(BaseModel):
+    """One request field: what an omitted value becomes, and what the server takes."""
+
+    default: int | float | None = Field(description="What an omitted value becomes.")
+    min: int | float | None = Field(description="Smallest value taken; null when not known.")
+    max: int | float | None = Field(description="Largest value taken; null when not known.")
+    multiple: int | None = Field(
+        default=None, description="Values must divide by it (image sides); null for any."
+    )
+
+
+class GenerationLimits(BaseModel):
+    """What ``POST /v1/images/generations`` takes for one model, field by field: ``width``
+    and ``height`` are the sides in ``size``."""
+
+    width: FieldLimits
+    height: FieldLimits
+    steps: FieldLimits
+    n: FieldLimits
+    guidance: FieldLimits
 
 
 class ModelCard(BaseModel):
@@ -165,6 +266,11 @@ class ModelCard(BaseModel):
     embedding_dimension: int | None
     tiny: bool
     aliases: list[str]
+    limits: GenerationLimits | None = Field(
+        default=None,
+        description="Text-to-image models: each request field's default and bounds, as this "
+        "server checks them. Null for embedding models.",
+    )
 
 
 class LoraCard(BaseModel):

@@ -28,6 +28,8 @@ from limner.errors import InvalidInput, UnknownModelError
 
 from ._errors import APIError
 from ._guard import GuardedTransport, URLGuard
+from ._limits import generation_limits
+from ._schemas import GenerationLimits
 from ._settings import ServerSettings
 
 __all__ = ["Service"]
@@ -53,6 +55,7 @@ class Service:
     ready: bool = False
     preload_errors: dict[str, str] = field(default_factory=dict)
     _bound: dict[str, Model] = field(default_factory=dict)
+    _limits: dict[str, GenerationLimits | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.guard = URLGuard(
@@ -206,8 +209,26 @@ class Service:
             if isinstance(bound, ImageEmbedder):  # the server's limits, not the registry's
                 bound = bound.with_limits(self.settings.image_limits)
                 bound.max_text_chars = self.settings.max_text_chars
+            elif isinstance(bound, ImageGenerator):  # an edit's images, within them too
+                bound = bound.with_limits(self.settings.image_limits)
             bound = self._bound.setdefault(key, bound)
         return bound
+
+    async def limits(self, key: str) -> GenerationLimits | None:
+        """A served text-to-image key's limits (see :func:`generation_limits`), worked out
+        once; None for an embedding model, or when the plugin cannot tell (logged)."""
+        if key not in self._limits:
+            try:
+                # Building a front may import the plugin's heavy modules: never on the loop.
+                self._limits[key] = await anyio.to_thread.run_sync(self._work_out_limits, key)
+            except Exception as error:
+                log.warning("cannot tell %s's request limits: %s", key, error)
+                self._limits[key] = None
+        return self._limits[key]
+
+    def _work_out_limits(self, key: str) -> GenerationLimits | None:
+        model = self.registry.get(key)
+        return generation_limits(model) if isinstance(model, ImageGenerator) else None
 
     async def embedder(self, name: str) -> ImageEmbedder:
         model = await self.model(name)

@@ -1,7 +1,7 @@
 """The playground: one static page at ``/`` that drives the public API from a browser.
 
 The page holds no data and no secret (the browser sends the API key with each API call), so
-it and its two assets are served without the key. They are read once, when the app is made;
+it and its assets are served without the key. They are read once, when the app is made;
 no request ever touches the file system.
 """
 
@@ -18,6 +18,7 @@ __all__ = ["UI_PATHS", "add_ui"]
 _FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/ui/edit.js": ("edit.js", "text/javascript; charset=utf-8"),
     "/ui/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 

@@ -33,6 +33,8 @@ class FluxBackend(DiffusersBackend[FluxVariant]):
     """
 
     pipeline_class = "FluxPipeline"
+    img2img_class = "FluxImg2ImgPipeline"  # editing: built on the loaded components
+    inpaint_class = "FluxInpaintPipeline"
     tiny = TINY
     variants = VARIANTS
     download_size = "34 GB"

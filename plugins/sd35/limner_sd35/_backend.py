@@ -33,6 +33,8 @@ class SD35Backend(DiffusersBackend[SD35Variant]):
     """
 
     pipeline_class = "StableDiffusion3Pipeline"
+    img2img_class = "StableDiffusion3Img2ImgPipeline"  # editing: built on the loaded components
+    inpaint_class = "StableDiffusion3InpaintPipeline"
     tiny = TINY
     variants = VARIANTS
     lora_family = "SD3.5"

@@ -35,8 +35,12 @@
     const init = { method: "GET", headers, signal };
     if (body !== undefined) {
       init.method = "POST";
-      headers["Content-Type"] = "application/json";
-      init.body = JSON.stringify(body);
+      if (body instanceof FormData) {
+        init.body = body; // multipart/form-data: the browser writes the type and boundary
+      } else {
+        headers["Content-Type"] = "application/json";
+        init.body = JSON.stringify(body);
+      }
     }
     const response = await fetch(path, init);
     if (!response.ok) {
@@ -89,6 +93,22 @@
     }
   }
 
+  // limner's stream (stream_format "limner"): each progress and completed event to its
+  // handler; an error event is thrown as the APIError it carries.
+  async function followStream(response, { progress, completed }) {
+    for await (const message of serverSentEvents(response.body)) {
+      if (message.name === "progress") {
+        progress(JSON.parse(message.data));
+      } else if (message.name === "completed") {
+        completed(JSON.parse(message.data));
+      } else if (message.name === "error") {
+        const failure = JSON.parse(message.data);
+        const detail = failure.error || {};
+        throw new APIError(failure.status, detail.message, detail.code, detail.param);
+      }
+    }
+  }
+
   // -- the key and the connection -------------------------------------------------------------
 
   const connection = $("connection");
@@ -97,31 +117,43 @@
   function needKey(error) {
     stopPolling();
     document.body.dataset.connection = "unauthorized";
-    connection.textContent = storedKey()
+    const refused = Boolean(storedKey());
+    connection.textContent = refused
       ? `The server refused this API key (${error.message}). Enter the right key above.`
       : "This server needs an API key: enter it above, then choose Use key.";
     connection.hidden = false;
+    showKeyState(refused ? "refused" : "none");
     setFormsEnabled(false);
     $("api-key").focus();
   }
 
-  function showKeyState() {
-    const saved = Boolean(storedKey());
-    $("forget-key").hidden = !saved;
-    $("key-state").textContent = saved ? "Key set for this tab." : "Kept in this tab.";
+  // What the key beside the form is: none, being tried, taken by the server, or refused.
+  const KEY_STATES = {
+    none: "Kept in this tab.",
+    trying: "Trying the key…",
+    accepted: "Key set for this tab.",
+    refused: "Key refused: not this server's.",
+  };
+
+  function showKeyState(state) {
+    $("forget-key").hidden = !storedKey();
+    $("key-state").textContent = KEY_STATES[storedKey() ? state : "none"];
+    $("key-state").dataset.state = storedKey() ? state : "none";
   }
 
   function setFormsEnabled(enabled) {
-    for (const form of [$("generate-form"), $("search-form")]) {
+    for (const form of document.querySelectorAll("form.fields")) {
       for (const control of form.elements) {
-        if (control.id !== "stop-button") control.disabled = !enabled;
+        if (!("stop" in control.dataset)) control.disabled = !enabled;
       }
     }
     if (enabled) syncGenerateButtons();
+    // edit.js keeps its own buttons in step
+    document.dispatchEvent(new CustomEvent("limner:forms", { detail: { enabled } }));
   }
 
   async function connect() {
-    showKeyState();
+    showKeyState("trying");
     let models;
     try {
       models = (await (await api("/v1/models")).json()).data;
@@ -135,8 +167,12 @@
     }
     connection.hidden = true;
     document.body.dataset.connection = "ok";
+    showKeyState("accepted");
+    generators = new Map(models.map((model) => [model.id, model]));
     fillModels($("gen-model"), models, "text-to-image", "No text-to-image model is served.");
+    fillModels($("edit-model"), models, "text-to-image", "No text-to-image model is served.");
     fillModels($("search-model"), models, "image-embedding", "No embedding model is served.");
+    applyLimits();
     setFormsEnabled(true);
     await refreshLoras();
     $("search-button").disabled = !$("search-model").value;
@@ -258,11 +294,78 @@
     return text === "" ? undefined : Number(text);
   }
 
+  // The form's fields and the request field whose limits each takes, from /v1/models.
+  const LIMITED_FIELDS = [
+    ["width", "width", "Width"],
+    ["height", "height", "Height"],
+    ["steps", "steps", "Steps"],
+  ];
+  let generators = new Map(); // model id -> its /v1/models card
+
+  function currentLimits() {
+    const model = generators.get($("gen-model").value);
+    return (model && model.limits) || null;
+  }
+
+  // The model's bounds on the fields, so the form offers only what the server takes.
+  function applyLimits() {
+    const limits = currentLimits();
+    for (const [id, name] of LIMITED_FIELDS) {
+      const input = $(id);
+      const field = limits ? limits[name] : null;
+      const set = (attribute, value) =>
+        value === null || value === undefined
+          ? input.removeAttribute(attribute)
+          : input.setAttribute(attribute, String(value));
+      set("min", field && field.min);
+      set("max", field && field.max);
+      set("step", field && field.multiple);
+      input.placeholder =
+        field && field.default !== null ? `default ${field.default}` : "default";
+    }
+  }
+
+  // What is wrong with a field for this model, in words, or null.
+  function fieldProblem(id, label) {
+    const input = $(id);
+    const { validity } = input;
+    if (validity.valid) return null;
+    const model = $("gen-model").value;
+    if (validity.badInput) return `${label} must be a whole number.`;
+    if (validity.rangeUnderflow || validity.rangeOverflow) {
+      const low = input.getAttribute("min");
+      const high = input.getAttribute("max");
+      return `${label} must be between ${low} and ${high} for ${model}; it is ${input.value}.`;
+    }
+    if (validity.stepMismatch) {
+      const step = input.getAttribute("step");
+      return `${label} must be a multiple of ${step} for ${model}; it is ${input.value}.`;
+    }
+    if (validity.valueMissing) return `${label} is required.`;
+    return `${label}: ${input.validationMessage}`;
+  }
+
+  // The first bad field, named beside the button; true when every field is good.
+  function checkFields() {
+    const fields = [["prompt", "The prompt"], ...LIMITED_FIELDS.map(([id, , l]) => [id, l])];
+    fields.push(["seed", "The seed"]);
+    for (const [id, label] of fields) {
+      const problem = fieldProblem(id, label);
+      if (problem) {
+        showError($("gen-error"), new Error(problem));
+        $(id).focus();
+        return false;
+      }
+    }
+    return true;
+  }
+
   function generationRequest() {
     const body = {
       model: $("gen-model").value,
       prompt: $("prompt").value,
       stream: true,
+      stream_format: "limner", // a progress event per step, with its preview
       preview: true,
     };
     const width = integerField("width");
@@ -294,8 +397,9 @@
   async function generate(event) {
     event.preventDefault();
     if (running) return;
-    const body = generationRequest();
     $("gen-error").hidden = true;
+    if (!checkFields()) return;
+    const body = generationRequest();
     download.hidden = true;
     progress.value = 0;
     progress.max = 1;
@@ -307,17 +411,10 @@
     frameShape(size[0], size[1]);
     try {
       const response = await api("/v1/images/generations", { body, signal: running.signal });
-      for await (const message of serverSentEvents(response.body)) {
-        if (message.name === "progress") {
-          showStep(JSON.parse(message.data));
-        } else if (message.name === "completed") {
-          showResult(JSON.parse(message.data), body.prompt);
-        } else if (message.name === "error") {
-          const failure = JSON.parse(message.data);
-          const detail = failure.error || {};
-          throw new APIError(failure.status, detail.message, detail.code, detail.param);
-        }
-      }
+      await followStream(response, {
+        progress: showStep,
+        completed: (answer) => showResult(answer, body.prompt),
+      });
       if (generateSection.dataset.state === "running") {
         throw new Error("the stream ended before the image arrived");
       }
@@ -427,8 +524,11 @@
 
   $("generate-form").addEventListener("submit", generate);
   $("stop-button").addEventListener("click", stop);
-  $("gen-model").addEventListener("change", syncGenerateButtons);
-  $("gen-model").addEventListener("change", showLoras);
+  $("gen-model").addEventListener("change", () => {
+    applyLimits();
+    syncGenerateButtons();
+    showLoras();
+  });
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && running) stop();
   });
@@ -629,6 +729,9 @@
     element.textContent = error instanceof APIError ? `${error.message} (${error.status})` : error.message;
     element.hidden = false;
   }
+
+  // What the Edit panel (edit.js) shares with the rest of the page.
+  window.limnerPlayground = { api, followStream, showError, refreshPool };
 
   setFormsEnabled(false);
   connect();

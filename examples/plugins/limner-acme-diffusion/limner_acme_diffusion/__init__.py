@@ -21,7 +21,7 @@ def components(diffusers: Any) -> dict[str, Any]:
 
 
 TINY = tiny_pipeline(
-    "acme-diffusion/tiny@1", seed=1, pipeline_class="StableDiffusionPipeline", components=components
+    "acme-diffusion/tiny@2", seed=1, pipeline_class="StableDiffusionPipeline", components=components
 )
 
 
@@ -34,6 +34,10 @@ class SD15(Checkpoint):
 
 class AcmeDiffusionBackend(DiffusersBackend[SD15]):
     tiny = TINY  # and its pipeline class, StableDiffusionPipeline
+    # Editing: the family's image-to-image and inpainting pipelines, built on the loaded
+    # pipeline's components (no second copy of the weights); leave them out to not edit.
+    img2img_class = "StableDiffusionImg2ImgPipeline"
+    inpaint_class = "StableDiffusionInpaintPipeline"
     variants = (
         SD15(
             key="stable-diffusion-v1-5/stable-diffusion-v1-5",
