@@ -340,12 +340,22 @@ async def create_images(body: ImageRequest, request: Request) -> Response:
     return await _images(request, model, [Job(body.prompt, resolved)], body, answer, deadline)
 
 
+# The form's fields as the JSON body's schema gives them; what they refer to (LoraChoice) is
+# in the document's components, where the generations' body puts it.
+_EDIT_FIELDS = {
+    name: value
+    for name, value in ImageEditRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    ).items()
+    if name != "$defs"
+}
+
 _EDIT_FORM = {
     "required": True,
     "content": {
         "multipart/form-data": {
             "schema": {
-                **ImageEditRequest.model_json_schema(),
+                **_EDIT_FIELDS,
                 "title": "ImageEditForm",
                 "properties": {
                     "image": {
@@ -360,7 +370,7 @@ _EDIT_FORM = {
                         "description": "A PNG the image's size whose fully transparent "
                         "pixels mark the area to edit; applies to the first image.",
                     },
-                    **ImageEditRequest.model_json_schema()["properties"],
+                    **_EDIT_FIELDS["properties"],
                 },
                 "required": ["image", "prompt", "model"],
             }
