@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -238,3 +239,29 @@ def served_apps(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
     return apps
+
+
+FLUX_LORAS = ("ink", "oil")
+SD35_LORAS = ("tea", "moss")
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of tiny LoRA adapters, made with PEFT on the tiny models and saved as
+    diffusers saves them, seeded: for limner/tiny-flux ``ink`` (rank 4, a folder) and ``oil``
+    (rank 8, a file); for limner/tiny-sd35 ``tea`` (rank 4, a folder) and ``moss`` (rank 8, a
+    file). Both tiny transformers are 32 wide: each family's adapters are the other's
+    same-width wrong family."""
+    pytest.importorskip("peft", reason="LoRA adapters need peft")
+    flux = pytest.importorskip("limner_flux._backend")
+    sd35 = pytest.importorskip("limner_sd35._backend")
+    from limner.diffusion.testing import write_tiny_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    for seed, tiny, (first, second) in (
+        (1, flux.FluxBackend.tiny, FLUX_LORAS),
+        (3, sd35.SD35Backend.tiny, SD35_LORAS),
+    ):
+        write_tiny_lora(tiny, folder / first, rank=4, seed=seed)
+        write_tiny_lora(tiny, folder / f"{second}.safetensors", rank=8, seed=seed + 1)
+    return folder

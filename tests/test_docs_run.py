@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from tests.conftest import LocalHTTPServer
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ("README.md", "docs/cli.md", "docs/http.md")
+RUN = ("README.md", "docs/cli.md", "docs/http.md", "docs/lora.md")
 RAY_GUIDE = "docs/distributed.md"
 COMPILED = ("docs/plugins.md",)
 DATA = {"json", "", "text"}
@@ -65,7 +65,7 @@ NOT_RUN = {
     "python benchmarks/": "a benchmark, run by hand (benchmarks/README.md)",
 }
 
-WRITE_INTO_OUT = ("README.md", "docs/cli.md", "docs/http.md")
+WRITE_INTO_OUT = ("README.md", "docs/cli.md", "docs/http.md", "docs/lora.md")
 """What these documents' examples write goes into out/, which .gitignore covers, never next to
 the code of a clone they are run in."""
 WORKSPACE_OWN = frozenset({"examples", "bin", "config"})

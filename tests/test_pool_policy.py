@@ -8,6 +8,7 @@ from limner._pool._policy import (
     Drain,
     Evict,
     NoRoom,
+    Reclaimable,
     Resident,
     Room,
     Start,
@@ -15,8 +16,10 @@ from limner._pool._policy import (
     budget_mb,
     floor_mb,
     is_expired,
+    may_start_streamed,
     next_in_line,
     plan_cold_start,
+    plan_reclaim,
     plan_turn,
     retry_after,
     retry_delay,
@@ -245,3 +248,96 @@ def test_a_turn_is_three_loads_long_within_bounds_unless_set() -> None:
 def test_callers_sent_away_come_back_after_a_turn_and_a_load() -> None:
     assert retry_after(turn_s=6.0, load_s=2.0) == 8.0
     assert retry_after(turn_s=0.1, load_s=0.1) == 1.0
+
+
+# -- cached parts (LoRA adapters) go before any model ---------------------------------------------
+
+
+def part(model: str, name: str, memory_mb: float, last_used: float) -> Reclaimable[str]:
+    return Reclaimable(model, name, memory_mb, last_used)
+
+
+def test_the_least_recently_used_parts_are_dropped_just_enough() -> None:
+    parts = [part("a", "ink", 10, 5.0), part("b", "oil", 30, 1.0), part("a", "tea", 20, 3.0)]
+    assert plan_reclaim(shortfall_mb=25, parts=parts) == [parts[1]]  # oil alone is enough
+    assert plan_reclaim(shortfall_mb=45, parts=parts) == [parts[1], parts[2]]
+    assert plan_reclaim(shortfall_mb=60, parts=parts) == [parts[1], parts[2], parts[0]]
+
+
+def test_parts_are_not_dropped_when_they_would_not_make_the_room() -> None:
+    """All of them would not do: a model must go anyway, and its parts with it."""
+    parts = [part("a", "ink", 10, 5.0), part("b", "oil", 30, 1.0)]
+    assert plan_reclaim(shortfall_mb=41, parts=parts) is None
+    assert plan_reclaim(shortfall_mb=1, parts=[]) is None
+
+
+def test_nothing_is_dropped_when_nothing_is_short() -> None:
+    assert plan_reclaim(shortfall_mb=0, parts=[part("a", "ink", 10, 5.0)]) == []
+    assert plan_reclaim(shortfall_mb=-3, parts=[]) == []
+
+
+# -- streamed calls of one group share a model; other groups wait ---------------------------------
+
+INK, OIL = (("ink", 0.8),), (("oil", 1.0),)
+
+
+def may_start(
+    position: int,
+    waiting: list[tuple[object, float]],
+    *,
+    group: object = None,
+    running: int = 0,
+    now: float = 10.0,
+    patience: float = 3.0,
+) -> bool:
+    return may_start_streamed(
+        position=position,
+        waiting=waiting,
+        running_group=group,
+        running=running,
+        now=now,
+        patience=patience,
+    )
+
+
+def test_when_nothing_runs_the_call_that_waited_longest_goes() -> None:
+    waiting: list[tuple[object, float]] = [(INK, 1.0), (OIL, 2.0), (INK, 3.0)]
+    assert may_start(0, waiting)
+    assert not may_start(1, waiting)
+    assert not may_start(2, waiting)  # its group's first call goes first
+
+
+def test_calls_of_another_group_wait_for_the_running_ones() -> None:
+    waiting: list[tuple[object, float]] = [(OIL, 1.0)]
+    assert not may_start(0, waiting, group=INK, running=1)
+    assert may_start(0, waiting, group=OIL, running=1)
+    assert not may_start(0, [((), 1.0)], group=INK, running=2)  # no adapters is a group too
+
+
+def test_a_call_of_the_running_group_goes_ahead_for_a_while() -> None:
+    """The oil call came first; the ink call joins the running ink calls while the oil
+    call has waited less than the patience, and waits behind it after."""
+    waiting: list[tuple[object, float]] = [(OIL, 8.0), (INK, 9.0)]
+    assert may_start(1, waiting, group=INK, running=1, now=10.0, patience=3.0)
+    assert not may_start(1, waiting, group=INK, running=1, now=11.5, patience=3.0)
+
+
+def test_a_call_that_came_before_the_other_group_always_joins() -> None:
+    waiting: list[tuple[object, float]] = [(INK, 1.0), (OIL, 2.0)]
+    assert may_start(0, waiting, group=INK, running=1, now=100.0)
+
+
+def test_within_a_group_calls_start_in_the_order_they_came() -> None:
+    waiting: list[tuple[object, float]] = [(INK, 5.0), (INK, 5.0)]
+    assert may_start(0, waiting, group=INK, running=1)
+    assert not may_start(1, waiting, group=INK, running=1)
+
+
+def test_a_free_model_stays_with_its_group_for_a_while() -> None:
+    """Ink ran last and its calls have ended; the next ink call goes before an earlier oil
+    call while that has waited less than the patience, and after it past that."""
+    waiting: list[tuple[object, float]] = [(OIL, 8.0), (INK, 9.0)]
+    assert may_start(1, waiting, group=INK, running=0, now=10.0)
+    assert not may_start(0, waiting, group=INK, running=0, now=10.0)
+    assert may_start(0, waiting, group=INK, running=0, now=11.5)
+    assert not may_start(1, waiting, group=INK, running=0, now=11.5)

@@ -25,6 +25,7 @@ from limner._fronts._protocols import ImageEmbeddingCapable, ImageInput, TextToI
 from limner._inputs._decode import DEFAULT_LIMITS, ImageLimits
 from limner._pool import Pool, PoolOptions, current_pool, max_wait
 from limner._registry._registry import (
+    LoraEntry,
     Model,
     ModelEntry,
     PluginRecord,
@@ -80,6 +81,7 @@ __all__ = [
     "InvalidInput",
     "KeyStats",
     "LimnerError",
+    "LoraEntry",
     "MemoryExhausted",
     "Model",
     "ModelEntry",

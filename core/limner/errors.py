@@ -151,17 +151,21 @@ class ModelError(LimnerError):
 
 
 class MemoryExhausted(LimnerError):
-    """There is not enough memory to start a worker for a model, even after evicting idle ones."""
+    """There is not enough memory to start a worker for a model, even after evicting idle ones;
+    or, with ``what``, for something a loaded model would take on (a LoRA adapter)."""
 
-    def __init__(self, key: str, *, need_mb: float, available_mb: float):
+    def __init__(self, key: str, *, need_mb: float, available_mb: float, what: str | None = None):
         self.key = key
         self.need_mb = need_mb
         self.available_mb = available_mb
+        self.what = what
+        doing = f"Cannot load {what} in {key}" if what else f"Cannot spawn workers for {key}"
+        smaller = "a smaller model" if what is None else "a smaller adapter"
         super().__init__(
-            f"Cannot spawn workers for {key}. Need {need_mb:.0f} MB, only {available_mb:.0f} MB "
+            f"{doing}. Need {need_mb:.0f} MB, only {available_mb:.0f} MB "
             "available. Free memory, raise the memory budget (--memory-budget or "
             "LIMNER_MEMORY_BUDGET for limner's commands, Pool(memory_budget_mb=...) in code), "
-            "or use a smaller model."
+            f"or use {smaller}."
         )
 
 

@@ -22,7 +22,7 @@ A runtime runs a model's calls somewhere: :class:`~limner.Pool` in this process,
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, runtime_checkable
@@ -78,10 +78,18 @@ class StreamCall:
     """One run of ``method`` on a worker of its own: ``method(*args, on_step=...)`` calls
     ``on_step`` with a :class:`~limner.Progress` per step and returns the last chunk (a
     :class:`~limner.GenerationResult`). Closing the runtime's iterator stops the run at its
-    next step (``generate``)."""
+    next step (``generate``).
+
+    ``group`` (any hashable value, picklable) says which calls may share the loaded model at
+    once: calls of different groups never run at the same time on one loaded copy of a
+    model; calls of one group may. A generation's group is its set of LoRA adapters, which
+    are state of the one shared model. A runtime may run a waiting call of the running group
+    ahead of an earlier call of another group, for a bounded time (see docs/architecture.md).
+    """
 
     method: str
     args: tuple[Any, ...] = ()
+    group: Hashable = None
 
 
 def backend_method(backend: Backend, call: BatchCall | StreamCall) -> Callable[..., Any]:

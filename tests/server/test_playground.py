@@ -375,6 +375,22 @@ def fill(driver: Chrome, values: dict[str, str]) -> None:
         field.send_keys(value)
 
 
+def downloaded_b64(driver: Chrome, url: str | None) -> str:
+    """What the page's ``url`` (a blob: link) holds, base64-encoded, read by the page."""
+    downloaded: str = driver.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0]).then((r) => r.arrayBuffer()).then((buffer) => {
+            let text = "";
+            for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
+            done(btoa(text));
+        }).catch((error) => done(String(error)));
+        """,
+        url,
+    )
+    return downloaded
+
+
 def generation_state(driver: Chrome) -> str:
     return by_id(driver, "generate").get_attribute("data-state") or ""
 
@@ -445,18 +461,7 @@ def test_a_generation_shows_previews_then_the_final_image(
     link = by_id(browser, "download")
     assert link.is_displayed()
     assert link.get_attribute("download") == "limner-7.png"
-    downloaded: str = browser.execute_async_script(
-        """
-        const done = arguments[arguments.length - 1];
-        fetch(arguments[0]).then((r) => r.arrayBuffer()).then((buffer) => {
-            let text = "";
-            for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
-            done(btoa(text));
-        }).catch((error) => done(String(error)));
-        """,
-        link.get_attribute("href"),
-    )
-    image = decode_png(downloaded)
+    image = decode_png(downloaded_b64(browser, link.get_attribute("href")))
     assert image.size == (128, 128)
     assert image.text["prompt"] == "a lighthouse at dusk"  # type: ignore[attr-defined]
     assert image.text["seed"] == "7"  # type: ignore[attr-defined]
@@ -846,4 +851,68 @@ def test_with_an_api_key_the_page_fails_clearly_then_works(
 
     browser.refresh()  # the key outlives a reload of the tab
     until(browser, connected, "the page to reconnect with the kept key")
+    assert console_errors(browser) == []
+
+
+# -- LoRA adapters in the page ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_playground(serve: Serve, hf_cache: Path, lora_dir: Path) -> Iterator[Served]:
+    """The tiny FLUX and SD3.5 with the session's adapters, served with the page."""
+    limner_flux = pytest.importorskip("limner_flux")
+    limner_sd35 = pytest.importorskip("limner_sd35")
+    registry = Registry(entry_points=False, lora_dirs=[lora_dir])
+    registry.register_plugin(limner_flux)
+    registry.register_plugin(limner_sd35)
+    with serve(create_app(registry=registry, settings=ServerSettings()), registry) as served:
+        yield served
+
+
+def adapters_listed(driver: Chrome) -> list[str]:
+    return [
+        row.get_attribute("data-name") or ""
+        for row in driver.find_elements(By.CSS_SELECTOR, "#lora-list li")
+    ]
+
+
+def test_the_page_lists_the_models_adapters_and_sends_the_ticked_ones(
+    browser: Chrome, lora_playground: Served
+) -> None:
+    open_page(browser, lora_playground.url)
+    assert connected(browser), text_of(browser, "connection")
+    model = Select(by_id(browser, "gen-model"))
+    model.select_by_value(TINY_FLUX)
+    until(browser, lambda d: adapters_listed(d) == ["ink", "oil"], "FLUX's adapters")
+    assert by_id(browser, "loras").is_displayed()
+    model.select_by_value("limner/tiny-sd35")
+    until(browser, lambda d: adapters_listed(d) == ["moss", "tea"], "SD3.5's adapters")
+    model.select_by_value(TINY_FLUX)
+    until(browser, lambda d: adapters_listed(d) == ["ink", "oil"], "FLUX's adapters again")
+
+    by_id(browser, "lora-ink").click()
+    scale = browser.find_element(
+        By.CSS_SELECTOR, '#lora-list li[data-name="ink"] input[type="number"]'
+    )
+    scale.clear()
+    scale.send_keys("0.8")
+    fill(browser, {"prompt": "a lighthouse", "width": "32", "height": "32"})
+    fill(browser, {"steps": "2", "seed": "7"})
+    by_id(browser, "generate-button").click()
+    until(browser, lambda d: generation_state(d) == "done", "the image", timeout=60)
+    shot(browser, "loras")
+    image = decode_png(downloaded_b64(browser, by_id(browser, "download").get_attribute("href")))
+    settings = json.loads(image.text["limner"])  # type: ignore[attr-defined]
+    assert settings["loras"] == [["ink", 0.8]]
+    body = {"model": TINY_FLUX, "prompt": "a lighthouse", "size": "32x32", "steps": 2, "seed": 7}
+    with lora_playground.client() as client:
+        inked = client.post(
+            "/v1/images/generations", json={**body, "loras": [{"name": "ink", "scale": 0.8}]}
+        ).json()
+        plain = client.post("/v1/images/generations", json=body).json()
+    page = np.asarray(image.convert("RGB"))
+    assert np.array_equal(page, np.asarray(decode_png(inked["data"][0]["b64_json"]).convert("RGB")))
+    assert not np.array_equal(
+        page, np.asarray(decode_png(plain["data"][0]["b64_json"]).convert("RGB"))
+    )
     assert console_errors(browser) == []

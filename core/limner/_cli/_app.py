@@ -215,15 +215,41 @@ def _model_key(given: str | None, capability: Capability) -> str:
 
 
 def _chosen_model(
-    given: str | None, capability: Capability, device: str | None, dtype: str | None
+    given: str | None,
+    capability: Capability,
+    device: str | None,
+    dtype: str | None,
+    *,
+    lora_dirs: Sequence[str] = (),
 ) -> tuple[Registry, str]:
-    """The default registry, and the key of the model the command runs (see
-    :func:`_model_key`), set to ``--device`` and ``--dtype`` when given."""
+    """The default registry (one of its own with ``--lora-dir`` folders), and the key of
+    the model the command runs (see :func:`_model_key`), set to ``--device`` and ``--dtype``
+    when given."""
     key = _model_key(given, capability)
-    registry = default_registry()
+    registry = lora_registry(lora_dirs)
     if device is not None or dtype is not None:
         registry.configure(key, device=device, dtype=dtype)
     return registry, key
+
+
+def lora_registry(lora_dirs: Sequence[str]) -> Registry:
+    """The default registry, or, with adapter folders, a registry of the installed plugins
+    that looks adapters up there."""
+    return Registry(lora_dirs=lora_dirs) if lora_dirs else default_registry()
+
+
+def _lora_dirs_option(function: F) -> F:
+    return click.option(
+        "--lora-dir",
+        "lora_dirs",
+        multiple=True,
+        type=click.Path(exists=True, file_okay=False),
+        envvar="LIMNER_LORA_DIRS",
+        show_envvar=True,
+        help="A folder of LoRA adapters: NAME.safetensors, or NAME/pytorch_lora_weights."
+        "safetensors, is adapter NAME (repeatable; the variable takes several, separated "
+        f"by {os.pathsep!r}).",
+    )(function)
 
 
 @asynccontextmanager

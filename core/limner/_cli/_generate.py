@@ -29,6 +29,7 @@ from ._app import (
     _check_image_path,
     _chosen_model,
     _loaded,
+    _lora_dirs_option,
     _model_options,
     _writing,
     cli,
@@ -47,6 +48,7 @@ _SETTING_FLAGS = {
     "image": "--image",
     "mask": "--mask",
     "strength": "--strength",
+    "loras": "--lora",
 }
 _SIZE_FLAGS = {"width": "--size", "height": "--size"}
 
@@ -58,11 +60,16 @@ def _naming_flags(flags: dict[str, str]) -> Iterator[None]:
     try:
         yield
     except InvalidInput as error:
-        flag = flags.get(error.field or "")
+        field = error.field or ""
+        flag = flags.get(field) or flags.get(field.partition("[")[0])
         if flag is None:
             raise
-        # --size sets two fields: say which one is wrong.
-        reason = f"{error.field} {error.reason}" if flag == "--size" else error.reason
+        # --size sets two fields, --lora one per adapter: say which one is wrong.
+        reason = error.reason
+        if flag == "--size":
+            reason = f"{field} {reason}"
+        elif field != "loras" and flag == "--lora":
+            reason = f"{field}: {reason}"
         raise _bad_option(f"'{flag}'", reason) from None
 
 
@@ -87,6 +94,29 @@ class _Size(_SizeParam):
         if not (x and width.isdigit() and height.isdigit()):
             self.fail(f"{value!r} is not WIDTHxHEIGHT, e.g. 1024x768", param, ctx)
         return int(width), int(height)
+
+
+if TYPE_CHECKING:
+    _LoraParam = click.ParamType[tuple[str, float]]
+else:
+    _LoraParam = click.ParamType  # generic only in recent click
+
+
+class _Lora(_LoraParam):
+    """``--lora``: ``NAME:SCALE``, or ``NAME`` for scale 1."""
+
+    name = "NAME[:SCALE]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        name, colon, scale = str(value).rpartition(":")
+        if not colon:
+            return str(value), 1.0
+        try:
+            return name, float(scale)
+        except ValueError:
+            self.fail(f"{value!r}: the scale after ':' must be a number, as in ink:0.8", param, ctx)
 
 
 def _edit_config(
@@ -119,6 +149,7 @@ Examples:
   limner generate "a lighthouse at dusk" --model limner/tiny-flux --out lighthouse.png
   limner generate "a red fox" -m flux-schnell --seed 42 --steps 4 -o fox.png
   limner generate "a red fox" -m sd35-medium --num-images 4 -o foxes/fox.webp
+  limner generate "a red fox" -m flux-dev --lora-dir loras --lora ink:0.8 -o fox.png
   limner generate "a red fox in snow" -m flux-schnell --image fox.png --strength 0.6 -o snow.png
   limner generate "a red hat" -m flux-schnell --image fox.png --mask hat.png -o hat.png
 """
@@ -172,6 +203,15 @@ Examples:
     help="With --image: how far from it to go, 0 (the image) to 1 (default: the model's).",
 )
 @click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    type=_Lora(),
+    help="A LoRA adapter of the --lora-dir folders, with its scale (ink:0.8; repeatable: "
+    "they combine). `limner loras` lists them.",
+)
+@_lora_dirs_option
+@click.option(
     "--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a TTY)."
 )
 def generate(
@@ -193,6 +233,8 @@ def generate(
     mask_path: Path | None,
     strength: float | None,
     progress: bool | None,
+    loras: tuple[tuple[str, float], ...] = (),
+    lora_dirs: tuple[str, ...] = (),
 ) -> None:
     """Generate images from PROMPT with a text-to-image model and save them.
 
@@ -210,7 +252,9 @@ def generate(
     with _naming_flags(flags):
         check_prompt(prompt)
     _check_image_path(out_path)
-    registry, key = _chosen_model(model_key, Capability.TEXT_TO_IMAGE, device, dtype)
+    registry, key = _chosen_model(
+        model_key, Capability.TEXT_TO_IMAGE, device, dtype, lora_dirs=lora_dirs
+    )
     model = registry.generator(key)
     requested = ImageGenerationConfig(
         width=width,
@@ -221,6 +265,7 @@ def generate(
         num_images=num_images,
         negative_prompt=negative_prompt,
         strength=strength,
+        loras=loras,
     )
     with _naming_flags(flags):
         if image_path is None:

@@ -20,7 +20,7 @@ from limner._pool._budget import MemoryBudget, parse_memory_size
 from limner._registry._registry import default_registry
 from limner.errors import InvalidInput
 
-from ._app import _memory_option, _names, _os_reason, cli
+from ._app import _lora_dirs_option, _memory_option, _names, _os_reason, cli, lora_registry
 
 
 @cli.command(
@@ -30,6 +30,7 @@ Examples:
   LIMNER_API_KEY=change-me limner serve --host 0.0.0.0 --port 9000
   limner serve --models flux-schnell --memory-budget 90%
   limner serve --memory-budget 20GB --memory-floor 4GB --max-wait 30
+  limner serve --models flux-dev --lora-dir ~/loras
 """
 )
 @click.option(
@@ -97,6 +98,7 @@ Examples:
     help="Open connections at most; past it the one waiting longest on its client is closed.",
 )
 @click.option("--no-ui", is_flag=True, help="Do not serve the playground page at /.")
+@_lora_dirs_option
 @_memory_option
 @click.option(
     "--memory-floor",
@@ -152,11 +154,13 @@ def serve(
     max_wait: float = 60.0,
     runtime_name: str = "pool",
     address: str | None = None,
+    lora_dirs: tuple[str, ...] = (),
 ) -> None:
     """Serve the models over HTTP: OpenAI-compatible embeddings and image generation.
 
     Routes: /v1/models, /v1/embeddings, /v1/images/generations (stream: true for progress
-    events), /v1/pool, /metrics, /healthz, /readyz; the OpenAPI schema at /openapi.json; a
+    events; "loras" for adapters of the --lora-dir folders), /v1/loras, /v1/pool, /metrics,
+    /healthz, /readyz; the OpenAPI schema at /openapi.json; a
     playground page at / to try the models in a browser. Start-up says which models are
     served, whether a key is needed, and when the preloads are loaded.
     """
@@ -197,7 +201,7 @@ def serve(
         if error.field not in hints:
             raise
         raise click.BadParameter(error.reason, param_hint=hints[error.field]) from None
-    app = create_app(settings=settings)
+    app = create_app(registry=lora_registry(lora_dirs), settings=settings)
     limit_malloc_arenas(2)  # before the worker threads start: a flat heap under steady load
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(

@@ -100,6 +100,12 @@ def edit_config(
     return backend.resolve_config(config)
 
 
+def _adapters(config: ImageGenerationConfig) -> tuple[tuple[str, float], ...]:
+    """A call's LoRA adapters: state of the one shared model, so calls with another set of
+    them never run beside it (see :attr:`StreamCall.group`)."""
+    return tuple(sorted(config.loras))
+
+
 class ImageGenerator(ModelFront[TextToImageBackend]):
     """Implements :class:`~limner.TextToImageCapable` over a plugin's backend.
 
@@ -151,10 +157,13 @@ class ImageGenerator(ModelFront[TextToImageBackend]):
         *,
         source_size: tuple[int, int] | None = None,
     ) -> ImageGenerationConfig:
-        """The config with the model's defaults filled in and a seed drawn; validated. For
-        an edit of a ``source_size`` (width, height) image, a size the config leaves out is
-        the nearest the model takes to the image's."""
+        """The config with the model's defaults filled in and a seed drawn; validated (its
+        LoRA adapters too, in their canonical order). For an edit of a ``source_size``
+        (width, height) image, a size the config leaves out is the nearest the model takes
+        to the image's."""
         config = config or ImageGenerationConfig()
+        if config.loras and not self.backend.supports_loras:
+            raise InvalidInput(f"{self.key} takes no LoRA adapters", field="loras")
         if source_size is None:
             return self.backend.resolve_config(config)
         return edit_config(self.backend, config, source_size)
@@ -220,7 +229,8 @@ class ImageGenerator(ModelFront[TextToImageBackend]):
                     "strength applies to edits only: pass image= too, or leave it unset",
                     field="strength",
                 )
-            return StreamCall("generate", (prompt, self.resolve_config(config)))
+            resolved = self.resolve_config(config)
+            return StreamCall("generate", (prompt, resolved), group=_adapters(resolved))
         if not self.backend.supports_editing:
             raise InvalidInput(
                 f"model {self.key} cannot edit images; it generates from a prompt alone",
@@ -228,8 +238,8 @@ class ImageGenerator(ModelFront[TextToImageBackend]):
             )
         check_strength(config.strength)
         source, area = await self._read_edit_inputs(image, mask)
-        resolved = edit_config(self.backend, config, (source.shape[1], source.shape[0]))
-        return StreamCall("edit", (prompt, resolved, source, area))
+        resolved = self.resolve_config(config, source_size=(source.shape[1], source.shape[0]))
+        return StreamCall("edit", (prompt, resolved, source, area), group=_adapters(resolved))
 
     async def _read_edit_inputs(self, image: object, mask: object) -> EditInputs:
         """Fetch the inputs that are URLs, then decode both in a thread."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ class Ticket:
     kind: Literal["generation", "load"]
     arrived: float
     error: BaseException | None = None
+    group: Hashable = None  # a generation's StreamCall.group
 
 
 @dataclass(eq=False)
@@ -41,6 +43,7 @@ class KeyState:
     busy_workers: int = 0
     decoding: int = 0  # inputs callers are decoding for this key, to submit next
     generations: int = 0
+    group: Hashable = None  # the group of the streamed calls running (when generations > 0)
     tickets: list[Ticket] = field(default_factory=list)
     slots: anyio.CapacityLimiter | None = None  # batches or generations running at once
     preparing: bool = False  # the weights check and the device are being resolved
@@ -94,6 +97,10 @@ class KeyState:
         return bool(
             self.queue.taken or self.generations or self.queue.has_waiting() or self.tickets
         )
+
+    def streamed_waiting(self) -> list[tuple[Hashable, float]]:
+        """The group and arrival of each generation waiting for its turn, in order."""
+        return [(t.group, t.arrived) for t in self.tickets if t.kind == "generation"]
 
     def waiting(self) -> tuple[int, float | None]:
         """Callers waiting (queued, or holding a ticket) and when the oldest arrived."""

@@ -8,7 +8,7 @@ between models with waiting callers (:func:`plan_turn`, :func:`next_in_line`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -19,6 +19,7 @@ __all__ = [
     "Drain",
     "Evict",
     "NoRoom",
+    "Reclaimable",
     "Resident",
     "Room",
     "Start",
@@ -26,8 +27,10 @@ __all__ = [
     "budget_mb",
     "floor_mb",
     "is_expired",
+    "may_start_streamed",
     "next_in_line",
     "plan_cold_start",
+    "plan_reclaim",
     "plan_turn",
     "retry_after",
     "retry_delay",
@@ -289,3 +292,86 @@ def retry_after(*, turn_s: float, load_s: float) -> float:
     """Seconds a caller told to come back should wait: about one other model's turn and
     this one's load, at least a second."""
     return max(1.0, turn_s + load_s)
+
+
+# -- cached parts: what loaded models drop before any model goes --------------------------------
+
+
+@dataclass(frozen=True)
+class Reclaimable(Generic[Model]):
+    """A part ``name`` that loaded ``model`` can drop (a LoRA adapter), the memory it holds
+    and when it was last used."""
+
+    model: Model
+    name: str
+    memory_mb: float
+    last_used: float
+
+
+def plan_reclaim(
+    *, shortfall_mb: float, parts: Sequence[Reclaimable[Model]]
+) -> list[Reclaimable[Model]] | None:
+    """The least recently used ``parts``, just enough to free ``shortfall_mb``; ``None`` when
+    all of them would not (then dropping them is no use: a model must go anyway), and no
+    parts when nothing is short."""
+    if shortfall_mb <= 0:
+        return []
+    chosen, freed = [], 0.0
+    for part in sorted(parts, key=lambda part: part.last_used):
+        chosen.append(part)
+        freed += part.memory_mb
+        if freed >= shortfall_mb:
+            return chosen
+    return None
+
+
+# -- groups: streamed calls that may share a loaded model ----------------------------------------
+
+
+def may_start_streamed(
+    *,
+    position: int,
+    waiting: Sequence[tuple[Hashable, float]],
+    running_group: Hashable,
+    running: int,
+    now: float,
+    patience: float,
+) -> bool:
+    """Whether the waiting streamed call at ``position`` of ``waiting`` (each call's group
+    and arrival, in the order they came) may start now, a compute slot being free.
+
+    Calls of different groups never share the model: while ``running`` calls of
+    ``running_group`` run, only calls of that group start. Within a group, calls start in the
+    order they came. A call of the running group (the last to run, even once its calls have
+    ended) starts ahead of an earlier call of another group only while that call has waited
+    less than ``patience`` seconds: so one group's stream of calls keeps the model from
+    another for at most ``patience`` plus the calls already running. Otherwise, once the
+    model is free, the call of another group that has waited longest goes.
+    """
+    group, arrived = waiting[position]
+    if any(other == group for other, _ in waiting[:position]):
+        return False  # an earlier call of its own group goes first
+    if group == running_group:
+        return _goes_ahead(arrived, group, waiting, now=now, patience=patience)
+    if running:
+        return False
+    first = next((since for other, since in waiting if other == running_group), None)
+    if first is not None and _goes_ahead(first, running_group, waiting, now=now, patience=patience):
+        return False  # the running group's next call keeps the model
+    others = [index for index, (other, _) in enumerate(waiting) if other != running_group]
+    return position == others[0]
+
+
+def _goes_ahead(
+    arrived: float,
+    group: Hashable,
+    waiting: Sequence[tuple[Hashable, float]],
+    *,
+    now: float,
+    patience: float,
+) -> bool:
+    """Whether a call of ``group`` that arrived at ``arrived`` may go before the calls of
+    other groups waiting: it came first, or the oldest of them has waited less than
+    ``patience``."""
+    others = [since for other, since in waiting if other != group]
+    return not others or arrived <= min(others) or now - min(others) < patience

@@ -49,7 +49,7 @@ from ._options import PoolOptions
 from ._policy import is_expired
 from ._residency import Residency, answer_waiters, claimed_elsewhere
 from ._scheduler import Scheduler, backoff_error
-from ._serving import run_streamed, serve_batches, take_turn
+from ._serving import GROUP_PATIENCE_SHARE, run_streamed, serve_batches, take_turn
 from ._threads import ThreadExecutor
 
 __all__ = ["Pool", "current_pool", "max_wait"]
@@ -275,7 +275,8 @@ class Pool(CallsOfTheLastRelease, AsyncResource):
         self, backend: Backend, call: StreamCall
     ) -> AsyncIterator[GenerationChunk]:
         """Stream the chunks of one run of ``backend``'s streamed method ``call.method`` (a
-        generation); one per worker at a time.
+        generation); one per worker at a time, and never beside a call of another
+        ``call.group`` (calls of the running group may go ahead of others' for a while).
 
         It waits for its model's turn like a batched call (``max_wait``, ``max_queue``).
         Closing the iterator (or cancelling its consumer) stops the run at the next step and
@@ -287,7 +288,7 @@ class Pool(CallsOfTheLastRelease, AsyncResource):
         await self._residency.resolve_device(state)
         send, receive = anyio.create_memory_object_stream[GenerationChunk | BaseException](1)
         cancel = threading.Event()
-        ticket = Ticket("generation", arrived=self.clock.now())
+        ticket = Ticket("generation", arrived=self.clock.now(), group=call.group)
         state.tickets.append(ticket)
         self._wanted(state)
         try:
@@ -450,7 +451,10 @@ class Pool(CallsOfTheLastRelease, AsyncResource):
             began, slots = anyio.current_time(), None
             try:
                 with anyio.move_on_after(max_wait):
-                    slots = await take_turn(state, ticket, cancel)
+                    patience = self.options.max_wait * GROUP_PATIENCE_SHARE
+                    slots = await take_turn(
+                        state, ticket, cancel, clock=self.clock, patience=patience
+                    )
             except LimnerError as answered:  # the scheduler's answer: no room, a failed load
                 await _tell(send, answered)
                 return
@@ -469,6 +473,8 @@ class Pool(CallsOfTheLastRelease, AsyncResource):
                     cancel,
                     clock=self.clock,
                     on_progress=self._changed,
+                    measured=lambda: self._residency.remeasure(state),
+                    reserve=lambda mb, what: self._residency.reserve(state, mb, what),
                 )
             elif not cancel.is_set():  # not the consumer leaving: the wait ran out
                 await _tell(send, self._timed_out(state, anyio.current_time() - began))

@@ -22,7 +22,17 @@ from limner.plugin._weights import check_weights_reachable
 
 from ._keys import KeyState
 from ._options import PoolOptions
-from ._policy import Room, budget_mb, floor_mb, retry_delay, workers_need_mb
+from ._policy import (
+    Evict,
+    Reclaimable,
+    Room,
+    budget_mb,
+    floor_mb,
+    plan_cold_start,
+    plan_reclaim,
+    retry_delay,
+    workers_need_mb,
+)
 from ._threads import ThreadExecutor
 
 __all__ = ["Residency", "claimed_elsewhere"]
@@ -87,6 +97,80 @@ class Residency:
     def need(self, state: KeyState, workers: int) -> float:
         per_worker = state.worker_mb if state.worker_mb is not None else state.spec.info.memory_mb
         return workers_need_mb(per_worker, state.spec.info.worker_overhead_mb, workers)
+
+    # -- what loaded models take on and drop while they serve -------------------------------
+
+    def remeasure(self, state: KeyState) -> None:
+        """Read a loaded model's footprint again (it loaded or dropped adapters): its
+        accounted memory follows."""
+        if not state.loaded or state.worker_mb is None:
+            return
+        measured = state.backend.memory_mb()
+        if measured is not None:
+            state.accounted_mb += measured - state.worker_mb
+            state.worker_mb = measured
+
+    def reclaimable(self, device: str) -> list[Reclaimable[KeyState]]:
+        """What the models loaded on ``device`` can drop now (``Backend.caches``)."""
+        parts = []
+        for state in self.keys.values():
+            if state.device != device or not state.loaded or state.phase != "ready":
+                continue
+            for part in state.backend.caches():
+                parts.append(Reclaimable(state, part.name, part.memory_mb, part.last_used))
+        return parts
+
+    async def reclaim(self, parts: list[Reclaimable[KeyState]]) -> None:
+        """Drop ``parts`` (each model its own, in a thread), then measure those models again."""
+        by_model: dict[KeyState, list[str]] = {}
+        for part in parts:
+            by_model.setdefault(part.model, []).append(part.name)
+        for state, names in by_model.items():
+            try:
+                await anyio.to_thread.run_sync(state.backend.drop_caches, names)
+            except Exception:
+                log.exception("%s failed to drop %s", state.spec.key, ", ".join(names))
+            self.remeasure(state)
+            log.info("%s dropped %s to make room", state.spec.key, ", ".join(names))
+
+    async def make_room(self, device: str, need_mb: float, *, exclude: KeyState) -> bool:
+        """Free room for ``need_mb`` on ``device``, one step: the least recently used parts
+        loaded models can drop, when they are enough; else the least recently used idle
+        model other than ``exclude``. Returns whether it did something (look again)."""
+        shortfall = need_mb - self.room(device).free_mb
+        chosen = plan_reclaim(shortfall_mb=shortfall, parts=self.reclaimable(device))
+        if chosen:
+            await self.reclaim(chosen)
+            return True
+        idle = [
+            (s, s.last_used)
+            for s in self.keys.values()
+            if s is not exclude and s.device == device and s.loaded and s.idle and not s.draining
+        ]
+        plan = plan_cold_start(need_mb=[shortfall], used_mb=0.0, budget_mb=0.0, idle=idle)
+        if isinstance(plan, Evict):
+            victim: KeyState = plan.victim
+            victim.swaps += 1
+            await self.unload(victim, reason=f"idle; making room for {exclude.spec.key}")
+            return True
+        return False
+
+    async def reserve(self, state: KeyState, memory_mb: float, what: str) -> None:
+        """A loaded model is about to take on ``memory_mb`` more (``reserve_memory``): make
+        the room and count it, or raise ``MemoryExhausted``."""
+        assert state.device is not None
+        while memory_mb > self.room(state.device).free_mb:
+            if not await self.make_room(state.device, memory_mb, exclude=state):
+                room = self.room(state.device)
+                raise MemoryExhausted(
+                    state.spec.key,
+                    need_mb=memory_mb,
+                    available_mb=max(0.0, room.free_mb),
+                    what=what,
+                )
+        state.accounted_mb += memory_mb
+        if state.worker_mb is not None:
+            state.worker_mb += memory_mb
 
     # -- loading ----------------------------------------------------------------------------
 

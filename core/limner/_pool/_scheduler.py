@@ -29,6 +29,7 @@ from ._policy import (
     Resident,
     Start,
     next_in_line,
+    plan_reclaim,
     plan_turn,
     retry_after,
     turn_seconds,
@@ -163,7 +164,20 @@ class Scheduler:
         key = state.spec.key
         if not state.prepared:
             return True, None  # its weights check ends with a kick
+        dropped: set[tuple[int, str]] = set()
         while True:
+            # Parts loaded models can drop (LoRA adapters) go before any model does.
+            shortfall = self.residency.need(state, 1) - self.residency.room(device).free_mb
+            parts = [
+                part
+                for part in self.residency.reclaimable(device)
+                if (id(part.model), part.name) not in dropped
+            ]
+            chosen = plan_reclaim(shortfall_mb=shortfall, parts=parts)
+            if chosen:
+                dropped.update((id(part.model), part.name) for part in chosen)
+                await self.residency.reclaim(chosen)
+                continue
             plan = plan_turn(
                 need_mb=[
                     self.residency.need(state, n) for n in range(1, self.options.max_workers + 1)

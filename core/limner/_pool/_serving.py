@@ -21,14 +21,19 @@ from limner.runtime import StreamCall
 
 from ._batching import Request, Requeue
 from ._keys import KeyState, Ticket
-from ._threads import ThreadExecutor, is_out_of_memory
+from ._policy import may_start_streamed
+from ._threads import ReserveOnLoop, ThreadExecutor, is_out_of_memory
 
-__all__ = ["DECODE_WAIT", "run_streamed", "serve_batches", "take_turn"]
+__all__ = ["DECODE_WAIT", "GROUP_PATIENCE_SHARE", "run_streamed", "serve_batches", "take_turn"]
 
 #: The longest an idle model's batch waits for inputs callers are still decoding (a burst of
 #: single-image requests decodes together; without the wait its first request would run
 #: alone, then the rest). A lone request never waits: nothing else is decoding.
 DECODE_WAIT = 0.1
+
+#: A streamed call of the group running on a model starts ahead of an earlier call of
+#: another group only while that call has waited less than this share of ``max_wait``.
+GROUP_PATIENCE_SHARE = 0.05
 
 
 async def serve_batches(
@@ -113,24 +118,35 @@ async def _run_batch(state: KeyState, executor: ThreadExecutor, batch: list[Requ
 
 
 async def take_turn(
-    state: KeyState, ticket: Ticket, cancel: threading.Event
+    state: KeyState, ticket: Ticket, cancel: threading.Event, *, clock: Clock, patience: float
 ) -> anyio.CapacityLimiter | None:
-    """Wait until ``state`` serves (loaded, its turn not over) and a compute slot is free;
-    return the slot, acquired, or ``None`` if the consumer left meanwhile. The scheduler's
-    answer to the ticket (a failed load, no room) is raised."""
+    """Wait until ``state`` serves (loaded, its turn not over), a compute slot is free and
+    the ticket's group may run (``_policy.may_start_streamed``, with ``patience``); return
+    the slot, acquired, with the call counted as running, or ``None`` if the consumer left
+    meanwhile. The scheduler's answer to the ticket (a failed load, no room) is raised."""
     while True:
         if ticket.error is not None:
             raise ticket.error
         if cancel.is_set():
             return None
-        if state.serving:
-            slots = state.slots
-            assert slots is not None
-            await slots.acquire()
-            if state.serving and state.slots is slots and not cancel.is_set():
+        slots = state.slots
+        if state.serving and slots is not None and slots.available_tokens >= 1:
+            waiting = state.streamed_waiting()
+            position = [t for t in state.tickets if t.kind == "generation"].index(ticket)
+            if may_start_streamed(
+                position=position,
+                waiting=waiting,
+                running_group=state.group,
+                running=state.generations,
+                now=clock.now(),
+                patience=patience,
+            ):
+                # No await between the checks and this: the group and the count stay true.
+                slots.acquire_nowait()
+                state.group = ticket.group
+                state.generations += 1
+                state.notify()  # the next of its group may join it
                 return slots
-            slots.release()  # its turn ended while this waited for the slot: wait again
-            continue
         await state.changed()
 
 
@@ -144,21 +160,25 @@ async def run_streamed(
     *,
     clock: Clock,
     on_progress: Callable[[], None],
+    measured: Callable[[], None],
+    reserve: ReserveOnLoop,
 ) -> None:
     """One streamed call (a generation) on the slot its caller's turn took (released here):
     its chunks, then its result or typed error, go to ``send``; a consumer that left just
-    ends it."""
+    ends it. ``reserve`` answers the backend's ``reserve_memory`` while it runs, and
+    ``measured`` reads its footprint again once it has returned."""
     # The method was checked against the capability when the call was submitted.
     function = getattr(state.backend, call.method)
     try:
-        state.generations += 1
         try:
-            result = await executor.run_stream(function, call.args, send, cancel)
+            result = await executor.run_stream(function, call.args, send, cancel, reserve=reserve)
         finally:
-            state.generations -= 1
+            state.generations -= 1  # counted by take_turn
             state.served_in_turn += 1
             state.last_used = clock.now()
             slots.release()
+            measured()
+            state.notify()  # another group may go now
             on_progress()
         await send.send(result)
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, Cancelled):

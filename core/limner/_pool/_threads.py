@@ -13,7 +13,7 @@ import logging
 import threading
 import types
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -30,10 +30,14 @@ from limner.plugin._generation import (
     GenerationResult,
     Progress,
 )
+from limner.plugin._memory import reserving_memory
 
-__all__ = ["ThreadExecutor", "is_out_of_memory", "restore_attributes"]
+__all__ = ["ReserveOnLoop", "ThreadExecutor", "is_out_of_memory", "restore_attributes"]
 
 Vector = npt.NDArray[np.float32]
+
+ReserveOnLoop = Callable[[float, str], Coroutine[Any, Any, None]]
+"""The pool's answer to a backend's ``reserve_memory`` (MB, what), run on its event loop."""
 
 log = logging.getLogger("limner.pool")
 
@@ -115,10 +119,13 @@ class ThreadExecutor:
         args: tuple[Any, ...],
         send: anyio.abc.ObjectSendStream[GenerationChunk | BaseException],
         cancel: threading.Event,
+        *,
+        reserve: ReserveOnLoop | None = None,
     ) -> GenerationResult:
         """One run of a backend's streamed method, sending each step's progress; the send
         blocks the thread until the consumer has room, and a consumer that left stops the
-        run at its next step."""
+        run at its next step. The backend's ``reserve_memory`` asks ``reserve`` (on the
+        loop), when given."""
 
         def on_step(progress: Progress) -> None:
             if cancel.is_set():
@@ -130,8 +137,15 @@ class ThreadExecutor:
             if cancel.is_set():
                 raise Cancelled("the consumer stopped reading")
 
+        def ask(memory_mb: float, what: str) -> None:
+            assert reserve is not None
+            anyio.from_thread.run(reserve, memory_mb, what)
+
         def run() -> GenerationResult:
-            return function(*args, on_step=on_step)
+            if reserve is None:
+                return function(*args, on_step=on_step)
+            with reserving_memory(ask):
+                return function(*args, on_step=on_step)
 
         return await anyio.to_thread.run_sync(run, limiter=self._calls)
 

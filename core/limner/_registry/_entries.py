@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,13 +14,15 @@ from limner._registry import _hookspecs
 from limner._registry._capabilities import CAPABILITIES, FrontOptions, row_for, row_of_backend
 from limner._registry._spec import BackendFactory, Capability, ModelSettings, ModelSpec
 from limner.errors import LimnerError, PluginError
-from limner.plugin._backends import Backend
+from limner.plugin._backends import Backend, TextToImageBackend
+from limner.plugin._loras import LoraAdapter
 
 if TYPE_CHECKING:
     from limner._registry._registry import Model
 
 __all__ = [
     "HOST",
+    "LoraEntry",
     "ModelEntry",
     "PluginFilter",
     "PluginRecord",
@@ -70,6 +73,41 @@ class ModelEntry:
         """The key's capability (the registry derives it when the spec does not declare it)."""
         assert self.spec.capability is not None, "registered specs have their capability"
         return self.spec.capability
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """A LoRA adapter in the registry's adapter folders, and the models it fits: ``models``
+    (keys) and their ``family``; when it fits none, or cannot be used, ``reason`` says why."""
+
+    adapter: LoraAdapter
+    models: tuple[str, ...] = ()
+    family: str | None = None
+    reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.adapter.name
+
+
+def lora_entry(adapter: LoraAdapter, backends: Sequence[TextToImageBackend]) -> LoraEntry:
+    """Which of ``backends`` (the models served) ``adapter`` fits, or why none."""
+    if adapter.error is not None:
+        return LoraEntry(adapter, reason=f"{adapter.path} {adapter.error}")
+    fits, misfits = [], []
+    for backend in backends:
+        reason = backend.lora_fit(adapter)
+        if reason is None:
+            fits.append(backend)
+        elif backend.supports_loras:
+            misfits.append(f"{backend.spec.key}: {reason}")
+    if fits:
+        models = tuple(backend.spec.key for backend in fits)
+        return LoraEntry(adapter, models=models, family=fits[0].lora_family)
+    if not misfits:
+        return LoraEntry(adapter, reason="no model served takes LoRA adapters")
+    shown = "; ".join(misfits[:3]) + ("; ..." if len(misfits) > 3 else "")
+    return LoraEntry(adapter, reason=f"fits none of the models served ({shown})")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from limner._registry import _hookspecs
 from limner._registry._capabilities import FrontOptions, row_for
 from limner._registry._entries import (
     HOST,
+    LoraEntry,
     ModelEntry,
     PluginFilter,
     PluginRecord,
@@ -28,17 +29,21 @@ from limner._registry._entries import (
     check_specs,
     front_for,
     hook_kwargs,
+    lora_entry,
     with_capability,
 )
 from limner._registry._hookspecs import PROJECT_NAME
 from limner._registry._spec import Capability, ModelSettings, ModelSpec
 from limner.errors import InvalidInput, LimnerError, PluginError, UnknownModelError
+from limner.plugin._backends import TextToImageBackend
+from limner.plugin._loras import lora_dirs_setting, scan_lora_dirs
 from limner.plugin._weights import models_dir_override
 
 Model = ImageEmbedder | ImageGenerator
 """What ``Registry.get`` returns: the async front matching the key's capability."""
 
 __all__ = [
+    "LoraEntry",
     "Model",
     "ModelEntry",
     "PluginRecord",
@@ -56,6 +61,9 @@ class Registry:
     Entry points in the ``limner`` group are read once, on first need. ``get`` builds a model's
     front on the first request for its key (no weights are loaded until the model is used)
     and caches it; later calls are a dict lookup.
+
+    ``lora_dirs`` are folders of LoRA adapters that requests may name (see :meth:`loras`);
+    every model gets them in its settings, and those that take adapters look them up there.
     """
 
     def __init__(
@@ -65,7 +73,9 @@ class Registry:
         plugins: str | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        lora_dirs: Iterable[str | os.PathLike[str]] = (),
     ) -> None:
+        self.lora_dirs = lora_dirs_setting(lora_dirs, field="lora_dirs")
         self._use_entry_points = entry_points
         self._filter = PluginFilter.parse(
             plugins if plugins is not None else os.environ.get("LIMNER_PLUGINS")
@@ -174,7 +184,25 @@ class Registry:
             device=chosen.get("device") or os.environ.get("LIMNER_DEVICE") or "auto",
             dtype=chosen.get("dtype") or os.environ.get("LIMNER_DTYPE") or "auto",
             options={**spec.info.default_settings, **chosen.get("options", {})},
+            lora_dirs=self.lora_dirs,
         )
+
+    def loras(self, keys: Iterable[str] | None = None) -> list[LoraEntry]:
+        """Every LoRA adapter in :attr:`lora_dirs`, sorted by name, with the models of
+        ``keys`` (default: every text-to-image key) it fits, or why it fits none. Reads each
+        adapter's header, loads no weights and imports no torch; a folder's adapters are
+        read again whenever they change."""
+        if keys is None:
+            keys = [e.key for e in self.entries() if e.capability is Capability.TEXT_TO_IMAGE]
+        backends = []
+        for key in keys:
+            try:
+                model = self.get(key)
+            except LimnerError:
+                continue  # a key that cannot be built is said by `limner models` and its calls
+            if isinstance(model.backend, TextToImageBackend):
+                backends.append(model.backend)
+        return [lora_entry(adapter, backends) for adapter in scan_lora_dirs(self.lora_dirs)]
 
     def get(self, key: str) -> Model:
         """The model for a key or alias, built (without weights) on first request."""

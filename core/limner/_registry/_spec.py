@@ -105,6 +105,8 @@ class ModelSettings:
     ``HF_HUB_OFFLINE``) or a local directory; ``revision`` pins a commit, branch or tag of the
     repo. ``device`` and ``dtype`` are ``"auto"`` unless the host chose; the plugin decides
     what auto means for its model. ``options`` carries plugin-specific settings.
+    ``lora_dirs`` are the folders whose LoRA adapters requests may name (absolute paths; a
+    backend that takes adapters looks them up there, on the machine it runs on).
     """
 
     weights: str
@@ -113,6 +115,8 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     options: Mapping[str, Any] = field(default_factory=dict)
+    lora_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _frozen(self.options))
+        object.__setattr__(self, "lora_dirs", tuple(self.lora_dirs))

@@ -11,8 +11,9 @@ importing this module, or a plugin's module built on it, stays cheap.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -20,8 +21,10 @@ import numpy.typing as npt
 
 from limner.errors import InvalidInput, ModelError, ModelLoadError
 from limner.plugin import (
+    CachedPart,
     GenerationResult,
     ImageGenerationConfig,
+    LoraAdapter,
     ModelSettings,
     ModelSpec,
     Placement,
@@ -30,6 +33,7 @@ from limner.plugin import (
     TinyModel,
     download_advice,
     locate_weights,
+    lora_adapters,
     parse_flag,
     quiet_loading,
     weights_where,
@@ -38,6 +42,7 @@ from limner.plugin import (
 from ._checkpoint import Checkpoint
 from ._config import fit_edit_size, resolve_config
 from ._generation import run_pipeline
+from ._lora import Wanted
 from ._pipeline import (
     LoadedPipeline,
     build_edit_pipelines,
@@ -101,6 +106,8 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     limits; a family with other variants overrides it. Hooks it may override:
     :meth:`from_pretrained_kwargs`, :meth:`call_kwargs`, :meth:`preview_latents`,
     :meth:`extra_metadata`, :meth:`gated`; :attr:`download_size` goes into load-error advice.
+    A family whose pipeline takes LoRA adapters (diffusers' ``load_lora_weights``) says which
+    layers they may change with :meth:`lora_layers`; see docs/lora.md.
 
     A family that can edit images names its image-to-image and inpainting pipelines,
     :attr:`img2img_class` and :attr:`inpaint_class`: they are built on the loaded pipeline's
@@ -180,14 +187,62 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
 
     def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
         """The variant's defaults filled into ``config`` and every field checked against its
-        limits (see :func:`resolve_config`); needs no weights."""
+        limits (see :func:`resolve_config`), its LoRA adapters too (:meth:`resolve_loras`);
+        needs no weights."""
         variant = self.variant
         if not isinstance(variant, Checkpoint):
             raise NotImplementedError(
                 f"{type(self).__name__} must override resolve_config: its variants are not "
                 "limner.diffusion.Checkpoint objects"
             )
-        return resolve_config(variant, config)
+        return self.resolve_loras(resolve_config(variant, config))
+
+    def lora_layers(self) -> Mapping[str, tuple[int, int]] | None:
+        """The transformer's Linear layers a LoRA adapter may change, by module path
+        (``transformer_blocks.0.attn.to_q``), each with its input and output widths; ``None``
+        (the default) when the family takes no adapters. Needs no weights: a family
+        computes it from its checkpoint's architecture (``Checkpoint.transformer``)."""
+        return None
+
+    @functools.cached_property
+    def _lora_table(self) -> Mapping[str, tuple[int, int]] | None:
+        return self.lora_layers()
+
+    @property
+    def supports_loras(self) -> bool:
+        return self._lora_table is not None
+
+    def lora_fit(self, adapter: LoraAdapter) -> str | None:
+        table = self._lora_table
+        if table is None:
+            return super().lora_fit(adapter)
+        key = self.spec.key
+        for layer in adapter.layers:
+            widths = table.get(layer.module)
+            if widths is None:
+                return f"it changes {layer.module}, a layer {key} does not have"
+            if widths != (layer.in_features, layer.out_features):
+                return (
+                    f"its {layer.module} is {layer.in_features}x{layer.out_features}, "
+                    f"{key}'s is {widths[0]}x{widths[1]}"
+                )
+        return None
+
+    def resolve_loras(self, config: ImageGenerationConfig) -> ImageGenerationConfig:
+        """``config`` with its LoRA adapters checked: each one in the settings' adapter
+        folders, usable, fitting this model, with a scale in range (``InvalidInput`` naming
+        ``loras[i].name`` or ``loras[i].scale`` otherwise)."""
+        if isinstance(config.loras, tuple) and not config.loras:
+            return config
+        loras = tuple((a.name, scale) for a, scale in self._adapters_of(config))
+        return dataclasses.replace(config, loras=loras)
+
+    def _adapters_of(self, config: ImageGenerationConfig) -> Wanted:
+        if isinstance(config.loras, tuple) and not config.loras:
+            return []
+        return lora_adapters(
+            config.loras, dirs=self.settings.lora_dirs, fit=self.lora_fit, key=self.spec.key
+        )
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for ``from_pretrained``, e.g. ``{"text_encoder_3": None}``
@@ -277,12 +332,24 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
     def memory_mb(self) -> float | None:
         """What the pool should reserve for this worker on its memory device: the weights
         held there (all of them, or with ``cpu_offload`` the largest component, which is what
-        sits on the GPU at a time), measured, plus one generation's working memory."""
+        sits on the GPU at a time), measured after the load, the LoRA adapters loaded since,
+        plus one generation's working memory."""
         loaded = self._loaded
         if loaded is None:
             return None
         working = self.variant.working_mb * loaded.dtype.itemsize / 2  # estimated for bf16
-        return loaded.device_mb() + working
+        return loaded.weights_mb + loaded.adapters.memory_mb + working
+
+    def caches(self) -> Sequence[CachedPart]:
+        """The LoRA adapters loaded and not in use now: the pool drops the least recently
+        used of them before it evicts a model."""
+        loaded = self._loaded
+        return [] if loaded is None else loaded.adapters.caches()
+
+    def drop_caches(self, names: Sequence[str]) -> None:
+        loaded = self._loaded
+        if loaded is not None:
+            loaded.adapters.drop(loaded, names)
 
     def memory_device(self) -> str:
         """``"cpu"`` or ``"cuda:N"``: resolves ``auto`` (imports torch) without loading."""
@@ -308,15 +375,18 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         config = self.resolve_config(config)  # idempotent; guards direct callers
         assert config.seed is not None
         seeds = [(config.seed + index) % _SEED_SPACE for index in range(config.num_images)]
-        images, timings = run_pipeline(
-            loaded,
-            prompt,
-            config,
-            seeds=seeds,
-            on_step=on_step,
-            preview_latents=self.preview_latents,
-            call_kwargs=self._call_kwargs(config),
-        )
+        # The adapters are checked again here: resolve_config may be a family's own, and a
+        # file may have changed since (it is then loaded again).
+        with loaded.adapters.use(loaded, self._adapters_of(config), key=self.spec.key):
+            images, timings = run_pipeline(
+                loaded,
+                prompt,
+                config,
+                seeds=seeds,
+                on_step=on_step,
+                preview_latents=self.preview_latents,
+                call_kwargs=self._call_kwargs(config),
+            )
         return GenerationResult(
             model=self.spec.key,
             prompt=prompt,
@@ -377,16 +447,18 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
             sources = {"image": [source] * len(seeds), "strength": strength}
             if area is not None:
                 sources["mask_image"] = [area] * len(seeds)
-            images, timings = run_pipeline(
-                loaded,
-                prompt,
-                config,
-                seeds=seeds,
-                on_step=on_step,
-                preview_latents=self.preview_latents,
-                call_kwargs={**self._call_kwargs(config), **sources},
-                pipeline=pipeline,
-            )
+            # The edit pipelines share the loaded transformer, adapters and all.
+            with loaded.adapters.use(loaded, self._adapters_of(config), key=self.spec.key):
+                images, timings = run_pipeline(
+                    loaded,
+                    prompt,
+                    config,
+                    seeds=seeds,
+                    on_step=on_step,
+                    preview_latents=self.preview_latents,
+                    call_kwargs={**self._call_kwargs(config), **sources},
+                    pipeline=pipeline,
+                )
             if area is not None:
                 images = tuple(keep_outside(out, source, area) for out in images)
         metadata = self._metadata(loaded, prompt, config, seeds)

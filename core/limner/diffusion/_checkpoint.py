@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from limner.plugin import Capability, ModelInfo, ModelSpec, TinyModel
@@ -60,6 +60,10 @@ class Checkpoint:
     #: default and at the most.
     default_prompt_tokens: int = 256
     max_prompt_tokens: int = 512
+    #: The transformer's architecture: the arguments its diffusers class takes, as its
+    #: ``config.json`` holds them. A family that takes LoRA adapters reads the layers they
+    #: may change from it (``DiffusersBackend.lora_layers``), without weights.
+    transformer: Mapping[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not self.source_repo:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from limner.errors import ModelLoadError
 from limner.plugin import WeightSource
 
+from ._lora import LoadedAdapters
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,6 +63,10 @@ class LoadedPipeline:
     #: Each thread's own copies of the tokenizers (see ``call_view``).
     per_thread: threading.local = field(default_factory=threading.local)
     preview: LatentRGB | None = None
+    #: The weights held on the memory device as measured after the load (``device_mb``).
+    weights_mb: float = 0.0
+    #: The LoRA adapters loaded into the shared transformer, and which apply now.
+    adapters: LoadedAdapters = field(default_factory=LoadedAdapters)
     #: The family's edit pipelines by kind (``"img2img"``, ``"inpaint"``), built on
     #: ``pipeline``'s components, every module shared (see :func:`build_edit_pipelines`);
     #: empty for a family that cannot edit.
@@ -120,7 +126,9 @@ def load_pipeline(
             f"(about {peak_mb / 1024:.0f} GiB at its peak); {advice}"
         ) from error
     pipeline.set_progress_bar_config(disable=True)
-    return LoadedPipeline(pipeline=pipeline, device=device, dtype=dtype, offload=offload)
+    loaded = LoadedPipeline(pipeline=pipeline, device=device, dtype=dtype, offload=offload)
+    loaded.weights_mb = loaded.device_mb()
+    return loaded
 
 
 def build_edit_pipelines(pipeline: Any, classes: dict[str, str], *, key: str) -> dict[str, Any]:

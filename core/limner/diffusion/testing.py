@@ -40,11 +40,19 @@ from limner import Capability, ModelError, ModelLoadError
 
 from ._backend import DiffusersBackend
 from ._contract import USER_CACHE, BackendMaker, GenerationTests, pixels, run
+from ._lora_contract import LoraTests, write_tiny_lora
 
-__all__ = ["USER_CACHE", "BackendMaker", "DiffusionFamilyContract", "pixels", "run"]
+__all__ = [
+    "USER_CACHE",
+    "BackendMaker",
+    "DiffusionFamilyContract",
+    "pixels",
+    "run",
+    "write_tiny_lora",
+]
 
 
-class DiffusionFamilyContract(GenerationTests):
+class DiffusionFamilyContract(GenerationTests, LoraTests):
     """The shared tests of a diffusion family; subclass it as ``Test<Family>``."""
 
     # -- registration; the import cost, settings and config checks are the suite's -----------

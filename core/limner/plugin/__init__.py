@@ -28,6 +28,18 @@ from limner.plugin._devices import (
     resolve_dtype,
 )
 from limner.plugin._generation import GenerationResult, ImageGenerationConfig, Progress
+from limner.plugin._loras import (
+    ADAPTER_FILE,
+    MAX_LORA_SCALE,
+    MAX_LORAS,
+    MIN_LORA_SCALE,
+    LoraAdapter,
+    LoraLayer,
+    find_lora,
+    lora_adapters,
+    scan_lora_dirs,
+)
+from limner.plugin._memory import CachedPart, reserve_memory
 from limner.plugin._quiet import quiet_loading
 from limner.plugin._tiny_text import (
     CLIP_BOS_ID,
@@ -63,20 +75,27 @@ from limner.plugin._weights import (
 )
 
 __all__ = [
+    "ADAPTER_FILE",
     "CLIP_BOS_ID",
     "CLIP_EOS_ID",
     "CLIP_MAX_LENGTH",
     "CLIP_TOKENS",
     "CLIP_VOCAB_SIZE",
+    "MAX_LORAS",
+    "MAX_LORA_SCALE",
+    "MIN_LORA_SCALE",
     "PLUGIN_API",
     "Backend",
     "BackendFactory",
     "BuiltOnFirstUse",
+    "CachedPart",
     "Capability",
     "DtypePolicy",
     "GenerationResult",
     "ImageEmbeddingBackend",
     "ImageGenerationConfig",
+    "LoraAdapter",
+    "LoraLayer",
     "ModelInfo",
     "ModelSettings",
     "ModelSpec",
@@ -91,10 +110,12 @@ __all__ = [
     "clip_vocab",
     "download_advice",
     "embedding_dtype",
+    "find_lora",
     "hf_cache_dir",
     "hf_offline",
     "hookimpl",
     "locate_weights",
+    "lora_adapters",
     "materialize_in_hf_cache",
     "pad_token_rows",
     "parse_device",
@@ -102,8 +123,10 @@ __all__ = [
     "parse_flag",
     "pooled_features",
     "quiet_loading",
+    "reserve_memory",
     "resolve_device",
     "resolve_dtype",
+    "scan_lora_dirs",
     "tiny_clip_text_encoder",
     "tiny_clip_tokenizer",
     "tiny_model",

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from limner.plugin._generation import GenerationResult, ImageGenerationConfig, Progress
+from limner.plugin._memory import CachedPart
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
     from limner._registry._spec import ModelSettings, ModelSpec
+    from limner.plugin._loras import LoraAdapter
 
 __all__ = [
     "Backend",
@@ -67,6 +69,17 @@ class Backend(abc.ABC):
         """
         return "cpu"
 
+    def caches(self) -> Sequence[CachedPart]:
+        """What the loaded model holds beyond its weights and can drop now, without stopping
+        a call, to load again when needed (LoRA adapters no running call uses). A pool short
+        of room drops the least recently used of these before it evicts any model. Called
+        on the runtime's event loop: it must be cheap and never wait."""
+        return ()
+
+    def drop_caches(self, names: Sequence[str]) -> None:  # noqa: B027 - optional hook
+        """Drop the named :meth:`caches` (those still unused now; others are kept), so that
+        ``memory_mb()`` no longer counts them. Called in a thread."""
+
 
 class ImageEmbeddingBackend(Backend):
     """Turns decoded RGB images (and optionally texts) into L2-normalised float32 vectors."""
@@ -108,6 +121,22 @@ class ImageEmbeddingBackend(Backend):
 
 class TextToImageBackend(Backend):
     """Turns a prompt and a config into images, reporting each denoising step."""
+
+    #: The family of base models whose LoRA adapters this backend loads ("FLUX.1"), named
+    #: in listings of adapters; ``None`` for a backend that loads none.
+    lora_family: ClassVar[str | None] = None
+
+    @property
+    def supports_loras(self) -> bool:
+        """Whether requests may name LoRA adapters (``ImageGenerationConfig.loras``): a
+        backend that says so checks them in ``resolve_config`` and applies them in
+        ``generate``. The front refuses adapters for one that does not."""
+        return False
+
+    def lora_fit(self, adapter: LoraAdapter) -> str | None:
+        """Why ``adapter`` cannot be loaded into this model (a layer it lacks, another
+        width), or ``None`` when it fits. Needs no weights."""
+        return f"{self.spec.key} takes no LoRA adapters"
 
     @abc.abstractmethod
     def resolve_config(self, config: ImageGenerationConfig) -> ImageGenerationConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +26,11 @@ class ImageGenerationConfig:
     ``strength`` applies to edits only (a source image given): how far from the source the
     result may go, from 0 (the source itself) to 1 (the prompt alone decides); ``None`` takes
     the model's default, which the result's config reports.
+
+    ``loras`` names LoRA adapters to apply, each with its scale: ``[("ink", 0.8)]``, kept as
+    a tuple of pairs (a mapping of names to scales is taken too). The model checks them with
+    the rest of the config, before any weights load, and applies them in its own order
+    (by name), whatever the request's (see docs/lora.md).
     """
 
     width: int | None = None
@@ -39,6 +44,24 @@ class ImageGenerationConfig:
     output_format: OutputFormat = "png"
     preview: bool = False
     strength: float | None = None
+    loras: Sequence[tuple[str, float]] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "loras", _pairs(self.loras))
+
+
+def _pairs(loras: object) -> object:
+    """``[("ink", 0.8)]`` or ``{"ink": 0.8}`` as ``(("ink", 0.8),)``: hashable, as a frozen
+    config must be. Anything else is left for ``resolve_config`` to refuse, naming it."""
+    if isinstance(loras, Mapping):
+        loras = list(loras.items())
+    if (
+        isinstance(loras, Sequence)
+        and not isinstance(loras, str)
+        and all(isinstance(e, Sequence) and not isinstance(e, str) for e in loras)
+    ):
+        return tuple(tuple(entry) for entry in loras)
+    return loras
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +97,9 @@ class GenerationResult:
     def text_metadata(self, index: int = 0) -> dict[str, str]:
         """What to store beside image ``index`` so it can be made again: prompt, its seed,
         model, config."""
-        settings = {k: v for k, v in dataclasses.asdict(self.config).items() if v is not None}
+        settings = {
+            k: v for k, v in dataclasses.asdict(self.config).items() if v is not None and v != ()
+        }
         return {
             "prompt": self.prompt,
             "seed": str(self.seed_of(index)),

@@ -123,15 +123,19 @@ def _checked(model: type[Model], fields: dict[str, str]) -> Model:
 
 def _value(model: type[BaseModel], name: str, text: str) -> Any:
     """A form field's string as its field's JSON value: kept as text for a text field (a
-    prompt of "42" is text), else parsed as JSON when it parses (``"0.6"``, ``"true"``)."""
+    prompt of "42" is text), else parsed as JSON when it parses (``"0.6"``, ``"true"``, and
+    for a list field such as ``loras`` its JSON list)."""
     field = model.model_fields.get(name)
-    if field is None or str in _types_of(field.annotation):
+    kinds = set() if field is None else _types_of(field.annotation)
+    if field is None or str in kinds:
         return text
     try:
         parsed = json.loads(text)
     except ValueError:
         return text  # the model says what it should have been
-    return parsed if isinstance(parsed, (bool, int, float)) else text
+    if isinstance(parsed, (bool, int, float)) or (isinstance(parsed, list) and list in kinds):
+        return parsed
+    return text
 
 
 def _types_of(annotation: Any) -> set[type]:
@@ -142,6 +146,8 @@ def _types_of(annotation: Any) -> set[type]:
         return {type(value) for value in typing.get_args(annotation)}
     if origin is typing.Annotated:
         return _types_of(typing.get_args(annotation)[0])
+    if origin is list:
+        return {list}
     if origin in (Union, types.UnionType):
         return set().union(*(_types_of(arg) for arg in typing.get_args(annotation)))
     return {annotation} if isinstance(annotation, type) else set()

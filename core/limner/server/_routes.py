@@ -44,6 +44,7 @@ from ._images import (
     whole_answer,
 )
 from ._inputs import split_inputs
+from ._loras import lora_cards, lora_pairs
 from ._metrics import Metrics
 from ._middleware import is_authorized
 from ._schemas import (
@@ -53,6 +54,7 @@ from ._schemas import (
     ImageEditRequest,
     ImageRequest,
     ImageResponse,
+    LoraList,
     ModelCard,
     ModelList,
     PoolResponse,
@@ -338,12 +340,22 @@ async def create_images(body: ImageRequest, request: Request) -> Response:
     return await _images(request, model, [Job(body.prompt, resolved)], body, answer, deadline)
 
 
+# The form's fields as the JSON body's schema gives them; what they refer to (LoraChoice) is
+# in the document's components, where the generations' body puts it.
+_EDIT_FIELDS = {
+    name: value
+    for name, value in ImageEditRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    ).items()
+    if name != "$defs"
+}
+
 _EDIT_FORM = {
     "required": True,
     "content": {
         "multipart/form-data": {
             "schema": {
-                **ImageEditRequest.model_json_schema(),
+                **_EDIT_FIELDS,
                 "title": "ImageEditForm",
                 "properties": {
                     "image": {
@@ -358,7 +370,7 @@ _EDIT_FORM = {
                         "description": "A PNG the image's size whose fully transparent "
                         "pixels mark the area to edit; applies to the first image.",
                     },
-                    **ImageEditRequest.model_json_schema()["properties"],
+                    **_EDIT_FIELDS["properties"],
                 },
                 "required": ["image", "prompt", "model"],
             }
@@ -472,6 +484,7 @@ def _config(body: ImageRequest | ImageEditRequest) -> ImageGenerationConfig:
         negative_prompt=body.negative_prompt,
         output_format=body.output_format,
         preview=body.stream and preview,  # only a stream has somewhere to send them
+        loras=lora_pairs(body.loras),
     )
 
 
@@ -568,6 +581,17 @@ async def _images(
     else:
         events = openai_events(model, jobs, (stream, first), answer, body.partial_images or 0)
     return EventStream(events, deadline=deadline)
+
+
+# -- LoRA adapters ----------------------------------------------------------------------------
+
+
+@_route("GET", "/v1/loras", response_model=LoraList, responses=_errors(401))
+async def list_loras(request: Request) -> LoraList:
+    """The LoRA adapters in the server's adapter folders (`limner serve --lora-dir`): each
+    one's family, the served models it fits, its rank, size and file; an adapter no served
+    model can use is listed with the reason. Generations name them in `loras`."""
+    return LoraList(data=lora_cards(await _service(request).loras()))
 
 
 # -- operations -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool
 
 from limner import KeyStats
+from limner.plugin import MAX_LORA_SCALE, MAX_LORAS, MIN_LORA_SCALE
 
 __all__ = [
     "EmbeddingData",
@@ -24,6 +25,9 @@ __all__ = [
     "ImageRequest",
     "ImageResponse",
     "ImageUsage",
+    "LoraCard",
+    "LoraChoice",
+    "LoraList",
     "ModelCard",
     "ModelList",
     "PoolResponse",
@@ -80,6 +84,19 @@ class EmbeddingResponse(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: Usage
+
+
+class LoraChoice(_Request):
+    name: str = Field(
+        min_length=1, max_length=100, description="An adapter's name, as GET /v1/loras lists it."
+    )
+    scale: _Float = Field(
+        default=1.0,
+        ge=MIN_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        allow_inf_nan=False,
+        description="How strongly it applies: 1 as trained, 0 not at all.",
+    )
 
 
 class _ImageOptions(_Request):
@@ -146,6 +163,11 @@ class _ImageOptions(_Request):
         default=None, description="Accepted for OpenAI clients and ignored."
     )
     user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+    loras: list[LoraChoice] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="LoRA adapters to apply, each with its scale (GET /v1/loras lists them).",
+    )
     safety_identifier: str | None = Field(
         default=None, max_length=256, description="Accepted and ignored."
     )
@@ -249,6 +271,22 @@ class ModelCard(BaseModel):
         description="Text-to-image models: each request field's default and bounds, as this "
         "server checks them. Null for embedding models.",
     )
+
+
+class LoraCard(BaseModel):
+    object: Literal["lora"] = "lora"
+    name: str
+    family: str | None = Field(description="The family of the models it fits (FLUX.1, SD3.5).")
+    models: list[str] = Field(description="The served models it fits; empty: see reason.")
+    rank: int | None
+    size_bytes: int = Field(description="Its tensors, as the file holds them.")
+    where: str = Field(description="Its file, within its adapter folder.")
+    reason: str | None = Field(description="Why no served model can use it, if none can.")
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
 
 
 class ModelList(BaseModel):

@@ -13,7 +13,17 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from limner import ImageEmbedder, ImageGenerator, Model, ModelEntry, Pool, Registry, Runtime
+from limner import (
+    Capability,
+    ImageEmbedder,
+    ImageGenerator,
+    LoraEntry,
+    Model,
+    ModelEntry,
+    Pool,
+    Registry,
+    Runtime,
+)
 from limner.errors import InvalidInput, UnknownModelError
 
 from ._errors import APIError
@@ -155,6 +165,12 @@ class Service:
     def entries(self) -> list[ModelEntry]:
         entries = self.registry.entries()
         return [e for e in entries if self.served is None or e.key in self.served]
+
+    async def loras(self) -> list[LoraEntry]:
+        """The registry's LoRA adapters and which served models each fits (their headers
+        are read in a thread, and building the models' fronts may import their plugins)."""
+        keys = [e.key for e in self.entries() if e.capability is Capability.TEXT_TO_IMAGE]
+        return await anyio.to_thread.run_sync(lambda: self.registry.loras(keys))
 
     def resolve(self, name: str) -> str:
         """The canonical key for a served key or alias; 404 (with suggestions) otherwise."""

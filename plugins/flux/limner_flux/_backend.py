@@ -8,11 +8,13 @@ diffusers are imported only in ``load`` and ``generate``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from limner.diffusion import DiffusersBackend
 from limner.plugin import ImageGenerationConfig
 
+from ._lora import flux_lora_layers
 from ._tiny import TINY
 from ._variants import VARIANTS, FluxVariant
 
@@ -27,6 +29,7 @@ class FluxBackend(DiffusersBackend[FluxVariant]):
 
     Options: ``cpu_offload`` (bool, default false) keeps each component in CPU memory and
     moves it to the GPU only while it runs (diffusers' ``enable_model_cpu_offload``).
+    Requests may name LoRA adapters in diffusers' format (docs/lora.md).
     """
 
     pipeline_class = "FluxPipeline"
@@ -35,6 +38,12 @@ class FluxBackend(DiffusersBackend[FluxVariant]):
     tiny = TINY
     variants = VARIANTS
     download_size = "34 GB"
+    lora_family = "FLUX.1"
+
+    def lora_layers(self) -> Mapping[str, tuple[int, int]] | None:
+        """The Linear layers of the checkpoint's transformer: what adapters may change."""
+        config = self.variant.transformer
+        return None if config is None else flux_lora_layers(config)
 
     def preview_latents(
         self, pipe: Any, latents: torch.Tensor, config: ImageGenerationConfig

@@ -19,26 +19,30 @@ from limner.plugin import (
     tiny_t5_tokenizer,
 )
 
-__all__ = ["TINY"]
+__all__ = ["TINY", "TRANSFORMER"]
 
 _CLIP_WIDTH = 32
 _T5_WIDTH = 32
 
 
+#: The tiny transformer's architecture (what its LoRA adapters must fit).
+TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,  # 16 latent channels in 2x2 patches, as in FLUX.1
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": _T5_WIDTH,
+    "pooled_projection_dim": _CLIP_WIDTH,
+    "guidance_embeds": False,  # schnell: guidance-distilled away
+    "axes_dims_rope": (4, 6, 6),  # sums to attention_head_dim, like (16, 56, 56) for 128
+}
+
+
 def _components(diffusers: Any) -> dict[str, Any]:
     return {
-        "transformer": diffusers.FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,  # 16 latent channels in 2x2 patches, as in FLUX.1
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=_T5_WIDTH,
-            pooled_projection_dim=_CLIP_WIDTH,
-            guidance_embeds=False,  # schnell: guidance-distilled away
-            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, like (16, 56, 56) for 128
-        ),
+        "transformer": diffusers.FluxTransformer2DModel(**TRANSFORMER),
         "vae": tiny_vae(scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's statistics
         "text_encoder": tiny_clip_text_encoder(_CLIP_WIDTH),
         "text_encoder_2": tiny_t5_encoder(_T5_WIDTH),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from limner.diffusion import Checkpoint
 
-from ._tiny import TINY
+from ._tiny import TINY, TRANSFORMER
 
 __all__ = ["VARIANTS", "FluxVariant"]
 
@@ -22,6 +22,22 @@ _FLUX_PEAK_MB = 33.8 * 1024
 # 0.12B, VAE 0.08B parameters at 2 bytes); the rest is one generation's working memory, which
 # a second concurrent generation on the same weights adds again.
 _FLUX_WORKING_MB = _FLUX_PEAK_MB - 16.86e9 * 2 / 2**20
+
+
+# The FLUX.1 transformer as its config.json describes it (schnell and dev; dev adds the
+# guidance embedder): 19 double-stream and 38 single-stream blocks, 3072 wide.
+_FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +65,7 @@ VARIANTS: tuple[FluxVariant, ...] = (
         # schnell was trained with 256 T5 tokens; longer prompts are cut off by the pipeline.
         default_prompt_tokens=256,
         max_prompt_tokens=256,
+        transformer=_FLUX_TRANSFORMER,
     ),
     FluxVariant(
         key="black-forest-labs/FLUX.1-dev",
@@ -62,8 +79,14 @@ VARIANTS: tuple[FluxVariant, ...] = (
         default_steps=28,
         default_guidance=3.5,
         default_prompt_tokens=512,
+        transformer={**_FLUX_TRANSFORMER, "guidance_embeds": True},
     ),
     FluxVariant.for_tiny(
-        TINY, family="FLUX", max_size=512, guidance_distilled_away=True, max_prompt_tokens=256
+        TINY,
+        family="FLUX",
+        max_size=512,
+        guidance_distilled_away=True,
+        max_prompt_tokens=256,
+        transformer=TRANSFORMER,
     ),
 )

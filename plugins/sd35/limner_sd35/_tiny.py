@@ -20,7 +20,7 @@ from limner.plugin import (
     tiny_t5_tokenizer,
 )
 
-__all__ = ["TINY"]
+__all__ = ["TINY", "TRANSFORMER"]
 
 # CLIP-L and CLIP-G stand-ins of different widths (768 and 1280 in the real model), so their
 # concatenation (48) is zero-padded to T5's width (64) exactly as 2048 is padded to 4096.
@@ -29,22 +29,26 @@ _CLIP_G_WIDTH = 32
 _T5_WIDTH = 64
 
 
+#: The tiny transformer's architecture (what its LoRA adapters must fit).
+TRANSFORMER: dict[str, Any] = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": _T5_WIDTH,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": _CLIP_L_WIDTH + _CLIP_G_WIDTH,
+    "pos_embed_max_size": 64,  # patches per side: up to 1024 px
+    "qk_norm": "rms_norm",  # as in 3.5 Large
+}
+
+
 def _components(diffusers: Any) -> dict[str, Any]:
     return {
-        "transformer": diffusers.SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=_T5_WIDTH,
-            caption_projection_dim=32,
-            pooled_projection_dim=_CLIP_L_WIDTH + _CLIP_G_WIDTH,
-            pos_embed_max_size=64,  # patches per side: up to 1024 px
-            qk_norm="rms_norm",  # as in 3.5 Large
-        ),
+        "transformer": diffusers.SD3Transformer2DModel(**TRANSFORMER),
         "vae": tiny_vae(scaling_factor=1.5305, shift_factor=0.0609),  # SD3's statistics
         # SD3 reads the penultimate layer of each CLIP encoder, and their projections
         "text_encoder": tiny_clip_text_encoder(_CLIP_L_WIDTH, projection=True),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from limner.diffusion import Checkpoint
 
-from ._tiny import TINY
+from ._tiny import TINY, TRANSFORMER
 
 __all__ = ["VARIANTS", "SD35Variant"]
 
@@ -26,6 +26,33 @@ _WORKING_MB = _LARGE_PEAK_MB - 13.76e9 * 2 / 2**20
 # 2.5B, T5-XXL encoder 4.8B, CLIP-G 0.7B, CLIP-L 0.1B, VAE 0.1B: about 15 GiB in bf16) plus the
 # 2.9 GiB of working memory measured for Large above its own weights.
 _MEDIUM_PEAK_MB = 8.16e9 * 2 / 2**20 + _WORKING_MB
+
+
+# The SD3.5 transformers as their config.json files describe them: Large (and Large Turbo),
+# 38 MMDiT blocks 2432 wide; Medium, 24 MMDiT-X blocks 1536 wide, the first 13 with a
+# second attention over the image.
+_LARGE_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",
+}
+_MEDIUM_TRANSFORMER = {
+    **_LARGE_TRANSFORMER,
+    "num_layers": 24,
+    "num_attention_heads": 24,
+    "caption_projection_dim": 1536,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +76,7 @@ VARIANTS: tuple[SD35Variant, ...] = (
         ),
         default_steps=4,
         default_guidance=0.0,
+        transformer=_LARGE_TRANSFORMER,
     ),
     SD35Variant(
         key="stabilityai/stable-diffusion-3.5-large",
@@ -56,6 +84,7 @@ VARIANTS: tuple[SD35Variant, ...] = (
         description="Stable Diffusion 3.5 Large: 8B MMDiT, ~28 steps with guidance 3.5",
         default_steps=28,
         default_guidance=3.5,
+        transformer=_LARGE_TRANSFORMER,
     ),
     SD35Variant(
         key="stabilityai/stable-diffusion-3.5-medium",
@@ -64,6 +93,7 @@ VARIANTS: tuple[SD35Variant, ...] = (
         memory_mb=_MEDIUM_PEAK_MB,
         default_steps=40,
         default_guidance=4.5,
+        transformer=_MEDIUM_TRANSFORMER,
     ),
-    SD35Variant.for_tiny(TINY, family="SD3.5", max_size=1024),
+    SD35Variant.for_tiny(TINY, family="SD3.5", max_size=1024, transformer=TRANSFORMER),
 )

@@ -174,6 +174,7 @@
     fillModels($("search-model"), models, "image-embedding", "No embedding model is served.");
     applyLimits();
     setFormsEnabled(true);
+    await refreshLoras();
     $("search-button").disabled = !$("search-model").value;
     startPolling();
   }
@@ -376,6 +377,8 @@
     if (steps !== undefined) body.steps = steps;
     const seed = integerField("seed");
     if (seed !== undefined) body.seed = seed;
+    const loras = chosenLoras();
+    if (loras.length) body.loras = loras;
     return body;
   }
 
@@ -466,11 +469,65 @@
     if (running) running.abort();
   }
 
+  // -- LoRA adapters of the chosen model ----------------------------------------------------
+
+  let adapters = []; // GET /v1/loras: the adapters the server can load
+
+  async function refreshLoras() {
+    try {
+      adapters = (await (await api("/v1/loras")).json()).data;
+    } catch {
+      adapters = []; // a server without adapters, or one that lists none
+    }
+    showLoras();
+  }
+
+  // A tick and a scale for each adapter that fits the chosen model; ticks and scales
+  // already set are kept when the list is drawn again.
+  function showLoras() {
+    const model = $("gen-model").value;
+    const kept = new Map(chosenLoras().map((lora) => [lora.name, lora.scale]));
+    const rows = adapters
+      .filter((adapter) => adapter.models.includes(model))
+      .map((adapter) => {
+        const row = document.createElement("li");
+        row.dataset.name = adapter.name;
+        const tick = document.createElement("input");
+        tick.type = "checkbox";
+        tick.id = `lora-${adapter.name}`;
+        tick.checked = kept.has(adapter.name);
+        const label = document.createElement("label");
+        label.htmlFor = tick.id;
+        label.textContent = `${adapter.name} (rank ${adapter.rank})`;
+        const scale = document.createElement("input");
+        scale.type = "number";
+        scale.step = "0.05";
+        scale.min = "-4";
+        scale.max = "4";
+        scale.value = String(kept.get(adapter.name) ?? 1);
+        scale.setAttribute("aria-label", `Scale of ${adapter.name}`);
+        row.append(tick, label, scale);
+        return row;
+      });
+    $("lora-list").replaceChildren(...rows);
+    $("loras").hidden = !rows.length;
+  }
+
+  function chosenLoras() {
+    return [...$("lora-list").children]
+      .filter((row) => row.querySelector('input[type="checkbox"]').checked)
+      .map((row) => ({
+        name: row.dataset.name,
+        scale: Number(row.querySelector('input[type="number"]').value || 1),
+      }));
+  }
+
   $("generate-form").addEventListener("submit", generate);
   $("stop-button").addEventListener("click", stop);
   $("gen-model").addEventListener("change", () => {
     applyLimits();
     syncGenerateButtons();
+    showLoras();
   });
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && running) stop();
