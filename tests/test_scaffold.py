@@ -230,10 +230,17 @@ def test_a_new_plugin_installs_and_passes_its_own_tests(capability: str, tmp_pat
     )
     summary = output.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary, output
-    # Only the real weights on a GPU may be skipped here (the family contract's last test).
+    # Only the real weights on a GPU may be skipped here (the family contract's last test),
+    # and the LoRA tests of the contract: the scaffold's family (SD1.5's UNet) declares no
+    # layers an adapter may change.
     skips = [line for line in output.splitlines() if line.startswith("SKIPPED")]
-    assert all("needs a CUDA device" in line for line in skips), output
-    assert len(skips) == (1 if capability == "text-to-image" else 0), output
+    on_gpu = [line for line in skips if "needs a CUDA device" in line]
+    no_loras = [line for line in skips if "acme-demo/tiny takes no LoRA adapters" in line]
+    assert len(on_gpu) + len(no_loras) == len(skips), output
+    if capability == "text-to-image":
+        assert len(on_gpu) == 1 and no_loras, output
+    else:
+        assert not skips, output
     if capability == "image-embedding":  # the suite on the command line, with nothing written
         output = _run(
             [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *_pytest_plugin(),
