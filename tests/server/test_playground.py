@@ -656,18 +656,7 @@ def record_edit_images(driver: Chrome) -> None:
 
 def fetched_png(driver: Chrome, url: str) -> Image.Image:
     """What a blob: URL of the page holds, as an image."""
-    data: str = driver.execute_async_script(
-        """
-        const done = arguments[arguments.length - 1];
-        fetch(arguments[0]).then((r) => r.arrayBuffer()).then((buffer) => {
-            let text = "";
-            for (const byte of new Uint8Array(buffer)) text += String.fromCharCode(byte);
-            done(btoa(text));
-        }).catch((error) => done(String(error)));
-        """,
-        url,
-    )
-    return decode_png(data)
+    return decode_png(downloaded_b64(driver, url))
 
 
 def edit_source(path: Path) -> np.ndarray:

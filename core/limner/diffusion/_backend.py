@@ -375,18 +375,7 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
         config = self.resolve_config(config)  # idempotent; guards direct callers
         assert config.seed is not None
         seeds = [(config.seed + index) % _SEED_SPACE for index in range(config.num_images)]
-        # The adapters are checked again here: resolve_config may be a family's own, and a
-        # file may have changed since (it is then loaded again).
-        with loaded.adapters.use(loaded, self._adapters_of(config), key=self.spec.key):
-            images, timings = run_pipeline(
-                loaded,
-                prompt,
-                config,
-                seeds=seeds,
-                on_step=on_step,
-                preview_latents=self.preview_latents,
-                call_kwargs=self._call_kwargs(config),
-            )
+        images, timings = self._run(loaded, prompt, config, seeds, on_step)
         return GenerationResult(
             model=self.spec.key,
             prompt=prompt,
@@ -447,18 +436,9 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
             sources = {"image": [source] * len(seeds), "strength": strength}
             if area is not None:
                 sources["mask_image"] = [area] * len(seeds)
-            # The edit pipelines share the loaded transformer, adapters and all.
-            with loaded.adapters.use(loaded, self._adapters_of(config), key=self.spec.key):
-                images, timings = run_pipeline(
-                    loaded,
-                    prompt,
-                    config,
-                    seeds=seeds,
-                    on_step=on_step,
-                    preview_latents=self.preview_latents,
-                    call_kwargs={**self._call_kwargs(config), **sources},
-                    pipeline=pipeline,
-                )
+            images, timings = self._run(
+                loaded, prompt, config, seeds, on_step, sources=sources, pipeline=pipeline
+            )
             if area is not None:
                 images = tuple(keep_outside(out, source, area) for out in images)
         metadata = self._metadata(loaded, prompt, config, seeds)
@@ -476,6 +456,33 @@ class DiffusersBackend(TextToImageBackend, Generic[VariantT]):
                 "strength": strength,
             },
         )
+
+    def _run(
+        self,
+        loaded: LoadedPipeline,
+        prompt: str,
+        config: ImageGenerationConfig,
+        seeds: list[int],
+        on_step: StepCallback,
+        *,
+        sources: dict[str, Any] | None = None,
+        pipeline: Any = None,
+    ) -> tuple[tuple[Image.Image, ...], dict[str, float]]:
+        """One pipeline call (the loaded pipeline's, or an edit pipeline's with its
+        ``sources``) with the config's LoRA adapters active: every pipeline shares the loaded
+        transformer, adapters and all. The adapters are checked again here: resolve_config
+        may be a family's own, and a file may have changed since (it is then loaded again)."""
+        with loaded.adapters.use(loaded, self._adapters_of(config), key=self.spec.key):
+            return run_pipeline(
+                loaded,
+                prompt,
+                config,
+                seeds=seeds,
+                on_step=on_step,
+                preview_latents=self.preview_latents,
+                call_kwargs={**self._call_kwargs(config), **(sources or {})},
+                pipeline=pipeline,
+            )
 
     def _call_kwargs(self, config: ImageGenerationConfig) -> dict[str, Any]:
         # resolve_config refuses a negative prompt where the checkpoint takes none
